@@ -1,0 +1,1 @@
+"""Enforcement policies, one module per rule, behind one small plugin interface."""

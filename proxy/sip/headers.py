@@ -1,0 +1,272 @@
+"""Typed header values: Via, name-addr headers, CSeq and the numeric scalars.
+
+Strategy: the message keeps headers as byte spans (message.py); these functions turn
+one header value, already unfolded and decoded, into a frozen value object, or raise
+ParseError(400). Lists (Via, Contact, Route, Record-Route, the identity headers) are
+split on commas outside quoted strings and angle brackets first (RFC 3261 §7.3.1).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from . import abnf
+from .errors import ParseError
+from .uri import Uri, check_ipv6_address, parse_port, parse_uri
+
+MAX_UINT32 = 2**32 - 1
+_IRREGULAR_SPELLINGS = {
+    "call-id": "Call-ID",
+    "cseq": "CSeq",
+    "www-authenticate": "WWW-Authenticate",
+    "p-asserted-identity": "P-Asserted-Identity",
+    "p-preferred-identity": "P-Preferred-Identity",
+    "remote-party-id": "Remote-Party-ID",
+    "mime-version": "MIME-Version",
+    "min-se": "Min-SE",
+}
+_SPELLING_CACHE: dict[str, bytes] = {}
+
+
+def header_name_bytes(name: str) -> bytes:
+    """The conventional spelling of a lower-case header name, for lines sipguard writes."""
+    spelled = _SPELLING_CACHE.get(name)
+    if spelled is None:
+        text = _IRREGULAR_SPELLINGS.get(name) or "-".join(part.capitalize() for part in name.split("-"))
+        spelled = text.encode("ascii")
+        if len(_SPELLING_CACHE) < 256:  # names come from our code, but stay bounded anyway
+            _SPELLING_CACHE[name] = spelled
+    return spelled
+
+
+Params = dict[str, str | None]
+"""Header parameters: lower-case names in message order; a flag parameter maps to None."""
+
+
+class Via(NamedTuple):
+    """One Via value (RFC 3261 §20.42, RFC 3581 rport)."""
+
+    transport: str
+    host: str
+    is_ipv6: bool
+    port: int | None
+    params: Params
+
+    @property
+    def branch(self) -> str | None:
+        return self.params.get("branch")
+
+    @property
+    def received(self) -> str | None:
+        value = self.params.get("received")
+        # RFC 5118 §4.5: tolerate a bracketed IPv6 received value.
+        return value[1:-1] if value and value.startswith("[") else value
+
+    @property
+    def rport(self) -> int | None:
+        """The rport value filled in by a server; None when absent or still empty."""
+        value = self.params.get("rport")
+        return int(value) if value else None
+
+    @property
+    def wants_rport(self) -> bool:
+        return "rport" in self.params
+
+    @property
+    def maddr(self) -> str | None:
+        return self.params.get("maddr")
+
+    @property
+    def ttl(self) -> int | None:
+        value = self.params.get("ttl")
+        return None if value is None else int(value)
+
+    @property
+    def sent_by(self) -> str:
+        host = f"[{self.host}]" if self.is_ipv6 else self.host
+        return host if self.port is None else f"{host}:{self.port}"
+
+
+class NameAddr(NamedTuple):
+    """From, To, Contact, Route, Record-Route and the identity headers (RFC 3261 §20.10)."""
+
+    display_name: str | None
+    uri: Uri
+    params: Params
+
+    @property
+    def tag(self) -> str | None:
+        return self.params.get("tag")
+
+
+class CSeq(NamedTuple):
+    seq: int
+    method: str
+
+
+def split_values(value: str) -> list[str]:
+    """Split a header value on commas outside quoted strings and <...>."""
+    if '"' not in value and "<" not in value:
+        return [part.strip() for part in value.split(",")]
+    parts: list[str] = []
+    start = 0
+    quoted = angled = False
+    i = 0
+    length = len(value)
+    while i < length:
+        char = value[i]
+        if quoted:
+            if char == "\\":
+                i += 1
+            elif char == '"':
+                quoted = False
+        elif char == '"':
+            quoted = True
+        elif char == "<":
+            angled = True
+        elif char == ">":
+            angled = False
+        elif char == "," and not angled:
+            parts.append(value[start:i].strip())
+            start = i + 1
+        i += 1
+    if quoted:
+        raise ParseError(400, "Unterminated quoted string")
+    parts.append(value[start:].strip())
+    return parts
+
+
+def parse_params(text: str) -> Params:
+    """Parse ``;name[=value]`` pairs after a header value, allowing LWS around ; and =."""
+    if not text or text.isspace():
+        return {}
+    if not text.lstrip().startswith(";"):
+        raise ParseError(400, f"Unexpected text {text[:40]!r} before parameters")
+    params: Params = {}
+    for piece in _split_outside_quotes(text.lstrip()[1:], ";"):
+        name, eq, value = piece.partition("=")
+        name = name.strip()
+        if not abnf.TOKEN_RE.fullmatch(name):
+            raise ParseError(400, f"Empty or malformed parameter {piece[:40]!r}")
+        if eq:
+            value = value.strip()
+            if not value:
+                raise ParseError(400, f"Parameter {name!r} has an empty value")
+            params[name.lower()] = value
+        else:
+            params[name.lower()] = None
+    return params
+
+
+def _split_outside_quotes(text: str, separator: str) -> list[str]:
+    if '"' not in text:
+        return text.split(separator)
+    parts: list[str] = []
+    start = 0
+    quoted = False
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if quoted and char == "\\":
+            i += 1
+        elif char == '"':
+            quoted = not quoted
+        elif char == separator and not quoted:
+            parts.append(text[start:i])
+            start = i + 1
+        i += 1
+    if quoted:
+        raise ParseError(400, "Unterminated quoted string")
+    parts.append(text[start:])
+    return parts
+
+
+def parse_via(value: str) -> Via:
+    match = abnf.VIA.fullmatch(value)
+    if match is None:
+        raise ParseError(400, f"Malformed Via {value[:80]!r}")
+    protocol, version, transport, host, port, params = match.group(
+        "protocol", "version", "transport", "host", "port", "params"
+    )
+    if protocol.upper() != "SIP" or version != "2.0":
+        raise ParseError(505, "Version Not Supported")
+    is_ipv6 = host.startswith("[")
+    if is_ipv6:
+        host = host[1:-1]
+        check_ipv6_address(host)
+    parsed_params = parse_params(params or "")
+    for name in ("rport", "ttl"):
+        number = parsed_params.get(name)
+        if number is not None and not number.isdigit():
+            raise ParseError(400, f"Via {name} is not a number")
+    return Via(transport.upper(), host, is_ipv6, None if port is None else parse_port(port), parsed_params)
+
+
+def parse_name_addr(value: str) -> NameAddr:
+    """``[display-name] <URI> *(;param)`` or ``URI *(;param)`` (RFC 3261 §20.10)."""
+    text = value.strip()
+    display_name: str | None = None
+    if text.startswith('"'):
+        display_name, text = _quoted_string(text)
+        text = text.lstrip()
+        if not text.startswith("<"):
+            raise ParseError(400, "Display name without <URI>")
+    if text.startswith("<") or "<" in text:
+        open_at = text.find("<")
+        if display_name is None:
+            token_name = text[:open_at].strip()
+            if not abnf.TOKEN_DISPLAY_NAME.fullmatch(token_name):
+                raise ParseError(400, f"Unquoted display name {token_name[:40]!r} is not tokens")
+            display_name = " ".join(token_name.split()) or None
+        close_at = text.find(">", open_at)
+        if close_at < 0:
+            raise ParseError(400, "Missing '>'")
+        uri_text = text[open_at + 1 : close_at]
+        params_text = text[close_at + 1 :]
+    else:
+        # addr-spec form: parameters belong to the header, and the URI may not hold
+        # ',', '?' or ';' (RFC 3261 §20: those force the <> form).
+        uri_text, _, rest = text.partition(";")
+        params_text = ";" + rest if _ else ""
+        if "?" in uri_text:
+            raise ParseError(400, "URI with headers must be enclosed in <>")
+    if not uri_text or uri_text != uri_text.strip() or " " in uri_text:
+        raise ParseError(400, f"Malformed URI {uri_text[:80]!r}")
+    return NameAddr(display_name, parse_uri(uri_text), parse_params(params_text))
+
+
+def _quoted_string(text: str) -> tuple[str, str]:
+    """Decode a leading quoted-string; return (its content, the text after it)."""
+    chars: list[str] = []
+    i = 1
+    while i < len(text):
+        char = text[i]
+        if char == "\\" and i + 1 < len(text):
+            chars.append(text[i + 1])
+            i += 2
+            continue
+        if char == '"':
+            return "".join(chars), text[i + 1 :]
+        chars.append(char)
+        i += 1
+    raise ParseError(400, "Unterminated quoted string")
+
+
+def parse_cseq(value: str) -> CSeq:
+    match = abnf.CSEQ.fullmatch(value)
+    if match is None:
+        raise ParseError(400, f"Malformed CSeq {value[:40]!r}")
+    seq = int(match.group(1))
+    if seq > MAX_UINT32:
+        raise ParseError(400, "CSeq number too large")
+    return CSeq(seq, match.group(2))
+
+
+def parse_uint(value: str, name: str, maximum: int = MAX_UINT32) -> int:
+    match = abnf.DIGITS.fullmatch(value)
+    if match is None:
+        raise ParseError(400, f"Malformed {name} {value[:40]!r}")
+    number = int(match.group(1))
+    if number > maximum:
+        raise ParseError(400, f"{name} out of range")
+    return number
