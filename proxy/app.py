@@ -1,0 +1,184 @@
+"""The running proxy: binds the listeners, feeds the core, executes its actions.
+
+This is the only place where the clock is read (``loop.time()``, monotonic) and where
+the core's single timer is armed. Each initial INVITE's verdict is awaited in its own
+task, so a slow state store delays that call only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections import Counter
+from dataclasses import dataclass, field
+
+import structlog
+
+from .hooks import AcceptAll, DecisionHook
+from .sip.core import CoreConfig, Listener, ProxyCore
+from .sip.events import (
+    Action,
+    Address,
+    CallAnswered,
+    CallAttempt,
+    CallEnded,
+    Decide,
+    Discarded,
+    Reject,
+    Send,
+    Verdict,
+)
+from .transport import Transports
+
+log = structlog.get_logger("sipguard")
+
+
+@dataclass(kw_only=True)
+class ProxySettings:
+    listen: list[Address]
+    upstream: Address
+    trusted_hosts: frozenset[str] = frozenset()
+    advertise: str | None = None
+    max_calls: int = 100_000
+    max_call_lifetime: float = 4 * 3600.0
+    early_timeout: float = 180.0
+    decision_timeout: float = 5.0
+    shutdown_grace: float = 10.0
+    server_header: str | None = "sipguard"
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class SipGuard:
+    def __init__(self, settings: ProxySettings, hook: DecisionHook | None = None) -> None:
+        self.settings = settings
+        self.hook: DecisionHook = hook or AcceptAll()
+        self.transports = Transports(self.deliver)
+        self.core: ProxyCore | None = None
+        self.counters: Counter[str] = Counter()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when: float | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+        self._drained = asyncio.Event()
+
+    async def start(self) -> list[Address]:
+        self._loop = asyncio.get_running_loop()
+        bound = [await self.transports.listen(address) for address in self.settings.listen]
+        self.core = ProxyCore(
+            CoreConfig(
+                listeners=tuple(Listener(address=a, advertise=self.settings.advertise) for a in bound),
+                upstream=self.settings.upstream,
+                upstream_hosts=self.settings.trusted_hosts,
+                branch_secret=os.urandom(16),
+                server_header=self.settings.server_header,
+                max_calls=self.settings.max_calls,
+                max_call_lifetime=self.settings.max_call_lifetime,
+                early_timeout=self.settings.early_timeout,
+                decision_timeout=self.settings.decision_timeout + 1.0,
+            )
+        )
+        log.info("proxy.started", listen=[str(a) for a in bound], upstream=str(self.settings.upstream))
+        return bound
+
+    # -- the core's inputs ------------------------------------------------------------------
+    def deliver(self, data: bytes, source: Address, local: Address) -> None:
+        assert self.core is not None and self._loop is not None
+        self.counters["messages_in"] += 1
+        self._execute(self.core.receive(data, source, local, self._loop.time()))
+
+    def _on_timer(self) -> None:
+        assert self.core is not None and self._loop is not None
+        self._timer = self._timer_when = None
+        self._execute(self.core.handle_timer(self._loop.time()))
+
+    async def _decide(self, attempt: CallAttempt) -> None:
+        assert self.core is not None and self._loop is not None
+        verdict: Verdict
+        try:
+            verdict = await asyncio.wait_for(self.hook.decide(attempt), self.settings.decision_timeout)
+        except TimeoutError:
+            log.warning("policy.timeout", call_id=attempt.request.call_id)
+            verdict = Reject(status=503, reason="Policy Decision Timeout", headers=(("Retry-After", "5"),))
+        except Exception:  # a broken policy must not take the proxy down
+            log.exception("policy.error", call_id=attempt.request.call_id)
+            verdict = Reject(status=500, reason="Policy Error")
+        self._execute(self.core.decided(attempt.attempt_id, verdict, self._loop.time()))
+
+    # -- the core's outputs -----------------------------------------------------------------
+    def _execute(self, actions: list[Action]) -> None:
+        assert self._loop is not None and self.core is not None
+        for action in actions:
+            if isinstance(action, Send):
+                self.transports.send(action.data, action.destination, action.local)
+            elif isinstance(action, Decide):
+                task = self._loop.create_task(self._decide(action.attempt))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            elif isinstance(action, CallAnswered):
+                self.counters["calls_answered"] += 1
+                self.hook.call_answered(action)
+            elif isinstance(action, CallEnded):
+                self.counters["calls_ended"] += 1
+                self.counters[f"calls_ended_{action.reason.value}"] += 1
+                log.info(
+                    "call.ended",
+                    call_id=action.call.call_id,
+                    reason=action.reason.value,
+                    status=action.status,
+                    duration=round(action.now - action.call.started_at, 3),
+                )
+                self.hook.call_ended(action)
+            elif isinstance(action, Discarded):
+                self.counters["discarded"] += 1
+                log.info(
+                    "message.refused" if action.status else "message.dropped",
+                    reason=action.reason,
+                    status=action.status,
+                    source=str(action.source),
+                    call_id=action.call_id,
+                )
+        self._arm_timer()
+        if self._stopping.is_set() and self.core.pending == 0:
+            self._drained.set()
+
+    def _arm_timer(self) -> None:
+        assert self.core is not None and self._loop is not None
+        when = self.core.get_timer()
+        if when is None or (self._timer_when is not None and self._timer_when <= when):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_when = when
+        self._timer = self._loop.call_at(when, self._on_timer)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        if self._stopping.is_set():
+            return
+        log.info("proxy.stopping", pending=self.core.pending if self.core else 0)
+        self._stopping.set()
+        if self.core is not None:
+            self.core.stop_accepting()
+            if self.core.pending == 0:
+                self._drained.set()
+
+    async def run_until_stopped(self) -> None:
+        """Serve until SIGTERM/SIGINT, then let transactions in flight finish (bounded)."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        await self._stopping.wait()
+        try:
+            await asyncio.wait_for(self._drained.wait(), self.settings.shutdown_grace)
+        except TimeoutError:
+            log.warning("proxy.drain_timeout", pending=self.core.pending if self.core else 0)
+        await self.close()
+
+    async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        await self.transports.close()
+        live = self.core.calls.live if self.core else 0
+        log.info("proxy.stopped", live_calls=live, **dict(sorted(self.counters.items())))

@@ -1,0 +1,756 @@
+"""The sans-I/O proxy core: bytes, a source address and ``now`` in; actions out.
+
+Strategy (RFC 3261 §16, a transaction-stateful relay that never forks):
+- Each request is matched to a server transaction by its top Via (branch, sent-by,
+  method; ACK and CANCEL find their INVITE). A retransmission is never judged or
+  counted again: it gets the last response sipguard relayed or wrote, or, while the
+  request is still pending downstream over UDP, it is relayed once more, so sipguard
+  never sends more copies than it receives. Only when a request came over a reliable
+  transport and leaves over UDP does sipguard own retransmission (Timers A/E).
+- Our branch is derived from the incoming transaction (keyed hash), so a CANCEL or a
+  non-2xx ACK gets the branch of the INVITE it belongs to, and the loop check can
+  recompute it (§16.3 step 4).
+- An initial INVITE from the customer side becomes a ``Decide`` action; the adapter
+  asks the policy layer (asynchronously) and answers with ``decided``. Retransmissions
+  and a CANCEL that arrive meanwhile are handled without waiting.
+- Requests from the customer side go to the upstream PBX, Request-URI unchanged.
+  Requests from the upstream side follow Route / Request-URI. Responses follow the
+  transaction back, or the Via (received, rport) once the transaction has gone.
+- Timers live in one heap: ``get_timer`` says when to call ``handle_timer(now)``.
+
+Invariants: the core reads no clock and does no I/O; tables are bounded
+(``max_transactions``, ``max_calls``); every call that was forwarded ends exactly once
+with a CallEnded action.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import heapq
+import ipaddress
+import itertools
+from dataclasses import dataclass, field
+
+from .calls import Call, CallState, CallTable
+from .editor import MessageEditor
+from .errors import ParseError
+from .events import (
+    Accept,
+    Action,
+    Address,
+    CallAnswered,
+    CallAttempt,
+    CallEnded,
+    CallInfo,
+    Decide,
+    Discarded,
+    EndReason,
+    Send,
+    Verdict,
+)
+from .headers import Via, split_values
+from .message import Request, Response, parse_message
+from .replies import build_cancel, build_reply
+from .uri import SipUri
+
+T1 = 0.5  # RFC 3261 §17.1.1.1
+T2 = 4.0
+TIMER_B = 64 * T1  # also F, H, J: how long a transaction is remembered
+BRANCH_PREFIX = "z9hG4bK"
+OUR_BRANCH_PREFIX = BRANCH_PREFIX + "-sg"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Listener:
+    """A socket sipguard listens on, and the host it writes into Via and Record-Route."""
+
+    address: Address
+    advertise: str | None = None  # needed when bound to 0.0.0.0 / ::
+
+    @property
+    def host_port(self) -> str:
+        host = self.advertise or self.address.host
+        return f"[{host}]:{self.address.port}" if ":" in host else f"{host}:{self.address.port}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CoreConfig:
+    listeners: tuple[Listener, ...]
+    upstream: Address
+    # Sources on the PBX side besides the upstream address itself (a PBX that sends from
+    # other ports or hosts, e.g. new TCP connections): their requests are not judged.
+    upstream_hosts: frozenset[str] = frozenset()
+    branch_secret: bytes = b""
+    server_header: str | None = "sipguard"
+    max_calls: int = 100_000
+    max_transactions: int = 200_000
+    # 4 h: longer than nearly every business call, short enough that a call whose BYE
+    # was lost frees its slots the same working day (Kamailio's 12 h holds them overnight).
+    max_call_lifetime: float = 4 * 3600.0
+    early_timeout: float = 180.0  # RFC 3261 Timer C: > 3 minutes of ringing
+    decision_timeout: float = TIMER_B
+    aliases: frozenset[str] = field(default=frozenset())  # other names for us in Route / R-URI
+
+
+class TxState(enum.Enum):
+    DECIDING = "deciding"  # waiting for the policy verdict
+    FORWARDED = "forwarded"  # sent on, no final response yet
+    COMPLETED = "completed"  # final response relayed or written; kept to absorb retransmissions
+
+
+class Transaction:
+    __slots__ = (
+        "attempt",
+        "call",
+        "cancelled",
+        "destination",
+        "expires_at",
+        "forwarded",
+        "has_response",
+        "is_session_refresh",
+        "key",
+        "last_response",
+        "local",
+        "out_branch",
+        "out_local",
+        "request",
+        "retransmit_at",
+        "retransmit_interval",
+        "source",
+        "state",
+    )
+
+    def __init__(self, key: tuple[str, str, str], request: Request, source: Address, local: Address) -> None:
+        self.key = key
+        self.request = request
+        self.source = source
+        self.local = local
+        self.state = TxState.FORWARDED
+        self.out_branch = ""
+        self.forwarded: bytes | None = None
+        self.destination: Address | None = None
+        self.out_local: Address | None = None
+        self.last_response: bytes | None = None
+        self.has_response = False
+        self.expires_at = 0.0
+        self.call: Call | None = None
+        self.attempt: CallInfo | None = None
+        self.cancelled = False
+        self.is_session_refresh = False
+        self.retransmit_at: float | None = None
+        self.retransmit_interval = T1
+
+
+class ProxyCore:
+    def __init__(self, config: CoreConfig) -> None:
+        self.config = config
+        self.calls = CallTable(max_lifetime=config.max_call_lifetime, early_timeout=config.early_timeout)
+        self._server_tx: dict[tuple[str, str, str], Transaction] = {}
+        self._client_tx: dict[tuple[str, str], Transaction] = {}
+        self._deciding: dict[str, Transaction] = {}
+        self._timers: list[tuple[float, int, str, object]] = []
+        self._timer_seq = itertools.count()
+        self._upstream_host_port = _normal_host_port(config.upstream.host, config.upstream.port)
+        self._upstream_hosts = {_normal_host(host) for host in config.upstream_hosts}
+        self._our_host_ports = {
+            _normal_host_port(lst.address.host, lst.address.port) for lst in config.listeners
+        }
+        self._our_host_ports |= {
+            _normal_host_port(lst.advertise, lst.address.port) for lst in config.listeners if lst.advertise
+        }
+        self.accepting = True
+
+    # -- public API --------------------------------------------------------------------------
+    @property
+    def transactions(self) -> int:
+        return len(self._server_tx)
+
+    @property
+    def pending(self) -> int:
+        """Transactions still waiting for a verdict or a final response."""
+        return sum(1 for tx in self._server_tx.values() if tx.state is not TxState.COMPLETED)
+
+    def stop_accepting(self) -> None:
+        """Shutting down: new calls get 503, transactions in flight go on."""
+        self.accepting = False
+
+    def receive(self, data: bytes, source: Address, local: Address, now: float) -> list[Action]:
+        actions: list[Action] = []
+        try:
+            message = parse_message(data, stream=source.is_reliable)
+        except ParseError as error:
+            self._answer_unparseable(error, source, local, actions)
+            return actions
+        try:
+            if isinstance(message, Response):
+                self._on_response(message, source, now, actions)
+            else:
+                self._on_request(message, source, local, now, actions)
+        except ParseError as error:  # a lazily parsed header turned out malformed
+            if isinstance(message, Request) and message.method != "ACK":
+                error.partial = message
+                self._answer_unparseable(error, source, local, actions)
+            else:
+                actions.append(Discarded(reason=error.reason, source=source, call_id=_call_id(message)))
+        return actions
+
+    def decided(self, attempt_id: str, verdict: Verdict, now: float) -> list[Action]:
+        """The policy layer's answer to a Decide action."""
+        actions: list[Action] = []
+        tx = self._deciding.pop(attempt_id, None)
+        if tx is None or tx.attempt is None:
+            return actions  # the transaction timed out meanwhile
+        if tx.cancelled:
+            if isinstance(verdict, Accept):  # the policies took state for a call that is gone
+                actions.append(CallEnded(call=tx.attempt, reason=EndReason.CANCELLED, now=now))
+            return actions
+        if not isinstance(verdict, Accept):
+            self._reply(tx, verdict.status, verdict.reason, now, actions, headers=verdict.headers)
+            return actions
+        tx.call = self.calls.start(tx.attempt)
+        self._schedule(tx.call.deadline, "call", tx.call)
+        self._forward(tx, now, actions, add_headers=verdict.add_headers)
+        return actions
+
+    def get_timer(self) -> float | None:
+        return self._timers[0][0] if self._timers else None
+
+    def handle_timer(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            when, _, kind, target = heapq.heappop(timers)
+            if kind == "tx":
+                assert isinstance(target, Transaction)
+                if self._server_tx.get(target.key) is target and target.expires_at <= now:
+                    self._expire_transaction(target, now, actions)
+            elif kind == "retransmit":
+                assert isinstance(target, Transaction)
+                self._retransmit(target, when, now, actions)
+            elif kind == "call":
+                assert isinstance(target, Call)
+                if target.deadline == when:
+                    self._end_call_by_timer(target, now, actions)
+        return actions
+
+    # -- requests -----------------------------------------------------------------------------
+    def _on_request(
+        self, request: Request, source: Address, local: Address, now: float, actions: list[Action]
+    ) -> None:
+        top_via = request.vias[0]
+        method = request.method
+        key = self._server_key(request, top_via)
+        if method == "ACK":
+            self._on_ack(request, key, source, local, now, actions)
+            return
+        tx = self._server_tx.get(key)
+        if tx is not None:
+            self._on_retransmission(tx, source, actions)
+            return
+        if len(self._server_tx) >= self.config.max_transactions:
+            self._reply_stateless(request, source, local, 503, "Service Unavailable", actions)
+            return
+        tx = Transaction(key, request, source, local)
+        self._remember(tx, now + TIMER_B)
+        if method == "CANCEL":
+            self._on_cancel(tx, now, actions)
+            return
+        if request.max_forwards == 0:
+            self._reply(tx, 483, "Too Many Hops", now, actions)
+            return
+        if request.has("proxy-require"):
+            unsupported = ", ".join(request.list_values("proxy-require"))
+            self._reply(tx, 420, "Bad Extension", now, actions, headers=(("Unsupported", unsupported),))
+            return
+        if self._is_loop(request):
+            self._reply(tx, 482, "Loop Detected", now, actions)
+            return
+        from_customer = not self._is_upstream(source)
+        to_tag = request.to.tag
+        if to_tag is None and method == "OPTIONS" and self._addressed_to_us(request):
+            self._reply(tx, 200, "OK", now, actions)  # keep-alive probes of sipguard itself
+            return
+        if method == "INVITE" and to_tag is None:
+            self._on_initial_invite(tx, from_customer, now, actions)
+            return
+        if to_tag is not None:
+            call = self.calls.find(request.call_id, (request.from_.tag, to_tag))
+            if call is not None:
+                if method == "BYE":
+                    self._end_call(call, EndReason.BYE, now, actions)
+                elif method in ("INVITE", "UPDATE"):
+                    tx.call = call
+                    tx.is_session_refresh = True
+        self._forward(tx, now, actions)
+
+    def _on_initial_invite(
+        self, tx: Transaction, from_customer: bool, now: float, actions: list[Action]
+    ) -> None:
+        request = tx.request
+        if not self.accepting:
+            self._reply(tx, 503, "Service Unavailable", now, actions, headers=(("Retry-After", "5"),))
+            return
+        if self.calls.live + len(self._deciding) >= self.config.max_calls:
+            self._reply(tx, 503, "Call Limit Reached", now, actions, headers=(("Retry-After", "5"),))
+            return
+        tx.attempt = CallInfo(
+            call_id=request.call_id,
+            from_tag=request.from_.tag or "",
+            attempt_id=tx.out_branch,
+            source=tx.source,
+            from_customer=from_customer,
+            started_at=now,
+        )
+        if not from_customer:  # calls towards customers are tracked, not judged
+            tx.call = self.calls.start(tx.attempt)
+            self._schedule(tx.call.deadline, "call", tx.call)
+            self._forward(tx, now, actions)
+            return
+        tx.state = TxState.DECIDING
+        self._deciding[tx.out_branch] = tx
+        self._set_expiry(tx, now + self.config.decision_timeout)
+        actions.append(
+            Decide(attempt=CallAttempt(attempt_id=tx.out_branch, request=request, source=tx.source, now=now))
+        )
+
+    def _on_retransmission(self, tx: Transaction, source: Address, actions: list[Action]) -> None:
+        if tx.last_response is not None:
+            actions.append(Send(data=tx.last_response, destination=tx.source, local=tx.local))
+        elif (
+            tx.state is TxState.FORWARDED
+            and tx.forwarded is not None
+            and tx.destination is not None
+            and not tx.destination.is_reliable
+            and tx.retransmit_at is None
+        ):
+            actions.append(Send(data=tx.forwarded, destination=tx.destination, local=tx.out_local))
+        # otherwise still deciding, or the next hop is reliable: absorb it
+
+    def _on_ack(
+        self,
+        request: Request,
+        key: tuple[str, str, str],
+        source: Address,
+        local: Address,
+        now: float,
+        actions: list[Action],
+    ) -> None:
+        invite_tx = self._server_tx.get((key[0], key[1], "INVITE"))
+        if invite_tx is None or invite_tx.state is not TxState.COMPLETED:
+            # an ACK for a 2xx: end to end, a new transaction that follows the dialog's route
+            tx = Transaction(key, request, source, local)
+            tx.out_branch = self._branch(key)
+            self._forward(tx, now, actions, remember=False)
+        elif invite_tx.forwarded is not None and invite_tx.destination is not None:
+            # the ACK for a downstream non-2xx belongs to the INVITE's hop-by-hop transaction
+            tx = Transaction(key, request, source, local)
+            tx.out_branch = invite_tx.out_branch
+            self._forward(tx, now, actions, remember=False, destination=invite_tx.destination)
+        # else: it acknowledges sipguard's own reply: absorbed
+
+    def _on_cancel(self, tx: Transaction, now: float, actions: list[Action]) -> None:
+        invite_tx = self._server_tx.get((tx.key[0], tx.key[1], "INVITE"))
+        if invite_tx is None:
+            self._reply(tx, 481, "Call/Transaction Does Not Exist", now, actions)
+            return
+        if invite_tx.state is TxState.DECIDING:
+            invite_tx.cancelled = True
+            self._reply(tx, 200, "OK", now, actions)
+            self._reply(invite_tx, 487, "Request Terminated", now, actions)
+        elif invite_tx.state is TxState.FORWARDED and invite_tx.destination is not None:
+            invite_tx.cancelled = True
+            tx.out_branch = invite_tx.out_branch  # §9.1: a CANCEL carries its INVITE's branch
+            self._forward(tx, now, actions, destination=invite_tx.destination)
+        else:
+            self._reply(tx, 200, "OK", now, actions)  # too late to cancel: no effect
+
+    # -- forwarding ----------------------------------------------------------------------------
+    def _forward(
+        self,
+        tx: Transaction,
+        now: float,
+        actions: list[Action],
+        *,
+        add_headers: tuple[tuple[str, str], ...] = (),
+        remember: bool = True,
+        destination: Address | None = None,
+    ) -> None:
+        request = tx.request
+        editor = MessageEditor(request)
+        from_customer = not self._is_upstream(tx.source)
+        if destination is None:
+            destination = self._next_hop(request, editor, from_customer)
+            if destination is None:
+                self._reply(tx, 404, "Not Found", now, actions)
+                return
+        elif request.has("route"):
+            self._strip_own_routes(request, editor)
+        out_listener = self._listener_for(destination)
+        if out_listener is None:
+            self._reply(tx, 503, "No Route To Destination", now, actions)
+            return
+        self._stamp_source(request, tx.source, editor)
+        editor.push_via(
+            f"SIP/2.0/{destination.transport.upper()} {out_listener.host_port};branch={tx.out_branch}"
+        )
+        hops = request.max_forwards
+        editor.set_max_forwards(70 if hops is None else hops - 1)
+        if request.method == "INVITE" and tx.attempt is not None:
+            in_listener = self._listener_at(tx.local) or out_listener
+            editor.insert_record_route(_record_route(out_listener))
+            if in_listener != out_listener:  # two faces: each side must reach its own
+                editor.insert_record_route(_record_route(in_listener))
+        for name, value in add_headers:
+            editor.add_header(name.lower(), value)
+        if destination.is_reliable and request.content_length is None:
+            editor.set_content_length(len(request.body))
+        data = editor.render()
+        actions.append(Send(data=data, destination=destination, local=out_listener.address))
+        if not remember:
+            return
+        tx.state = TxState.FORWARDED
+        tx.forwarded = data
+        tx.destination = destination
+        tx.out_local = out_listener.address
+        self._client_tx[(tx.out_branch, request.method)] = tx
+        timeout = self.config.early_timeout if request.method == "INVITE" else TIMER_B
+        self._set_expiry(tx, now + timeout)
+        if tx.source.is_reliable and not destination.is_reliable:
+            # nobody upstream will retransmit for us: own the UDP leg (Timers A and E)
+            tx.retransmit_at = now + T1
+            self._schedule(tx.retransmit_at, "retransmit", tx)
+
+    def _next_hop(self, request: Request, editor: MessageEditor, from_customer: bool) -> Address | None:
+        """Where a request goes, and the Route / Request-URI edits that takes (§16.4, §16.6)."""
+        route_target = self._strip_own_routes(request, editor) if request.has("route") else None
+        if from_customer:
+            return self.config.upstream
+        target = route_target or request.uri
+        if not isinstance(target, SipUri):
+            return None
+        transport = (target.params.get("transport") or "udp").lower()
+        if transport not in ("udp", "tcp"):
+            return None
+        host = target.params.get("maddr") or target.host
+        return Address(transport, host, target.port or 5060)
+
+    def _strip_own_routes(self, request: Request, editor: MessageEditor) -> SipUri | None:
+        """Drop our own Route entries; return the URI of the next one, if any (loose routing)."""
+        values = request.list_values("route")
+        routes = request.routes
+        own = 0
+        while own < len(routes) and self._is_us(routes[own].uri):
+            own += 1
+        remaining_values = values[own:]
+        if isinstance(request.uri, SipUri) and self._is_us(request.uri) and remaining_values and not own:
+            # the previous hop was a strict router (§16.4): the real target is the last Route
+            last = routes[-1].uri
+            editor.set_request_uri(str(last))
+            remaining_values = remaining_values[:-1]
+            routes = routes[:-1]
+        if len(remaining_values) != len(values):
+            if remaining_values:
+                editor.replace_header("route", ", ".join(remaining_values))
+            else:
+                editor.remove_header("route")
+        next_uri = routes[own].uri if own < len(routes) else None
+        return next_uri if isinstance(next_uri, SipUri) else None
+
+    def _stamp_source(self, request: Request, source: Address, editor: MessageEditor) -> None:
+        """RFC 3261 §18.2.1 received, RFC 3581 rport: so responses can find the sender."""
+        via = request.vias[0]
+        add_received = _normal_host(via.host) != _normal_host(source.host)
+        if not add_received and not via.wants_rport:
+            return
+        top = split_values(request.value_of(request.fields_named("via")[0]))[0]
+        if via.wants_rport:
+            params = [p for p in top.split(";")]
+            params = [f"rport={source.port}" if p.strip().lower() == "rport" else p for p in params]
+            top = ";".join(params)
+        if add_received and via.received is None:
+            top += f";received={source.host}"
+        editor.push_via(top)
+        editor.pop_via()
+
+    # -- responses ----------------------------------------------------------------------------
+    def _on_response(self, response: Response, source: Address, now: float, actions: list[Action]) -> None:
+        vias = response.vias
+        branch = vias[0].branch or ""
+        tx = self._client_tx.get((branch, response.cseq.method))
+        if not branch.startswith(OUR_BRANCH_PREFIX) or len(vias) < 2:
+            actions.append(Discarded(reason="response not for us", source=source, call_id=response.call_id))
+            return
+        editor = MessageEditor(response)
+        editor.pop_via()
+        data = editor.render()
+        if tx is None:  # the transaction is gone (a late 2xx retransmission): route by Via
+            destination = _via_destination(vias[1])
+            listener = self._listener_for(destination)
+            local = listener.address if listener else None
+        else:
+            destination, local = tx.source, tx.local
+            self._track_response(tx, response, data, now, actions)
+        if not _routable(destination.host):
+            actions.append(Discarded(reason="Via points at a broadcast address", source=source))
+            return
+        actions.append(Send(data=data, destination=destination, local=local))
+
+    def _track_response(
+        self, tx: Transaction, response: Response, data: bytes, now: float, actions: list[Action]
+    ) -> None:
+        status = response.status_code
+        tx.has_response = True
+        if tx.retransmit_at is not None and (status >= 200 or tx.request.method == "INVITE"):
+            tx.retransmit_at = None  # Timer A stops on any response, Timer E on a final one
+        if status < 200:
+            if tx.state is TxState.FORWARDED:
+                tx.last_response = data
+            return
+        first_final = tx.state is not TxState.COMPLETED
+        tx.last_response = data
+        tx.state = TxState.COMPLETED
+        self._set_expiry(tx, now + TIMER_B)
+        call = tx.call
+        if call is None or not first_final:
+            return
+        if tx.is_session_refresh:
+            if status < 300:
+                self._refresh_session(call, response, now)
+            return
+        if status >= 300:
+            reason = EndReason.CANCELLED if tx.cancelled and status == 487 else EndReason.REJECTED
+            self._end_call(call, reason, now, actions, status=status)
+        elif call.state is CallState.EARLY:
+            self.calls.answer(call, response.to.tag, now)
+            self._refresh_session(call, response, now)
+            self._schedule(call.deadline, "call", call)
+            actions.append(CallAnswered(call=call.info, now=now))
+
+    def _refresh_session(self, call: Call, response: Response, now: float) -> None:
+        value = response.get("session-expires")
+        if value is None:
+            return
+        seconds = value.split(";", 1)[0].strip()
+        if seconds.isdigit() and int(seconds) > 0:
+            self.calls.refresh_session(call, float(seconds), now)
+            self._schedule(call.deadline, "call", call)
+
+    # -- replies, calls, timers ------------------------------------------------------------------
+    def _reply(
+        self,
+        tx: Transaction,
+        status: int,
+        reason: str,
+        now: float,
+        actions: list[Action],
+        *,
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        data = build_reply(
+            tx.request,
+            status,
+            reason,
+            to_tag=tx.out_branch[-16:],
+            server=self.config.server_header,
+            headers=headers,
+        )
+        if data is None:
+            return
+        if status >= 200:
+            tx.state = TxState.COMPLETED
+            self._set_expiry(tx, now + TIMER_B)
+        tx.last_response = data
+        actions.append(Send(data=data, destination=tx.source, local=tx.local))
+        if status >= 300:
+            actions.append(
+                Discarded(reason=reason, source=tx.source, status=status, call_id=tx.request.call_id)
+            )
+
+    def _reply_stateless(
+        self,
+        request: Request,
+        source: Address,
+        local: Address,
+        status: int,
+        reason: str,
+        actions: list[Action],
+    ) -> None:
+        data = build_reply(request, status, reason, to_tag="sg-stateless", server=self.config.server_header)
+        if data is not None:
+            actions.append(Send(data=data, destination=source, local=local))
+        actions.append(Discarded(reason=reason, source=source, status=status, call_id=_call_id(request)))
+
+    def _answer_unparseable(
+        self, error: ParseError, source: Address, local: Address, actions: list[Action]
+    ) -> None:
+        request = error.partial
+        if not isinstance(request, Request) or request.method == "ACK":
+            actions.append(Discarded(reason=error.reason, source=source))
+            return
+        self._reply_stateless(request, source, local, error.status, error.reason, actions)
+
+    def _end_call(
+        self, call: Call, reason: EndReason, now: float, actions: list[Action], *, status: int | None = None
+    ) -> None:
+        if self.calls.end(call):
+            actions.append(
+                CallEnded(call=call.info, reason=reason, now=now, status=status, answered_at=call.answered_at)
+            )
+
+    def _end_call_by_timer(self, call: Call, now: float, actions: list[Action]) -> None:
+        if call.state is CallState.EARLY:
+            reason = EndReason.NO_ANSWER
+        elif call.session_expires_at is not None and call.deadline == call.session_expires_at:
+            reason = EndReason.SESSION_EXPIRED
+        else:
+            reason = EndReason.MAX_LIFETIME
+        self._end_call(call, reason, now, actions)
+
+    def _expire_transaction(self, tx: Transaction, now: float, actions: list[Action]) -> None:
+        if tx.state is TxState.DECIDING:
+            self._deciding.pop(tx.out_branch, None)
+            self._reply(tx, 503, "Policy Decision Timeout", now, actions, headers=(("Retry-After", "5"),))
+            return
+        if tx.state is TxState.FORWARDED and tx.request.method == "INVITE":
+            # Timer C: nobody answered. Give up upstream, cancel downstream (§16.8).
+            if tx.forwarded is not None and tx.destination is not None and tx.has_response:
+                cancel = build_cancel(parse_message(tx.forwarded))
+                actions.append(Send(data=cancel, destination=tx.destination, local=tx.out_local))
+            if tx.call is not None:
+                self._end_call(tx.call, EndReason.NO_ANSWER, now, actions)
+            self._reply(tx, 408, "Request Timeout", now, actions)
+            return
+        del self._server_tx[tx.key]
+        if self._client_tx.get((tx.out_branch, tx.request.method)) is tx:
+            del self._client_tx[(tx.out_branch, tx.request.method)]
+
+    def _retransmit(self, tx: Transaction, when: float, now: float, actions: list[Action]) -> None:
+        if tx.retransmit_at != when or tx.state is not TxState.FORWARDED or tx.forwarded is None:
+            return
+        assert tx.destination is not None
+        actions.append(Send(data=tx.forwarded, destination=tx.destination, local=tx.out_local))
+        tx.retransmit_interval = min(tx.retransmit_interval * 2, 1e9 if tx.request.method == "INVITE" else T2)
+        tx.retransmit_at = now + tx.retransmit_interval
+        self._schedule(tx.retransmit_at, "retransmit", tx)
+
+    def _remember(self, tx: Transaction, expires_at: float) -> None:
+        tx.out_branch = self._branch(tx.key)
+        self._server_tx[tx.key] = tx
+        self._set_expiry(tx, expires_at)
+
+    def _set_expiry(self, tx: Transaction, expires_at: float) -> None:
+        tx.expires_at = expires_at
+        self._schedule(expires_at, "tx", tx)
+
+    def _schedule(self, when: float, kind: str, target: object) -> None:
+        heapq.heappush(self._timers, (when, next(self._timer_seq), kind, target))
+
+    # -- identities ------------------------------------------------------------------------------
+    def _server_key(self, request: Request, via: Via) -> tuple[str, str, str]:
+        """RFC 3261 §17.2.3 matching; RFC 2543 peers (no magic cookie) by dialog fields."""
+        method = "INVITE" if request.method == "ACK" else request.method
+        branch = via.branch or ""
+        if not branch.startswith(BRANCH_PREFIX) or branch == BRANCH_PREFIX:
+            branch = f"2543:{request.call_id}:{request.cseq.seq}:{request.from_.tag}"
+        return (branch, via.sent_by.lower(), method)
+
+    def _branch(self, key: tuple[str, str, str]) -> str:
+        # CANCEL shares its INVITE's branch (§9.1); everything else gets its own.
+        method = "INVITE" if key[2] == "CANCEL" else key[2]
+        digest = hashlib.blake2b(
+            f"{key[0]}\x00{key[1]}\x00{method}".encode("utf-8", "surrogateescape"),
+            key=self.config.branch_secret[:64],
+            digest_size=10,
+        ).hexdigest()
+        return f"{OUR_BRANCH_PREFIX}{digest}"
+
+    def _is_loop(self, request: Request) -> bool:
+        """Our own Via already in the request with the branch we would give it: a loop (§16.3)."""
+        if len(request.fields_named("via")) < 2 and "," not in (request.get("via") or ""):
+            return False
+        ours = self._branch(self._server_key(request, request.vias[0]))
+        return any(via.branch == ours for via in request.vias[1:])
+
+    def _is_upstream(self, source: Address) -> bool:
+        host = _normal_host(source.host)
+        return (host, source.port) == self._upstream_host_port or host in self._upstream_hosts
+
+    def _is_us(self, uri: object) -> bool:
+        if not isinstance(uri, SipUri):
+            return False
+        if uri.host.lower() in self.config.aliases:
+            return True
+        port = uri.port or (5061 if uri.scheme == "sips" else 5060)
+        return _normal_host_port(uri.host, port) in self._our_host_ports
+
+    def _addressed_to_us(self, request: Request) -> bool:
+        uri = request.uri
+        return isinstance(uri, SipUri) and uri.user is None and self._is_us(uri) and not request.has("route")
+
+    def _listener_for(self, destination: Address) -> Listener | None:
+        """The listener to send from: same transport and address family as the destination."""
+        wants_ipv6 = ":" in destination.host
+        fallback = None
+        for listener in self.config.listeners:
+            if listener.address.transport != destination.transport:
+                continue
+            if (":" in listener.address.host) == wants_ipv6:
+                return listener
+            fallback = fallback or listener
+        return fallback if not _is_ip(destination.host) else None
+
+    def _listener_at(self, address: Address) -> Listener | None:
+        for listener in self.config.listeners:
+            if listener.address == address:
+                return listener
+        return None
+
+
+def _record_route(listener: Listener) -> str:
+    transport = "" if listener.address.transport == "udp" else f";transport={listener.address.transport}"
+    return f"<sip:{listener.host_port}{transport};lr>"
+
+
+def _via_destination(via: Via) -> Address:
+    """RFC 3261 §18.2.2 and RFC 3581 §4: where a response goes when no transaction remembers."""
+    transport = "udp" if via.transport == "UDP" else "tcp"
+    host = via.received or via.maddr or via.host
+    return Address(transport, host, via.rport or via.port or 5060)
+
+
+def _normal_host(host: str) -> str:
+    try:
+        return str(ipaddress.ip_address(host.strip("[]")))
+    except ValueError:
+        return host.lower()
+
+
+def _normal_host_port(host: str, port: int) -> tuple[str, int]:
+    return (_normal_host(host), port)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _routable(host: str) -> bool:
+    """Never send to broadcast, multicast or unspecified addresses (RFC 4475 §3.3.10)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return True  # a name: the transport resolves it
+    if address.is_multicast or address.is_unspecified:
+        return False
+    return address != ipaddress.IPv4Address("255.255.255.255")
+
+
+def _call_id(message: Request | Response) -> str | None:
+    try:
+        return message.call_id
+    except ParseError:
+        return None
