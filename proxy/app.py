@@ -86,7 +86,13 @@ class SipGuard:
     def deliver(self, data: bytes, source: Address, local: Address) -> None:
         assert self.core is not None and self._loop is not None
         self.counters["messages_in"] += 1
-        self._execute(self.core.receive(data, source, local, self._loop.time()))
+        try:
+            actions = self.core.receive(data, source, local, self._loop.time())
+        except Exception:  # a bug must cost one message, never the proxy
+            self.counters["internal_errors"] += 1
+            log.exception("proxy.internal_error", source=str(source), size=len(data))
+            return
+        self._execute(actions)
 
     def _on_timer(self) -> None:
         assert self.core is not None and self._loop is not None
@@ -113,6 +119,14 @@ class SipGuard:
             if isinstance(action, Send):
                 self.transports.send(action.data, action.destination, action.local)
             elif isinstance(action, Decide):
+                try:
+                    verdict = self.hook.decide_now(action.attempt)
+                except Exception:
+                    log.exception("policy.error", call_id=action.attempt.request.call_id)
+                    verdict = Reject(status=500, reason="Policy Error")
+                if verdict is not None:
+                    self._execute(self.core.decided(action.attempt.attempt_id, verdict, self._loop.time()))
+                    continue
                 task = self._loop.create_task(self._decide(action.attempt))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)

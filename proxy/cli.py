@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-calls", type=int, default=100_000)
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
+    demo = commands.add_parser("demo", help="sipguard in front of a stand-in PBX, driven by SIPp (loopback)")
+    demo.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    demo.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
     return parser
 
 
@@ -45,6 +48,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"sipguard: {error}", file=sys.stderr)
             return 2
         return uvloop.run(_serve(settings))
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return uvloop.run(run_demo())
     return 2
 
 

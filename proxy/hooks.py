@@ -1,8 +1,10 @@
 """The seam between the proxy and the policy layer.
 
 The core asks for a verdict on each initial INVITE from a customer and reports how
-every tracked call went; a ``DecisionHook`` answers and listens. ``decide`` is async
-because a policy may need a remote state store; everything else is a notification.
+every tracked call went; a ``DecisionHook`` answers and listens. ``decide_now`` answers
+at once when no I/O is needed (in-memory state) and returns None otherwise; then
+``decide`` is awaited, because a remote state store may be involved. An event-loop
+task per INVITE costs more than the whole SIP path, so the fast path matters.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from .sip.events import Accept, CallAnswered, CallAttempt, CallEnded, Verdict
 
 
 class DecisionHook(Protocol):
+    def decide_now(self, attempt: CallAttempt) -> Verdict | None: ...
+
     async def decide(self, attempt: CallAttempt) -> Verdict: ...
 
     def call_answered(self, event: CallAnswered) -> None: ...
@@ -23,8 +27,13 @@ class DecisionHook(Protocol):
 class AcceptAll:
     """No policies: sipguard is a plain proxy."""
 
+    _ACCEPT = Accept()
+
+    def decide_now(self, attempt: CallAttempt) -> Verdict | None:
+        return self._ACCEPT
+
     async def decide(self, attempt: CallAttempt) -> Verdict:
-        return Accept()
+        return self._ACCEPT
 
     def call_answered(self, event: CallAnswered) -> None:
         pass

@@ -56,16 +56,21 @@ SIP_VERSION_2_0 = b"SIP/2.0"
 
 HEADER_NAME = re.compile(rb"[A-Za-z0-9\-.!%*_+`'~]+")
 
+# §25.1: WSP = SP / HTAB. Values reach these patterns unfolded (a line fold becomes one SP),
+# so SP and HTAB are the only whitespace left. A str-pattern \s would also take U+00A0 and
+# the like, letting "CSeq: 1<NBSP>INVITE" pass as a CSeq a downstream parser reads otherwise.
+WSP = r"[ \t]"
+
 TOKEN_RE = re.compile(TOKEN)
 SCHEME_RE = re.compile(SCHEME)
 # §20.16: CSeq = "CSeq" HCOLON 1*DIGIT LWS Method
-CSEQ = re.compile(rf"\s*([0-9]+)\s+({TOKEN})\s*")
-DIGITS = re.compile(r"\s*([0-9]+)\s*")
+CSEQ = re.compile(rf"{WSP}*([0-9]+){WSP}+({TOKEN}){WSP}*")
+DIGITS = re.compile(rf"{WSP}*([0-9]+){WSP}*")
 # §20.42: via-parm = sent-protocol LWS sent-by *( SEMI via-params ); SLASH = SWS "/" SWS
 VIA = re.compile(
-    rf"\s*(?P<protocol>{TOKEN})\s*/\s*(?P<version>{TOKEN})\s*/\s*(?P<transport>{TOKEN})"
-    rf"\s+(?P<host>{HOST})(?:\s*:\s*(?P<port>[0-9]{{1,5}}))?\s*(?P<params>;.*)?",
+    rf"{WSP}*(?P<protocol>{TOKEN}){WSP}*/{WSP}*(?P<version>{TOKEN}){WSP}*/{WSP}*(?P<transport>{TOKEN})"
+    rf"{WSP}+(?P<host>{HOST})(?:{WSP}*:{WSP}*(?P<port>[0-9]{{1,5}}))?{WSP}*(?P<params>;.*)?",
     re.DOTALL,
 )
 # §25.1: display-name = *(token LWS) / quoted-string
-TOKEN_DISPLAY_NAME = re.compile(rf"(?:{TOKEN}(?:\s+{TOKEN})*)?")
+TOKEN_DISPLAY_NAME = re.compile(rf"(?:{TOKEN}(?:{WSP}+{TOKEN})*)?")

@@ -2,9 +2,10 @@
 
 Strategy: every edit is (start, end, replacement) against ``message.raw``; ``render``
 sorts them and joins the untouched slices with the replacements, so headers nobody
-edited leave byte for byte as they arrived. Edits at the same offset keep the order
-they were made in. Two edits that overlap are a programming error (ValueError).
-With no edits, ``render`` returns the received message itself.
+edited leave byte for byte as they arrived. Insertions at the same offset keep the order
+they were made in, and come before an edit that starts there. Two edits that overlap
+are a programming error (ValueError). With no edits, ``render`` returns the received
+message itself.
 """
 
 from __future__ import annotations
@@ -86,7 +87,9 @@ class MessageEditor:
             return self.message.bytes
         parts: list[bytes] = []
         position = 0
-        for start, end, replacement in sorted(self._edits, key=lambda edit: edit[0]):
+        # An insertion at a line start sorts before a removal of that line, whichever came
+        # first: pop_route() then insert_record_route() may touch the same offset.
+        for start, end, replacement in sorted(self._edits, key=lambda edit: (edit[0], edit[1])):
             if start < position:
                 raise ValueError(f"overlapping edits at offset {start}")
             parts.append(raw[position:start])

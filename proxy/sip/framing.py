@@ -61,6 +61,9 @@ class StreamFramer:
                         raise ParseError(513, "Message Too Large")
                     self._scan_from = max(0, len(buffer) - 3)
                     break
+                if head_end + 4 > self.max_message_size:
+                    # checked before Content-Length, as a byte-at-a-time feed would see it
+                    raise ParseError(513, "Message Too Large")
                 head = bytes(buffer[: head_end + 4])
                 self._frame_length = head_end + 4 + self._content_length(head, head_end)
                 if self._frame_length > self.max_message_size:

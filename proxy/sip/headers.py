@@ -195,10 +195,12 @@ def parse_via(value: str) -> Via:
         host = host[1:-1]
         check_ipv6_address(host)
     parsed_params = parse_params(params or "")
-    for name in ("rport", "ttl"):
+    # RFC 3581 rport = port; RFC 3261 §20.42 ttl = 0 to 255. ASCII digits only: str.isdigit
+    # also accepts "²", which int() then refuses.
+    for name, maximum in (("rport", 65535), ("ttl", 255)):
         number = parsed_params.get(name)
-        if number is not None and not number.isdigit():
-            raise ParseError(400, f"Via {name} is not a number")
+        if number is not None and bounded_int(number, maximum) is None:
+            raise ParseError(400, f"Via {name} is not a number from 0 to {maximum}")
     return Via(transport.upper(), host, is_ipv6, None if port is None else parse_port(port), parsed_params)
 
 
@@ -227,6 +229,7 @@ def parse_name_addr(value: str) -> NameAddr:
         # addr-spec form: parameters belong to the header, and the URI may not hold
         # ',', '?' or ';' (RFC 3261 §20: those force the <> form).
         uri_text, _, rest = text.partition(";")
+        uri_text = uri_text.rstrip(" \t")  # SEMI = SWS ";" SWS (RFC 3261 §25.1; RFC 4475 §3.1.1.1)
         params_text = ";" + rest if _ else ""
         if "?" in uri_text:
             raise ParseError(400, "URI with headers must be enclosed in <>")
@@ -237,6 +240,9 @@ def parse_name_addr(value: str) -> NameAddr:
 
 def _quoted_string(text: str) -> tuple[str, str]:
     """Decode a leading quoted-string; return (its content, the text after it)."""
+    end = text.find('"', 1)
+    if end > 0 and text.find("\\", 1, end) < 0:  # no quoted-pair: the common case, two slices
+        return text[1:end], text[end + 1 :]
     chars: list[str] = []
     i = 1
     while i < len(text):
@@ -256,8 +262,8 @@ def parse_cseq(value: str) -> CSeq:
     match = abnf.CSEQ.fullmatch(value)
     if match is None:
         raise ParseError(400, f"Malformed CSeq {value[:40]!r}")
-    seq = int(match.group(1))
-    if seq > MAX_UINT32:
+    seq = bounded_int(match.group(1), MAX_UINT32)
+    if seq is None:
         raise ParseError(400, "CSeq number too large")
     return CSeq(seq, match.group(2))
 
@@ -266,7 +272,22 @@ def parse_uint(value: str, name: str, maximum: int = MAX_UINT32) -> int:
     match = abnf.DIGITS.fullmatch(value)
     if match is None:
         raise ParseError(400, f"Malformed {name} {value[:40]!r}")
-    number = int(match.group(1))
-    if number > maximum:
+    number = bounded_int(match.group(1), maximum)
+    if number is None:
         raise ParseError(400, f"{name} out of range")
     return number
+
+
+def bounded_int(digits: str, maximum: int) -> int | None:
+    """ASCII ``digits`` as an int, or None when they are not all 0-9 or exceed ``maximum``.
+
+    The length is checked before converting: int() of a long digit string takes quadratic
+    time, and past 4300 digits raises ValueError (CPython's int_max_str_digits).
+    """
+    if not (digits.isascii() and digits.isdigit()):
+        return None
+    significant = digits.lstrip("0")
+    if len(significant) > len(str(maximum)):
+        return None
+    number = int(significant or "0")
+    return number if number <= maximum else None

@@ -153,7 +153,7 @@ class Message:
         result: list[str] = []
         for value in self.values(name):
             result.extend(split_values(value))
-        if any(not part for part in result):
+        if "" in result:
             raise ParseError(400, f"Empty element in {name} list")
         return result
 
@@ -164,7 +164,10 @@ class Message:
 
     @property
     def top_via(self) -> Via:
-        return self.vias[0]
+        vias = self.vias
+        if not vias:  # only a ParseError.partial can lack a Via
+            raise ParseError(400, "Missing via header")
+        return vias[0]
 
     @cached
     def from_(self) -> NameAddr:
@@ -255,7 +258,9 @@ class Request(Message):
     uri_span: tuple[int, int]  # offsets of the Request-URI in raw, for strict-routing rewrites
 
     def __repr__(self) -> str:
-        return f"<Request {self.method} {self.raw[self.uri_span[0] : self.uri_span[1]]!r}>"
+        span = getattr(self, "uri_span", None)  # a ParseError.partial may have no Request-URI
+        uri = "?" if span is None else repr(self.raw[span[0] : span[1]])
+        return f"<Request {self.method} {uri}>"
 
 
 class Response(Message):
@@ -295,7 +300,7 @@ def parse_message(
         response = Response(data, fields, index, head_end, len(data))
         # a response that fails these checks cannot be answered, only dropped
         _read_status_line(response, start_line)
-        response.end = _body_end(response, stream)
+        response.end = _body_end(response, stream, max_size)
         _check_mandatory_headers(response)
         return response
     if not abnf.HEADER_NAME.match(start_line):
@@ -303,7 +308,7 @@ def parse_message(
     request = Request(data, fields, index, head_end, len(data))
     try:
         _read_request_line(request, start_line, start)
-        request.end = _body_end(request, stream)
+        request.end = _body_end(request, stream, max_size)
         _check_mandatory_headers(request)
         _check_request(request)
     except ParseError as error:
@@ -391,15 +396,20 @@ def content_length_of(message: Message) -> int | None:
     digits = digits.strip(b" \t")
     if not digits.isdigit():
         raise ParseError(400, "Malformed Content-Length")
-    return int(digits)
+    significant = digits.lstrip(b"0")
+    if len(significant) > 18:  # int() of a long digit string is quadratic, then ValueError
+        raise ParseError(513, "Message Too Large")
+    return int(significant or b"0")
 
 
-def _body_end(message: Message, stream: bool) -> int:
+def _body_end(message: Message, stream: bool, max_size: int) -> int:
     body_start = message.head_end + 4
     length = content_length_of(message)
     if length is None:
         return body_start if stream else len(message.raw)
     end = body_start + length
+    if end > max_size:  # as StreamFramer does: the message could never fit
+        raise ParseError(513, "Message Too Large")
     if end > len(message.raw):
         raise ParseError(400, "Content-Length larger than the message body")
     return end

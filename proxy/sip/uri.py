@@ -142,6 +142,11 @@ def _uri_params(params: str) -> dict[str, str | None]:
     result: dict[str, str | None] = {}
     if not params:
         return result
+    if "%" not in params:  # nothing to unescape: skip unquote() per name and value
+        for param in params[1:].split(";"):
+            name, eq, value = param.partition("=")
+            result[name.lower()] = value if eq else None
+        return result
     for param in params[1:].split(";"):
         name, eq, value = param.partition("=")
         result[unquote(name).lower()] = unquote(value) if eq else None
