@@ -63,9 +63,10 @@ class CallTable:
         call.deadline = call.info.started_at + self.max_lifetime
         self._apply_session_timer(call)
 
-    def refresh_session(self, call: Call, interval: float, now: float) -> None:
-        """A 2xx carrying Session-Expires: the session now lasts until now + interval."""
-        call.session_expires_at = now + interval
+    def refresh_session(self, call: Call, interval: float | None, now: float) -> None:
+        """A 2xx carrying Session-Expires: the session now lasts until now + interval.
+        A refresh 2xx without one (``None``) turns the session timer off (RFC 4028 §7.4)."""
+        call.session_expires_at = None if interval is None else now + interval
         if call.state is CallState.CONFIRMED:
             call.deadline = call.info.started_at + self.max_lifetime
             self._apply_session_timer(call)

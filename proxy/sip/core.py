@@ -239,6 +239,10 @@ class ProxyCore:
         self, request: Request, source: Address, local: Address, now: float, actions: list[Action]
     ) -> None:
         top_via = request.vias[0]
+        # Parse now what forwarding reads later: a malformed one is a 400 here, not a
+        # transaction left behind (answered 408 later) or an error out of ``decided``.
+        _ = (request.from_, request.to, request.max_forwards, request.routes)
+        _ = request.list_values("proxy-require")
         method = request.method
         key = self._server_key(request, top_via)
         if method == "ACK":
@@ -278,7 +282,10 @@ class ProxyCore:
             call = self.calls.find(request.call_id, (request.from_.tag, to_tag))
             if call is not None:
                 if method == "BYE":
-                    self._end_call(call, EndReason.BYE, now, actions)
+                    # A BYE on an early dialog (§15) ends the call when the INVITE's final
+                    # response passes: ended now, a 2xx crossing it would go uncounted.
+                    if call.state is CallState.CONFIRMED:
+                        self._end_call(call, EndReason.BYE, now, actions)
                 elif method in ("INVITE", "UPDATE"):
                     tx.call = call
                     tx.is_session_refresh = True
@@ -390,10 +397,11 @@ class ProxyCore:
         if out_listener is None:
             self._reply(tx, 503, "No Route To Destination", now, actions)
             return
-        self._stamp_source(request, tx.source, editor)
         editor.push_via(
             f"SIP/2.0/{destination.transport.upper()} {out_listener.host_port};branch={tx.out_branch}"
         )
+        # after our push_via: insertions at one offset keep their order, so ours stays on top
+        self._stamp_source(request, tx.source, editor)
         hops = request.max_forwards
         editor.set_max_forwards(70 if hops is None else hops - 1)
         if request.method == "INVITE" and tx.attempt is not None:
@@ -414,8 +422,7 @@ class ProxyCore:
         tx.destination = destination
         tx.out_local = out_listener.address
         self._client_tx[(tx.out_branch, request.method)] = tx
-        timeout = self.config.early_timeout if request.method == "INVITE" else TIMER_B
-        self._set_expiry(tx, now + timeout)
+        self._set_expiry(tx, self._give_up_at(tx, now, TIMER_B))  # Timer B / F
         if tx.source.is_reliable and not destination.is_reliable:
             # nobody upstream will retransmit for us: own the UDP leg (Timers A and E)
             tx.retransmit_at = now + T1
@@ -443,25 +450,28 @@ class ProxyCore:
         while own < len(routes) and self._is_us(routes[own].uri):
             own += 1
         remaining_values = values[own:]
+        strict_target = None
         if isinstance(request.uri, SipUri) and self._is_us(request.uri) and remaining_values and not own:
             # the previous hop was a strict router (§16.4): the real target is the last Route
             last = routes[-1].uri
             editor.set_request_uri(str(last))
             remaining_values = remaining_values[:-1]
             routes = routes[:-1]
+            strict_target = last
         if len(remaining_values) != len(values):
             if remaining_values:
                 editor.replace_header("route", ", ".join(remaining_values))
             else:
                 editor.remove_header("route")
-        next_uri = routes[own].uri if own < len(routes) else None
+        next_uri = routes[own].uri if own < len(routes) else strict_target
         return next_uri if isinstance(next_uri, SipUri) else None
 
     def _stamp_source(self, request: Request, source: Address, editor: MessageEditor) -> None:
         """RFC 3261 §18.2.1 received, RFC 3581 rport: so responses can find the sender."""
         via = request.vias[0]
-        add_received = _normal_host(via.host) != _normal_host(source.host)
-        if not add_received and not via.wants_rport:
+        # RFC 3581 §4: with rport, received is added "even if it is identical to the sent-by"
+        add_received = via.wants_rport or _normal_host(via.host) != _normal_host(source.host)
+        if not add_received:
             return
         top = split_values(request.value_of(request.fields_named("via")[0]))[0]
         if via.wants_rport:
@@ -500,12 +510,15 @@ class ProxyCore:
         self, tx: Transaction, response: Response, data: bytes, now: float, actions: list[Action]
     ) -> None:
         status = response.status_code
+        first_response = not tx.has_response
         tx.has_response = True
         if tx.retransmit_at is not None and (status >= 200 or tx.request.method == "INVITE"):
             tx.retransmit_at = None  # Timer A stops on any response, Timer E on a final one
         if status < 200:
             if tx.state is TxState.FORWARDED:
                 tx.last_response = data
+                if first_response and tx.request.method == "INVITE":  # Timer B gives way to Timer C
+                    self._set_expiry(tx, self._give_up_at(tx, now, self.config.early_timeout))
             return
         first_final = tx.state is not TxState.COMPLETED
         tx.last_response = data
@@ -527,9 +540,19 @@ class ProxyCore:
             self._schedule(call.deadline, "call", call)
             actions.append(CallAnswered(call=call.info, now=now))
 
+    def _give_up_at(self, tx: Transaction, now: float, timeout: float) -> float:
+        """When a forwarded request times out: never after the early deadline of the call
+        it starts, so that the call and its INVITE end together."""
+        if tx.call is not None and not tx.is_session_refresh:
+            return min(now + timeout, tx.call.deadline)
+        return now + timeout
+
     def _refresh_session(self, call: Call, response: Response, now: float) -> None:
         value = response.get("session-expires")
         if value is None:
+            if call.session_expires_at is not None:  # RFC 4028 §7.4: no Session-Expires, no expiry
+                self.calls.refresh_session(call, None, now)
+                self._schedule(call.deadline, "call", call)
             return
         seconds = value.split(";", 1)[0].strip()
         if seconds.isdigit() and int(seconds) > 0:
@@ -621,6 +644,7 @@ class ProxyCore:
                 self._end_call(tx.call, EndReason.NO_ANSWER, now, actions)
             self._reply(tx, 408, "Request Timeout", now, actions)
             return
+        tx.retransmit_at = None  # Timer F: Timer E stops too
         del self._server_tx[tx.key]
         if self._client_tx.get((tx.out_branch, tx.request.method)) is tx:
             del self._client_tx[(tx.out_branch, tx.request.method)]

@@ -1,0 +1,447 @@
+"""ProxyCore over time, with a fake clock: call deadlines, transaction lifetimes, the UDP
+retransmissions sipguard owns, policy timeouts; then the table bounds and a Hypothesis
+property over any order and duplication of one call's messages.
+
+Nothing sleeps: ``Sim.run_until`` fires each due timer at its own time, as the adapter
+calls ``handle_timer`` when ``get_timer`` says.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from sipsim import (
+    CALL_ID,
+    CALLEE_CONTACT,
+    CUSTOMER,
+    CUSTOMER_TCP,
+    LOCAL_TCP,
+    LOCAL_UDP,
+    OUR_RR,
+    UPSTREAM,
+    Sim,
+    in_dialog_from_customer,
+    in_dialog_from_pbx,
+    invite,
+    kinds,
+    of_type,
+    only_send,
+    parse_request,
+    parse_response,
+    request,
+    response,
+)
+
+from proxy.sip.events import (
+    Accept,
+    Action,
+    Address,
+    CallAnswered,
+    CallEnded,
+    CallInfo,
+    Decide,
+    Discarded,
+    EndReason,
+    Reject,
+    Send,
+)
+
+
+def statuses(actions: list[Action]) -> list[int]:
+    return [
+        parse_response(send.data).status_code for send in of_type(actions, Send) if send.data[:4] == b"SIP/"
+    ]
+
+
+def ended(actions: list[Action]) -> list[CallEnded]:
+    return of_type(actions, CallEnded)
+
+
+# -- call deadlines -----------------------------------------------------------------------------
+def test_a_call_ringing_past_the_early_timeout_ends_no_answer() -> None:
+    sim = Sim.make(early_timeout=180.0)
+    forwarded = sim.forward()
+    sim.now = 1.0
+    sim.pbx(response(forwarded.data, 180))
+    assert sim.run_until(179.9) == []
+    actions = sim.run_until(180.0)
+    assert kinds(actions) == ["CallEnded", "Send", "Send", "Discarded"]
+    [end] = ended(actions)
+    assert end.reason is EndReason.NO_ANSWER and end.now == 180.0 and end.answered_at is None
+    cancel, timeout = of_type(actions, Send)
+    # CANCEL towards the PBX, on the INVITE's branch (RFC 3261 §9.1, §16.8)
+    assert cancel.destination == UPSTREAM and cancel.local == LOCAL_UDP
+    message = parse_request(cancel.data)
+    assert message.method == "CANCEL" and message.cseq.seq == 1 and message.call_id == CALL_ID
+    assert message.values("via") == parse_request(forwarded.data).values("via")[:1]
+    # 408 towards the caller
+    assert timeout.destination == CUSTOMER
+    assert parse_response(timeout.data).status_code == 408
+    assert sim.core.calls.live == 0
+
+
+def test_an_answered_call_ends_at_its_maximum_lifetime() -> None:
+    sim = Sim.make(max_call_lifetime=3600.0)
+    forwarded = sim.forward()
+    sim.now = 5.0
+    sim.answer(forwarded.data)
+    assert ended(sim.run_until(3599.9)) == []
+    actions = sim.run_until(3600.0)
+    assert kinds(actions) == ["CallEnded"]
+    [end] = ended(actions)
+    assert end.reason is EndReason.MAX_LIFETIME and end.answered_at == 5.0
+    # a BYE afterwards is still relayed, but the call is not ended twice
+    sim.now = 4000.0
+    assert kinds(sim.customer(in_dialog_from_customer("BYE"))) == ["Send"]
+
+
+def test_session_expires_ends_the_call_when_not_refreshed() -> None:
+    sim = Sim.make()
+    forwarded = sim.forward()
+    sim.now = 10.0
+    sim.answer(forwarded.data, headers=(("Session-Expires", "90;refresher=uac"),))
+    assert ended(sim.run_until(99.9)) == []
+    [end] = ended(sim.run_until(100.0))
+    assert end.reason is EndReason.SESSION_EXPIRED and end.now == 100.0
+
+
+@pytest.mark.parametrize("method", ["INVITE", "UPDATE"])
+@pytest.mark.parametrize("side", ["customer", "pbx"])
+def test_a_refresh_2xx_moves_the_session_deadline(method: str, side: str) -> None:
+    sim = Sim.make()
+    forwarded = sim.forward()
+    sim.now = 10.0
+    sim.answer(forwarded.data, headers=(("Session-Expires", "90"),))
+    sim.run_until(50.0)
+    if side == "customer":
+        refresh = only_send(sim.customer(in_dialog_from_customer(method, headers=(("Route", OUR_RR),))))
+        sim.now = 51.0
+        ok = only_send(sim.pbx(response(refresh.data, 200, headers=(("Session-Expires", "90"),))))
+    else:
+        refresh = only_send(sim.pbx(in_dialog_from_pbx(method)))
+        sim.now = 51.0
+        ok = only_send(sim.customer(response(refresh.data, 200, headers=(("Session-Expires", "90"),))))
+    assert parse_response(ok.data).cseq.method == method
+    assert ended(sim.run_until(140.9)) == []
+    [end] = ended(sim.run_until(141.0))
+    assert end.reason is EndReason.SESSION_EXPIRED
+
+
+def test_a_failed_refresh_does_not_move_the_session_deadline() -> None:
+    sim = Sim.make()
+    forwarded = sim.forward()
+    sim.answer(forwarded.data, headers=(("Session-Expires", "90"),))
+    sim.now = 40.0
+    refresh = only_send(sim.customer(in_dialog_from_customer("UPDATE")))
+    assert kinds(sim.pbx(response(refresh.data, 491))) == ["Send"]
+    [end] = ended(sim.run_until(90.0))
+    assert end.reason is EndReason.SESSION_EXPIRED and end.now == 90.0
+
+
+def test_a_refresh_2xx_without_session_expires_stops_the_session_timer() -> None:
+    # RFC 4028 §7.4: "If the 2xx response did not contain a Session-Expires header
+    # field, there is no session expiration."
+    sim = Sim.make(max_call_lifetime=3600.0)
+    forwarded = sim.forward()
+    sim.answer(forwarded.data, headers=(("Session-Expires", "90"),))
+    sim.now = 40.0
+    refresh = only_send(sim.customer(in_dialog_from_customer("INVITE")))
+    only_send(sim.pbx(response(refresh.data, 200)))
+    assert ended(sim.run_until(3599.0)) == []
+    [end] = ended(sim.run_until(3600.0))
+    assert end.reason is EndReason.MAX_LIFETIME
+
+
+# -- transaction lifetimes ------------------------------------------------------------------------
+def test_a_transaction_is_forgotten_32_seconds_after_its_final_response() -> None:
+    sim = Sim.make()
+    options = request("OPTIONS", contact=None)
+    forwarded = only_send(sim.customer(options))
+    sim.now = 1.0
+    ok = only_send(sim.pbx(response(forwarded.data, 200)))
+    sim.run_until(32.9)
+    assert sim.customer(options) == [ok]  # still remembered: the same answer
+    sim.run_until(33.0)
+    assert sim.core.transactions == 0
+    assert sim.customer(options) == [forwarded]  # a new transaction, forwarded afresh
+
+
+def test_a_rejected_invite_sent_again_after_32_seconds_is_judged_again() -> None:
+    sim = Sim.make()
+    decide = sim.offer()
+    sim.decide(decide.attempt.attempt_id, Reject(status=403, reason="Forbidden"))
+    sim.run_until(32.0)
+    assert sim.core.transactions == 0 and sim.core.get_timer() is None
+    again = sim.offer()
+    assert again.attempt.now == 32.0
+
+
+def test_a_late_2xx_retransmission_follows_the_via_received_and_rport() -> None:
+    sim = Sim.make()
+    source = Address("udp", "198.51.100.7", 40001)
+    forwarded = sim.forward(
+        invite(vias=("SIP/2.0/UDP 10.0.0.5:5060;rport;branch=z9hG4bKnat9",)), source=source
+    )
+    ok = response(forwarded.data, 200, contact=CALLEE_CONTACT)
+    relayed = sim.answer(forwarded.data, contact=CALLEE_CONTACT)
+    sim.run_until(40.0)
+    assert sim.core.transactions == 0
+    assert sim.pbx(ok) == [Send(data=relayed.data, destination=source, local=LOCAL_UDP)]
+
+
+# -- retransmissions sipguard owns ------------------------------------------------------------------
+def test_tcp_in_udp_out_invite_is_retransmitted_until_a_provisional() -> None:
+    sim = Sim.make()
+    forwarded = sim.forward(
+        invite(vias=("SIP/2.0/TCP 192.0.2.10:5060;branch=z9hG4bKtcp1",)), source=CUSTOMER_TCP
+    )
+    assert forwarded.destination == UPSTREAM and forwarded.local == LOCAL_UDP
+    # each face record-routes itself: the PBX reaches the UDP one, the customer the TCP one
+    assert parse_request(forwarded.data).values("record-route") == [
+        OUR_RR,
+        "<sip:127.0.0.1:5060;transport=tcp;lr>",
+    ]
+    times = []
+    for _ in range(4):
+        due = sim.core.get_timer()
+        assert due is not None
+        assert sim.run_until(due) == [forwarded]
+        times.append(sim.now)
+    assert times == [0.5, 1.5, 3.5, 7.5]  # Timer A: 0.5, 1, 2, 4 s apart (RFC 3261 §17.1.1.2)
+    assert sim.log.count(forwarded) == 5
+    sim.now = 8.0
+    trying = only_send(sim.pbx(response(forwarded.data, 100, to_tag=None)))
+    assert trying.destination == CUSTOMER_TCP and trying.local == LOCAL_TCP
+    assert of_type(sim.run_until(100.0), Send) == []
+    assert sim.log.count(forwarded) == 5
+
+
+def test_tcp_in_udp_out_non_invite_is_retransmitted_until_final_and_then_forgotten() -> None:
+    sim = Sim.make()
+    options = request("OPTIONS", vias=("SIP/2.0/TCP 192.0.2.10:5060;branch=z9hG4bKtcp2",), contact=None)
+    forwarded = only_send(sim.customer(options, source=CUSTOMER_TCP))
+    sent_at = []
+    while (due := sim.core.get_timer()) is not None and due < 16.0:
+        if sim.run_until(due) == [forwarded]:
+            sent_at.append(due)
+    assert sent_at == [0.5, 1.5, 3.5, 7.5, 11.5, 15.5]  # Timer E, capped at T2 = 4 s
+    sim.now = 16.0
+    only_send(sim.pbx(response(forwarded.data, 200)))
+    assert of_type(sim.run_until(100.0), Send) == []
+    assert sim.core.transactions == 0 and sim.core.get_timer() is None
+
+
+def test_retransmissions_sipguard_owns_stop_when_the_transaction_times_out() -> None:
+    sim = Sim.make()
+    options = request("OPTIONS", vias=("SIP/2.0/TCP 192.0.2.10:5060;branch=z9hG4bKtcp3",), contact=None)
+    forwarded = only_send(sim.customer(options, source=CUSTOMER_TCP))
+    sim.run_until(32.0)  # Timer F: nobody answered
+    assert sim.core.transactions == 0
+    sends_so_far = len(of_type(sim.log, Send))
+    assert of_type(sim.run_until(600.0), Send) == []
+    assert len(of_type(sim.log, Send)) == sends_so_far and forwarded in sim.log
+    assert sim.core.get_timer() is None
+
+
+def test_udp_in_udp_out_is_never_retransmitted_by_sipguard() -> None:
+    sim = Sim.make()
+    forwarded = sim.forward()
+    assert forwarded not in sim.run_until(40.0)  # not before a response (Timer B answers 408)...
+    sim = Sim.make()
+    forwarded = sim.forward()
+    sim.pbx(response(forwarded.data, 100, to_tag=None))
+    assert sim.run_until(179.0) == []  # ...nor after one
+
+
+# -- the policy layer's time ------------------------------------------------------------------------
+def test_a_decision_that_never_comes_times_out_to_503() -> None:
+    sim = Sim.make(decision_timeout=32.0)
+    decide = sim.offer()
+    assert sim.run_until(31.9) == []
+    actions = sim.run_until(32.0)
+    assert kinds(actions) == ["Send", "Discarded"]
+    reply = parse_response(of_type(actions, Send)[0].data)
+    assert reply.status_code == 503 and reply.values("retry-after") == ["5"]
+    assert sim.decide(decide.attempt.attempt_id, Accept()) == []
+    assert sim.core.calls.live == 0 and sim.core.pending == 0
+
+
+# -- bounds -------------------------------------------------------------------------------------------
+def second_call(n: int = 2) -> bytes:
+    return invite(call_id=f"call-{n}@192.0.2.10", vias=(f"SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bKc{n}",))
+
+
+def test_max_calls_reached_answers_503_without_asking() -> None:
+    sim = Sim.make(max_calls=1)
+    decide = sim.offer()
+    actions = sim.customer(second_call())  # the attempt being judged counts
+    assert kinds(actions) == ["Send", "Discarded"]
+    reply = parse_response(of_type(actions, Send)[0].data)
+    assert reply.status_code == 503 and reply.values("retry-after") == ["5"]
+    forwarded = only_send(sim.decide(decide.attempt.attempt_id, Accept()))
+    sim.answer(forwarded.data)
+    assert statuses(sim.customer(second_call(3))) == [503]  # and so does a live call
+    sim.customer(in_dialog_from_customer("BYE"))
+    assert kinds(sim.customer(second_call(4))) == ["Decide"]  # a freed slot is reused
+
+
+def test_max_transactions_reached_answers_503_statelessly() -> None:
+    sim = Sim.make(max_transactions=1)
+    sim.offer()
+    actions = sim.customer(second_call())
+    assert kinds(actions) == ["Send", "Discarded"]
+    assert statuses(actions) == [503]
+    assert sim.core.transactions == 1
+
+
+def test_stop_accepting_refuses_new_calls_but_lets_dialogs_finish() -> None:
+    sim = Sim.make()
+    forwarded = sim.forward()
+    sim.answer(forwarded.data)
+    sim.core.stop_accepting()
+    actions = sim.customer(second_call())
+    assert kinds(actions) == ["Send", "Discarded"]
+    reply = parse_response(of_type(actions, Send)[0].data)
+    assert reply.status_code == 503 and reply.values("retry-after") == ["5"]
+    actions = sim.pbx(in_dialog_from_pbx("BYE"))
+    assert kinds(actions) == ["CallEnded", "Send"]
+    assert of_type(actions, Send)[0].destination == CUSTOMER
+    assert sim.core.calls.live == 0
+
+
+# -- property: any order and duplication of one call's messages ------------------------------------
+def _script() -> dict[str, bytes]:
+    """Every message of one call, built once from a scratch core (branches are deterministic)."""
+    sim = Sim.make()
+    inv = invite()
+    forwarded = sim.forward(inv).data
+    bye_up = of_type(sim.customer(in_dialog_from_customer("BYE")), Send)[0].data
+    bye_down = of_type(sim.pbx(in_dialog_from_pbx("BYE")), Send)[0].data
+    return {
+        "invite": inv,
+        "cancel": request("CANCEL", contact=None),
+        "100": response(forwarded, 100, to_tag=None),
+        "180": response(forwarded, 180),
+        "200": response(forwarded, 200, contact=CALLEE_CONTACT),
+        "486": response(forwarded, 486),
+        "487": response(forwarded, 487),
+        "ack": in_dialog_from_customer("ACK", cseq=1, branch="z9hG4bKack1", contact=None),
+        "ack-non2xx": request("ACK", to_tag="callee1", contact=None),
+        "bye-customer": in_dialog_from_customer("BYE"),
+        "bye-customer-200": response(bye_up, 200),
+        "bye-pbx": in_dialog_from_pbx("BYE"),
+        "bye-pbx-200": response(bye_down, 200),
+    }
+
+
+SCRIPT = _script()
+FROM_CUSTOMER = {"invite", "cancel", "ack", "ack-non2xx", "bye-customer", "bye-pbx-200"}
+STEPS = st.one_of(
+    st.sampled_from(sorted(SCRIPT)),
+    st.sampled_from(["accept", "reject"]),
+    # around the timers that matter: T1, a slow verdict, Timer B, Timer C, a long call
+    st.sampled_from([0.5, 5.0, 31.9, 32.0, 60.0, 175.0, 180.0, 3600.0]).map(
+        lambda seconds: ("wait", seconds)
+    ),
+    st.floats(min_value=0.0, max_value=200.0).map(lambda seconds: ("wait", seconds)),
+)
+
+
+def check(actions: list[Action], ended_calls: list[CallInfo]) -> None:
+    """Per-step invariants; records every call that ended."""
+    for action in actions:
+        if isinstance(action, CallEnded):
+            assert action.call not in ended_calls, "a call ended twice"
+            ended_calls.append(action.call)
+        if isinstance(action, CallAnswered):
+            assert action.call not in ended_calls, "a call answered after it ended"
+        if isinstance(action, Send):
+            assert action.destination in (UPSTREAM, CUSTOMER)
+        if isinstance(action, Discarded):
+            assert action.status in (None, 403, 408, 481, 487, 503)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=st.lists(STEPS, max_size=40))
+# interleavings found by hand, kept as regressions: a slow verdict then a 200 racing Timer C;
+# CANCEL before the verdict; a BYE overtaking the 200; everything twice
+@example(steps=["invite", ("wait", 5.0), "accept", "180", ("wait", 175.0), "200", "ack", "bye-customer"])
+@example(steps=["invite", "cancel", "accept", "200", "ack", "bye-pbx", "bye-pbx-200"])
+@example(
+    steps=["invite", "accept", "100", "bye-customer", "200", "200", "ack", "bye-pbx", "bye-customer-200"]
+)
+@example(steps=["invite", "invite", "accept", "180", "180", "invite", "486", "486", "ack-non2xx", "invite"])
+def test_any_interleaving_ends_each_call_at_most_once(steps: list[object]) -> None:
+    """Any order and duplication of one call's messages, verdicts and waits: each call ends
+    at most once, is never answered after it ended, and every table drains in the end."""
+    sim = Sim.make()
+    attempts: list[str] = []
+    accepted = 0
+    ended_calls: list[CallInfo] = []
+    for step in steps:
+        if isinstance(step, tuple):
+            actions = sim.run_until(sim.now + step[1])
+        elif step in ("accept", "reject"):
+            if not attempts:
+                continue
+            verdict = Accept() if step == "accept" else Reject(status=403, reason="Forbidden")
+            actions = sim.decide(attempts[-1], verdict)
+            accepted += bool(actions) and step == "accept"
+        elif step in FROM_CUSTOMER:
+            actions = sim.customer(SCRIPT[str(step)])
+        else:
+            actions = sim.pbx(SCRIPT[str(step)])
+        attempts += [action.attempt.attempt_id for action in of_type(actions, Decide)]
+        check(actions, ended_calls)
+        assert 0 <= sim.core.calls.live <= 1
+    for attempt in attempts:  # the policy layer always answers in the end
+        actions = sim.decide(attempt, Accept())
+        accepted += bool(actions)
+        check(actions, ended_calls)
+    check(sim.run_until(sim.now + 5 * 3600.0), ended_calls)
+    assert sim.core.calls.live == 0
+    assert len(ended_calls) == accepted
+    assert sim.core.transactions == 0 and sim.core.pending == 0
+    assert sim.core.get_timer() is None
+
+
+# -- Timer B and Timer C line up with the call's own deadline ----------------------------------------
+def test_an_invite_nobody_answers_at_all_times_out_after_timer_b() -> None:
+    sim = Sim.make()
+    sim.forward()
+    assert sim.run_until(31.9) == []
+    actions = sim.run_until(32.0)  # RFC 3261 §17.1.1.2 Timer B = 64*T1: no CANCEL without a provisional
+    assert kinds(actions) == ["CallEnded", "Send", "Discarded"]
+    assert ended(actions)[0].reason is EndReason.NO_ANSWER
+    assert statuses(actions) == [408]
+    assert sim.core.calls.live == 0
+    assert of_type(sim.run_until(600.0), Send) == []
+
+
+def test_timer_a_stops_when_timer_b_fires() -> None:
+    sim = Sim.make()
+    forwarded = sim.forward(
+        invite(vias=("SIP/2.0/TCP 192.0.2.10:5060;branch=z9hG4bKtcp4",)), source=CUSTOMER_TCP
+    )
+    actions = sim.run_until(600.0)
+    assert [send for send in of_type(actions, Send) if send == forwarded] == [forwarded] * 6
+    assert statuses(actions) == [408]
+    assert sim.core.get_timer() is None
+
+
+def test_a_slow_verdict_does_not_let_the_invite_outlive_its_call() -> None:
+    sim = Sim.make(early_timeout=180.0)
+    decide = sim.offer()
+    sim.now = 5.0  # the policies took 5 s
+    forwarded = only_send(sim.decide(decide.attempt.attempt_id, Accept()))
+    sim.now = 6.0
+    sim.pbx(response(forwarded.data, 180))
+    actions = sim.run_until(180.0)  # the call's early deadline: give up on the INVITE too
+    assert kinds(actions) == ["CallEnded", "Send", "Send", "Discarded"]
+    assert statuses(actions) == [408]
+    sim.now = 182.0
+    # a 2xx that crosses the CANCEL is still relayed, but the ended call is not answered
+    late_ok = sim.pbx(response(forwarded.data, 200, contact=CALLEE_CONTACT))
+    assert kinds(late_ok) == ["Send"]
+    assert sim.core.calls.live == 0
