@@ -8,14 +8,17 @@ task, so a slow state store delays that call only.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import signal
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import structlog
 
 from .hooks import AcceptAll, DecisionHook
+from .policyfile import CompiledPolicy
 from .sip.core import CoreConfig, Listener, ProxyCore
 from .sip.events import (
     Action,
@@ -38,7 +41,7 @@ log = structlog.get_logger("sipguard")
 class ProxySettings:
     listen: list[Address]
     upstream: Address
-    trusted_hosts: frozenset[str] = frozenset()
+    trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     advertise: str | None = None
     max_calls: int = 100_000
     max_call_lifetime: float = 4 * 3600.0
@@ -46,13 +49,38 @@ class ProxySettings:
     decision_timeout: float = 5.0
     shutdown_grace: float = 10.0
     server_header: str | None = "sipguard"
-    extra: dict[str, object] = field(default_factory=dict)
+
+    @classmethod
+    def from_policy(
+        cls, policy: CompiledPolicy, *, listen: list[Address] | None = None, upstream: Address | None = None
+    ) -> ProxySettings:
+        """The policy file's ``proxy:`` section, with command-line flags taking precedence."""
+        section = policy.proxy
+        return cls(
+            listen=listen or policy.listen,
+            upstream=upstream or policy.upstream,
+            trusted_networks=tuple(
+                ipaddress.ip_network(text, strict=False) for text in section.trusted_peers
+            ),
+            advertise=section.advertise,
+            max_calls=section.max_calls,
+            max_call_lifetime=section.max_call_lifetime,
+            early_timeout=section.ringing_timeout,
+            server_header=section.server_header,
+        )
 
 
 class SipGuard:
-    def __init__(self, settings: ProxySettings, hook: DecisionHook | None = None) -> None:
+    def __init__(
+        self,
+        settings: ProxySettings,
+        hook: DecisionHook | None = None,
+        *,
+        reload: Callable[[], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.hook: DecisionHook = hook or AcceptAll()
+        self._reload = reload  # called on SIGHUP
         self.transports = Transports(self.deliver)
         self.core: ProxyCore | None = None
         self.counters: Counter[str] = Counter()
@@ -70,7 +98,7 @@ class SipGuard:
             CoreConfig(
                 listeners=tuple(Listener(address=a, advertise=self.settings.advertise) for a in bound),
                 upstream=self.settings.upstream,
-                upstream_hosts=self.settings.trusted_hosts,
+                trusted_networks=self.settings.trusted_networks,
                 branch_secret=os.urandom(16),
                 server_header=self.settings.server_header,
                 max_calls=self.settings.max_calls,
@@ -183,6 +211,8 @@ class SipGuard:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        if self._reload is not None:
+            loop.add_signal_handler(signal.SIGHUP, self._reload)
         await self._stopping.wait()
         try:
             await asyncio.wait_for(self._drained.wait(), self.settings.shutdown_grace)

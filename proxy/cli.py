@@ -1,4 +1,4 @@
-"""The ``sipguard`` command."""
+"""The ``sipguard`` command: run, check, demo."""
 
 from __future__ import annotations
 
@@ -6,63 +6,136 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+import structlog
 import uvloop
 
 from .app import ProxySettings, SipGuard
+from .engine import PolicyEngine
 from .logs import configure_logging
+from .policyfile import CompiledPolicy, PolicyFileError, default_policy, load_policy
 from .sip.events import parse_address
+
+log = structlog.get_logger("sipguard")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sipguard", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the proxy")
+    run.add_argument("--config", metavar="FILE", help="policy file (YAML); flags override its proxy: section")
     run.add_argument(
         "--listen", action="append", metavar="URI", help="udp:HOST:PORT or tcp:HOST:PORT (repeat)"
     )
     run.add_argument("--upstream", metavar="URI", help="the PBX: udp:HOST:PORT or tcp:HOST:PORT")
-    run.add_argument("--trusted", action="append", default=[], metavar="HOST", help="another PBX-side host")
-    run.add_argument("--advertise", metavar="HOST", help="host to put in Via/Record-Route (for 0.0.0.0)")
-    run.add_argument("--max-calls", type=int, default=100_000)
-    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    run.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
+    _logging_flags(run, "info")
+    check = commands.add_parser("check", help="validate a policy file and summarise it")
+    check.add_argument("file", metavar="FILE")
     demo = commands.add_parser("demo", help="sipguard in front of a stand-in PBX, driven by SIPp (loopback)")
-    demo.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
-    demo.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
+    _logging_flags(demo, "warning")
     return parser
+
+
+def _logging_flags(parser: argparse.ArgumentParser, level: str) -> None:
+    parser.add_argument("--log-level", default=level, choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "check":
+        return check_command(args.file)
     configure_logging(args.log_level, args.log_format)
-    if args.command == "run":
-        try:
-            settings = ProxySettings(
-                listen=[parse_address(uri) for uri in (args.listen or ["udp:127.0.0.1:5060"])],
-                upstream=parse_address(args.upstream or "udp:127.0.0.1:5070"),
-                trusted_hosts=frozenset(args.trusted),
-                advertise=args.advertise,
-                max_calls=args.max_calls,
-            )
-        except ValueError as error:
-            print(f"sipguard: {error}", file=sys.stderr)
-            return 2
-        return uvloop.run(_serve(settings))
     if args.command == "demo":
         from .demo import run_demo
 
         return uvloop.run(run_demo())
-    return 2
+    try:
+        policy = load_policy(args.config) if args.config else default_policy()
+        settings = ProxySettings.from_policy(
+            policy,
+            listen=[parse_address(uri) for uri in args.listen] if args.listen else None,
+            upstream=parse_address(args.upstream) if args.upstream else None,
+        )
+    except PolicyFileError as error:
+        print(error, file=sys.stderr)
+        return 2
+    except ValueError as error:
+        print(f"sipguard: {error}", file=sys.stderr)
+        return 2
+    return uvloop.run(_serve(settings, policy, args.config))
 
 
-async def _serve(settings: ProxySettings) -> int:
-    guard = SipGuard(settings)
+async def _serve(settings: ProxySettings, policy: CompiledPolicy, path: str | None) -> int:
+    engine = PolicyEngine(policy)
+    for warning in policy.warnings:
+        log.warning("policy.warning", detail=warning)
+
+    def reload() -> None:
+        if path is None:
+            log.warning("policy.reload_skipped", reason="no --config file")
+            return
+        try:
+            new = load_policy(path)
+        except PolicyFileError as error:
+            log.error("policy.reload_failed", path=path, errors=error.errors, kept=engine.policy.path)
+            return
+        if new.proxy != engine.policy.proxy:
+            log.warning("policy.proxy_section_changed", detail="listen/upstream changes need a restart")
+        engine.replace(new)
+        log.info(
+            "policy.reloaded", path=path, accounts=len(new.accounts), rules=[r.name for r, _ in new.rules]
+        )
+
+    guard = SipGuard(settings, engine, reload=reload)
     try:
         await guard.start()
     except OSError as error:
         print(f"sipguard: cannot listen: {error}", file=sys.stderr)
         return 1
+    log.info(
+        "policy.loaded",
+        path=policy.path,
+        accounts=len(policy.accounts),
+        rules=[r.name for r, _ in policy.rules],
+    )
     await guard.run_until_stopped()
+    return 0
+
+
+def check_command(path: str) -> int:
+    """``sipguard check FILE``: errors with file:line on stderr and exit 1, else a summary."""
+    try:
+        policy = load_policy(path)
+    except PolicyFileError as error:
+        print(error, file=sys.stderr)
+        return 1
+    print(f"{path}: OK")
+    print(f"proxy: listen {', '.join(policy.proxy.listen)}; upstream {policy.proxy.upstream}; "
+          f"trusted {', '.join(policy.proxy.trusted_peers) or 'none'}")  # fmt: skip
+    print(
+        f"numbering: default region {policy.region}; emergency {', '.join(sorted(policy.emergency.numbers))}"
+    )
+    print(f"\nrules ({len(policy.rules)}), in the order they run:")
+    for rule, config in policy.rules:
+        settings = config.model_dump(exclude={"mode", "reply"}, exclude_none=True)
+        shown = ", ".join(f"{key}={value}" for key, value in settings.items())
+        reply = f"reply {config.reply.code} {config.reply.reason!r}"
+        print(f"  {rule.name:<12} {config.mode.value:<8} {reply}  {shown}")
+    print(f"\naccounts ({len(policy.accounts)}):")
+    for name, account in policy.accounts.items():
+        sources = [str(net) for net, owner in policy.networks if owner == name]
+        print(f"  {name}: region {account.region}; sources {', '.join(sources) or 'none'}; "
+              f"owns {account.numbers.describe()} ({len(account.numbers)} numbers)")  # fmt: skip
+        defaults = {rule.name: config.model_dump(mode="json") for rule, config in policy.rules}
+        for rule, config in policy.account_rules.get(name, ()):
+            default = defaults.get(rule.name, {})
+            changed = {k: v for k, v in config.model_dump(mode="json").items() if default.get(k) != v}
+            if changed:
+                print(f"    {rule.name}: " + ", ".join(f"{key}={value}" for key, value in changed.items()))
+    if policy.warnings:
+        print(f"\nwarnings ({len(policy.warnings)}):")
+        for warning in policy.warnings:
+            print(f"  {warning}")
     return 0
 
 

@@ -80,7 +80,7 @@ class CoreConfig:
     upstream: Address
     # Sources on the PBX side besides the upstream address itself (a PBX that sends from
     # other ports or hosts, e.g. new TCP connections): their requests are not judged.
-    upstream_hosts: frozenset[str] = frozenset()
+    trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     branch_secret: bytes = b""
     server_header: str | None = "sipguard"
     max_calls: int = 100_000
@@ -152,7 +152,7 @@ class ProxyCore:
         self._timers: list[tuple[float, int, str, object]] = []
         self._timer_seq = itertools.count()
         self._upstream_host_port = _normal_host_port(config.upstream.host, config.upstream.port)
-        self._upstream_hosts = {_normal_host(host) for host in config.upstream_hosts}
+        self._trusted: dict[str, bool] = {}  # source host -> inside a trusted network (bounded cache)
         self._our_host_ports = {
             _normal_host_port(lst.address.host, lst.address.port) for lst in config.listeners
         }
@@ -210,7 +210,9 @@ class ProxyCore:
             return actions
         tx.call = self.calls.start(tx.attempt)
         self._schedule(tx.call.deadline, "call", tx.call)
-        self._forward(tx, now, actions, add_headers=verdict.add_headers)
+        self._forward(
+            tx, now, actions, add_headers=verdict.add_headers, remove_headers=verdict.remove_headers
+        )
         return actions
 
     def get_timer(self) -> float | None:
@@ -380,6 +382,7 @@ class ProxyCore:
         actions: list[Action],
         *,
         add_headers: tuple[tuple[str, str], ...] = (),
+        remove_headers: tuple[str, ...] = (),
         remember: bool = True,
         destination: Address | None = None,
     ) -> None:
@@ -409,6 +412,8 @@ class ProxyCore:
             editor.insert_record_route(_record_route(out_listener))
             if in_listener != out_listener:  # two faces: each side must reach its own
                 editor.insert_record_route(_record_route(in_listener))
+        for name in remove_headers:
+            editor.remove_header(name)
         for name, value in add_headers:
             editor.add_header(name.lower(), value)
         if destination.is_reliable and request.content_length is None:
@@ -698,7 +703,16 @@ class ProxyCore:
 
     def _is_upstream(self, source: Address) -> bool:
         host = _normal_host(source.host)
-        return (host, source.port) == self._upstream_host_port or host in self._upstream_hosts
+        if (host, source.port) == self._upstream_host_port:
+            return True
+        if not self.config.trusted_networks:
+            return False
+        trusted = self._trusted.get(host)
+        if trusted is None:
+            if len(self._trusted) > 100_000:
+                self._trusted.clear()
+            trusted = self._trusted[host] = _in_networks(host, self.config.trusted_networks)
+        return trusted
 
     def _is_us(self, uri: object) -> bool:
         if not isinstance(uri, SipUri):
@@ -752,6 +766,14 @@ def _normal_host(host: str) -> str:
 
 def _normal_host_port(host: str, port: int) -> tuple[str, int]:
     return (_normal_host(host), port)
+
+
+def _in_networks(host: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(address.version == network.version and address in network for network in networks)
 
 
 def _is_ip(host: str) -> bool:

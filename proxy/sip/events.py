@@ -136,9 +136,11 @@ Action = Send | Decide | CallAnswered | CallEnded | Discarded
 # -- verdicts -------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Accept:
-    """Forward the call, adding these headers (e.g. a tag for the PBX)."""
+    """Forward the call, adding these headers (e.g. a tag for the PBX) and removing those
+    (e.g. identity headers a customer may not assert, RFC 3325)."""
 
     add_headers: tuple[tuple[str, str], ...] = ()
+    remove_headers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,0 +1,125 @@
+"""The policy plugin interface.
+
+A policy is a pure function of the call and its typed configuration: ``check`` returns
+``Allow``, ``Deny`` (with why), or ``Require`` (state operations: slots to take, rates
+to hit). It never reads a clock (``call.now``), never does I/O and never acts: the
+engine (proxy/engine.py) turns its answer into enforce / monitor / tag behaviour,
+runs the state operations atomically and writes the log line.
+
+Writing one: subclass ``Policy``, give it a ``name`` and a ``Config`` (a ``RuleConfig``
+with defaults for everything), implement ``check``, and register it — in
+``policies.registry`` for the built-ins, or through the ``sipguard.policies`` entry
+point group for third-party packages.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from proxy.state import Operation
+
+if TYPE_CHECKING:
+    from proxy.sip import Request
+
+    from .numbering import NumberSet
+
+
+class Mode(enum.StrEnum):
+    ENFORCE = "enforce"  # refuse the call with the rule's reply
+    MONITOR = "monitor"  # forward it, log and count what would have happened
+    TAG = "tag"  # forward it with a header naming the rule, for the PBX to act on
+
+
+class Reply(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    code: int = Field(ge=400, le=699, description="SIP status code of the refusal")
+    reason: str = Field(min_length=1, max_length=120, pattern=r"^[^\r\n]*$")
+
+
+class RuleConfig(BaseModel):
+    """Settings every rule has; each rule's Config adds its own, all with defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Mode = Mode.ENFORCE
+    reply: Reply
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Account:
+    name: str
+    numbers: NumberSet
+    region: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Identity:
+    """One identity the INVITE presents, as presented and as normalised."""
+
+    header: str  # "from", "p-asserted-identity", ...
+    presented: str  # the URI as it was sent
+    e164: str | None  # None when it carries no valid number
+    problem: str | None = None  # why there is no number
+    anonymous: bool = False
+    emergency: bool = False  # an emergency number presented as a caller ID
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallContext:
+    """What a policy may look at. Built once per judged INVITE by the engine."""
+
+    attempt_id: str
+    call_id: str
+    now: float
+    source_host: str
+    account: Account | None
+    identities: tuple[Identity, ...]
+    caller: str | None  # the E.164 number the call is made from (From, else PPI/PAI)
+    callee: str | None  # the E.164 number dialled, when it is one
+    callee_presented: str
+    request: Request
+
+
+@dataclass(frozen=True, slots=True)
+class Allow:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Deny:
+    detail: str  # why, for the log: "From +1415... not owned by acme"
+
+
+@dataclass(frozen=True, slots=True)
+class Require:
+    operations: tuple[Operation, ...]
+
+
+Verdict = Allow | Deny | Require
+ALLOW = Allow()
+
+ConfigT = TypeVar("ConfigT", bound=RuleConfig)
+
+
+class Policy(ABC, Generic[ConfigT]):
+    name: ClassVar[str]
+    Config: ClassVar[type[RuleConfig]]
+    description: ClassVar[str] = ""
+
+    @abstractmethod
+    def check(self, call: CallContext, config: ConfigT) -> Verdict:
+        """Judge one initial INVITE. Pure: same inputs, same answer."""
+
+    def account_overrides(self, limits: dict[str, Any]) -> dict[str, Any]:
+        """Map an account's ``limits:`` shorthand onto this rule's settings (none by default)."""
+        return {}
+
+    def warnings(self, config: ConfigT) -> list[str]:
+        """Load-time remarks about a configuration, e.g. a rule that can never fire."""
+        return []

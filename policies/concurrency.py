@@ -1,0 +1,62 @@
+"""concurrency — AUP: trunking. Caps live calls (ringing and answered) per caller
+number, per account and, against traffic pumping, per destination number.
+
+A slot is a set member keyed by the call's attempt id, taken when the INVITE is
+judged and given back on every call end the proxy core reports.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from proxy.state import TakeSlot
+
+from .base import ALLOW, CallContext, Policy, Reply, Require, RuleConfig, Verdict
+
+
+class ConcurrencyConfig(RuleConfig):
+    reply: Reply = Reply(code=486, reason="Too many simultaneous calls")
+    per_number: int | None = Field(default=2, ge=1, description="live calls per caller number")
+    per_account: int | None = Field(default=30, ge=1, description="live calls per account")
+    per_destination: int | None = Field(default=None, ge=1, description="live calls to one number")
+
+
+class ConcurrencyPolicy(Policy[ConcurrencyConfig]):
+    name = "concurrency"
+    Config = ConcurrencyConfig
+    description = "simultaneous calls per number, account and destination"
+
+    def check(self, call: CallContext, config: ConcurrencyConfig) -> Verdict:
+        operations: list[TakeSlot] = []
+        if config.per_number is not None and call.caller is not None:
+            operations.append(
+                TakeSlot(
+                    key=f"conc:num:{call.caller}", limit=config.per_number, label=f"calls from {call.caller}"
+                )
+            )
+        if config.per_account is not None and call.account is not None:
+            name = call.account.name
+            operations.append(
+                TakeSlot(key=f"conc:acct:{name}", limit=config.per_account, label=f"calls of {name}")
+            )
+        if config.per_destination is not None and call.callee is not None:
+            operations.append(
+                TakeSlot(
+                    key=f"conc:dst:{call.callee}",
+                    limit=config.per_destination,
+                    label=f"calls to {call.callee}",
+                )
+            )
+        return Require(tuple(operations)) if operations else ALLOW
+
+    def account_overrides(self, limits: dict[str, Any]) -> dict[str, Any]:
+        names = {"concurrent_per_number": "per_number", "concurrent": "per_account"}
+        names["concurrent_per_destination"] = "per_destination"
+        return {names[key]: value for key, value in limits.items() if key in names}
+
+    def warnings(self, config: ConcurrencyConfig) -> list[str]:
+        if config.per_number is None and config.per_account is None and config.per_destination is None:
+            return ["concurrency has no limit set (per_number, per_account, per_destination): it never fires"]
+        return []

@@ -1,0 +1,209 @@
+"""Telephone numbers: extracting them from URIs, E.164 normalisation, owned-number sets.
+
+Strategy: phonenumbers does the normalisation (~30 µs a number), so results are cached
+per (text, region) in a bounded LRU; a busy proxy sees the same few thousand callers
+again and again. Owned numbers are compiled once at policy load into a set of exact
+numbers, a set of prefixes and a sorted list of ranges, so a lookup is a few dict hits
+and one bisect, whatever the size of the list.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+import phonenumbers
+
+from proxy.sip.uri import OpaqueUri, SipUri, TelUri, Uri
+
+# RFC 3966 §5.1.1 visual separators; RFC 4904 ;tgrp= and ;trunk-context= ride in the user part
+_VISUAL_SEPARATORS = re.compile(r"[\-.()\s]")
+_DIALLABLE = re.compile(r"\+?[0-9]+")
+_RANGE = re.compile(r"(\+?[0-9]+)-(\+?[0-9]+)")
+ANONYMOUS_USERS = frozenset({"anonymous", "restricted", "unavailable", "unknown", "private"})
+
+
+@dataclass(frozen=True, slots=True)
+class Normalised:
+    """A presented number: ``e164`` when it is a real number, else ``problem`` says why not."""
+
+    presented: str
+    e164: str | None
+    problem: str | None = None
+
+
+def dialled_digits(uri: Uri) -> str | None:
+    """The number a URI carries, without separators or parameters; None if it carries none.
+
+    sip/sips: the user part when ``user=phone`` or when it is numeric; tel: the number.
+    """
+    if isinstance(uri, TelUri):
+        text = uri.number
+    elif isinstance(uri, SipUri) and uri.user is not None:
+        text = uri.user.split(";", 1)[0]  # RFC 4904 parameters inside the user part
+    else:
+        return None
+    digits = _VISUAL_SEPARATORS.sub("", text)
+    if not _DIALLABLE.fullmatch(digits):
+        return None
+    return digits
+
+
+def is_anonymous(uri: Uri, display_name: str | None) -> bool:
+    """RFC 3323 anonymous identities: anonymous@anonymous.invalid and friends."""
+    if isinstance(uri, SipUri):
+        if uri.host.lower() == "anonymous.invalid":
+            return True
+        if uri.user is not None and uri.user.lower() in ANONYMOUS_USERS:
+            return True
+    if isinstance(uri, OpaqueUri):
+        return False
+    return (display_name or "").strip().lower() in ANONYMOUS_USERS
+
+
+def normalise(digits: str, region: str) -> Normalised:
+    """``digits`` as E.164, using ``region`` for national forms. Cached."""
+    return _normalise(digits, region.upper())
+
+
+@lru_cache(maxsize=65536)
+def _normalise(digits: str, region: str) -> Normalised:
+    try:
+        number = phonenumbers.parse(digits, None if digits.startswith("+") else region)
+    except phonenumbers.NumberParseException:
+        return Normalised(digits, None, "not a telephone number")
+    if not phonenumbers.is_valid_number(number):
+        return Normalised(digits, None, "number cannot exist")
+    return Normalised(digits, phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))
+
+
+class NumberSet:
+    """Numbers an account owns: exact ``+14155559999``, prefix ``+1415555123*``,
+    range ``+14155550100-+14155550199`` (inclusive, equal lengths)."""
+
+    def __init__(self, specs: list[str], region: str) -> None:
+        self.exact: set[str] = set()
+        self.prefixes: set[str] = set()
+        ranges: dict[int, list[tuple[int, int]]] = {}
+        for spec in specs:
+            self._add(spec, region, ranges)
+        # merged and sorted per digit count, so a lookup is one bisect
+        self.ranges: dict[int, tuple[list[int], list[int]]] = {
+            digits: _merged(spans) for digits, spans in ranges.items()
+        }
+
+    def _add(self, spec: str, region: str, ranges: dict[int, list[tuple[int, int]]]) -> None:
+        # a range is exactly two numbers of one length around a hyphen; other hyphens,
+        # dots and parentheses are visual separators (+1-415-555-0100)
+        as_range = _RANGE.fullmatch(spec.replace(" ", ""))
+        if as_range and len(as_range[1].lstrip("+")) == len(as_range[2].lstrip("+")):
+            low, high = self._e164(as_range[1], region), self._e164(as_range[2], region)
+            if len(low) != len(high) or int(low[1:]) > int(high[1:]):
+                raise ValueError(f"range {spec!r} must run low to high between numbers of equal length")
+            ranges.setdefault(len(low) - 1, []).append((int(low[1:]), int(high[1:])))
+            return
+        spec = _VISUAL_SEPARATORS.sub("", spec)
+        if spec.endswith("*"):
+            prefix = spec[:-1]
+            if not re.fullmatch(r"\+[0-9]+", prefix):
+                raise ValueError(f"prefix {spec!r} must be + and digits, then *")
+            self.prefixes.add(prefix)
+        else:
+            self.exact.add(self._e164(spec, region))
+
+    @staticmethod
+    def _e164(text: str, region: str) -> str:
+        result = normalise(text, region)
+        if result.e164 is None:
+            raise ValueError(f"{text!r}: {result.problem}")
+        return result.e164
+
+    def __contains__(self, e164: object) -> bool:
+        if not isinstance(e164, str):
+            return False
+        if e164 in self.exact:
+            return True
+        if self.prefixes and any(e164[:end] in self.prefixes for end in range(2, len(e164) + 1)):
+            return True
+        spans = self.ranges.get(len(e164) - 1)
+        if spans is None:
+            return False
+        starts, ends = spans
+        value = int(e164[1:])
+        at = bisect.bisect_right(starts, value) - 1
+        return at >= 0 and value <= ends[at]
+
+    def __len__(self) -> int:
+        return len(self.exact) + sum(
+            end - start + 1
+            for starts, ends in self.ranges.values()
+            for start, end in zip(starts, ends, strict=True)
+        )
+
+    def describe(self) -> str:
+        range_count = sum(len(starts) for starts, _ in self.ranges.values())
+        parts = [f"{len(self.exact)} numbers"] if self.exact else []
+        parts += [f"{range_count} ranges"] if range_count else []
+        parts += [f"{len(self.prefixes)} prefixes"] if self.prefixes else []
+        return ", ".join(parts) or "none"
+
+    def overlaps(self, other: NumberSet) -> list[str]:
+        """What two sets both claim: for a load-time warning, not for the hot path."""
+        found = sorted(
+            {number for number in self.exact if number in other}
+            | {number for number in other.exact if number in self}
+        )
+        for digits, (starts, ends) in self.ranges.items():
+            other_spans = other.ranges.get(digits)
+            if other_spans is None:
+                continue
+            for start, end in zip(starts, ends, strict=True):
+                for other_start, other_end in zip(*other_spans, strict=True):
+                    if start <= other_end and other_start <= end:
+                        found.append(f"+{max(start, other_start)}-+{min(end, other_end)}")
+        for prefix in self.prefixes:
+            for other_prefix in other.prefixes:
+                if prefix.startswith(other_prefix) or other_prefix.startswith(prefix):
+                    found.append(f"{max(prefix, other_prefix, key=len)}*")
+        return found
+
+
+def _merged(spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    starts: list[int] = []
+    ends: list[int] = []
+    for start, end in sorted(spans):
+        if ends and start <= ends[-1] + 1:
+            ends[-1] = max(ends[-1], end)
+        else:
+            starts.append(start)
+            ends.append(end)
+    return starts, ends
+
+
+class EmergencyNumbers:
+    """Emergency numbers, matched on what was dialled and on its national number."""
+
+    def __init__(self, numbers: list[str]) -> None:
+        self.numbers = frozenset(number.lstrip("+") for number in numbers)
+
+    def matches(self, uri: Uri, region: str) -> bool:
+        if isinstance(uri, OpaqueUri):
+            return uri.scheme == "urn" and uri.opaque.lower().startswith("service:sos")  # RFC 5031
+        digits = dialled_digits(uri)
+        if digits is None:
+            return False
+        if digits.lstrip("+") in self.numbers:
+            return True
+        national = _national_number(digits, region)
+        return national is not None and national in self.numbers
+
+
+@lru_cache(maxsize=16384)
+def _national_number(digits: str, region: str) -> str | None:
+    try:
+        number = phonenumbers.parse(digits, None if digits.startswith("+") else region.upper())
+    except phonenumbers.NumberParseException:
+        return None
+    return str(number.national_number)

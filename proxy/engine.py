@@ -1,0 +1,312 @@
+"""The policy engine: the proxy's DecisionHook, running the policy file's rules.
+
+Per initial INVITE from a customer: find the account (source network, then auth
+username, then From domain); let emergency calls through untouched and uncounted;
+build the CallContext (identities normalised once); ask each rule; run every state
+operation the rules require in one atomic store call; turn the answers into one
+verdict according to each rule's mode; log one line that explains it.
+
+Slots a call holds are remembered here by attempt id, exactly as they were taken, and
+given back when the core reports the call's end; a reload swaps the compiled policy
+but keeps those, so live calls keep their slots and counters survive.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, replace
+from typing import Any
+
+import structlog
+
+from policies.base import Account, CallContext, Deny, Identity, Mode, Policy, Require, RuleConfig
+from policies.caller_id import CallerIdConfig
+from policies.numbering import dialled_digits, is_anonymous, normalise
+
+from .policyfile import CompiledPolicy
+from .sip import NameAddr, ParseError, Request
+from .sip.events import Accept, CallAnswered, CallAttempt, CallEnded, Reject, Verdict
+from .state import MemoryStore, Operation, OpResult, StateStore, TakeSlot
+
+log = structlog.get_logger("sipguard.policy")
+TAG_HEADER = "X-Sipguard-Tag"
+_AUTH_USERNAME = re.compile(r'username\s*=\s*"([^"]*)"', re.IGNORECASE)
+_IDENTITY_HEADERS = ("p-asserted-identity", "p-preferred-identity", "remote-party-id")
+ACCEPT = Accept()
+
+
+@dataclass(slots=True)
+class _Plan:
+    """One INVITE, judged as far as the rules go without the state store."""
+
+    attempt: CallAttempt
+    context: CallContext | None
+    configs: dict[str, RuleConfig]
+    operations: list[Operation]
+    denials: list[tuple[str, str]]  # (rule, detail) of every Deny, in rule order
+    blocked: bool  # an enforced rule denied already
+    strip: tuple[str, ...]
+    final: Verdict | None = None  # decided without the store (emergency, malformed)
+
+
+class PolicyEngine:
+    def __init__(self, policy: CompiledPolicy, store: StateStore | None = None) -> None:
+        self.policy = policy
+        self.store: StateStore = store or MemoryStore(slot_lease=policy.proxy.max_call_lifetime + 300.0)
+        self.held: dict[str, tuple[str, ...]] = {}
+        self.counters: Counter[str] = Counter()
+        self._accounts_by_host: dict[str, Account | None] = {}
+
+    def replace(self, policy: CompiledPolicy) -> None:
+        """Apply a reloaded policy to new INVITEs; held slots and counters stay."""
+        self.policy = policy
+        self._accounts_by_host.clear()
+
+    # -- DecisionHook -------------------------------------------------------------------------
+    def decide_now(self, attempt: CallAttempt) -> Verdict | None:
+        if not self.policy.rules:  # no rules configured: a plain proxy
+            return ACCEPT
+        plan = self._plan(attempt)
+        if plan.final is not None:
+            return plan.final
+        results = self.store.check_and_take_now(
+            attempt.attempt_id, plan.operations, attempt.now, blocked=plan.blocked
+        )
+        return None if results is None else self._finish(plan, results)
+
+    async def decide(self, attempt: CallAttempt) -> Verdict:
+        plan = self._plan(attempt)
+        if plan.final is not None:
+            return plan.final
+        results = await self.store.check_and_take(
+            attempt.attempt_id, plan.operations, attempt.now, blocked=plan.blocked
+        )
+        return self._finish(plan, results)
+
+    def call_answered(self, event: CallAnswered) -> None:
+        pass
+
+    def call_ended(self, event: CallEnded) -> None:
+        keys = self.held.pop(event.call.attempt_id, None)
+        if keys:
+            self.store.release(event.call.attempt_id, keys, event.now)
+
+    # -- judging --------------------------------------------------------------------------------
+    def _plan(self, attempt: CallAttempt) -> _Plan:
+        request = attempt.request
+        policy = self.policy
+        plan = _Plan(attempt, None, {}, [], [], False, ())
+        try:
+            account = self._account_for(attempt.source.host, request)
+            region = account.region if account else policy.region
+            if policy.emergency.matches(request.uri, region):
+                self.counters["emergency"] += 1
+                log.info("call.emergency", call_id=request.call_id, callee=str(request.uri),
+                         source=attempt.source.host, account=account.name if account else None)  # fmt: skip
+                plan.final = ACCEPT
+                return plan
+            identities = self._identities(request, region)
+        except ParseError as error:
+            plan.final = Reject(status=400, reason=error.reason)
+            self._log(plan, "reject", "parse", error.reason, ())
+            return plan
+        callee_digits = dialled_digits(request.uri)
+        plan.context = context = CallContext(
+            attempt_id=attempt.attempt_id,
+            call_id=request.call_id,
+            now=attempt.now,
+            source_host=attempt.source.host,
+            account=account,
+            identities=identities,
+            caller=_caller(identities),
+            callee=normalise(callee_digits, region).e164 if callee_digits else None,
+            callee_presented=str(request.uri),
+            request=request,
+        )
+        rules = policy.account_rules.get(account.name, policy.rules) if account else policy.rules
+        for rule, config in rules:
+            name = rule.name
+            plan.configs[name] = config
+            if isinstance(config, CallerIdConfig) and config.strip_untrusted_identity:
+                plan.strip = ("p-asserted-identity", "remote-party-id")
+            verdict = rule.check(context, config)
+            if isinstance(verdict, Deny):
+                plan.denials.append((name, verdict.detail))
+                plan.blocked |= config.mode is Mode.ENFORCE
+            elif isinstance(verdict, Require):
+                plan.operations += _owned(verdict.operations, rule, config)
+        return plan
+
+    def _finish(self, plan: _Plan, results: list[OpResult]) -> Verdict:
+        configs = plan.configs
+        failures = list(plan.denials)
+        retry_after: dict[str, float] = {}
+        counters: list[tuple[Operation, OpResult]] = []
+        for operation, result in zip(plan.operations, results, strict=True):
+            counters.append((operation, result))
+            if not result.allowed:
+                failures.append((operation.rule, f"{operation.label}: {result.count} > {result.limit}"))
+                if result.retry_after is not None:
+                    retry_after[operation.rule] = max(
+                        retry_after.get(operation.rule, 0.0), result.retry_after
+                    )
+        enforced = [(rule, detail) for rule, detail in failures if configs[rule].mode is Mode.ENFORCE]
+        if enforced:
+            rule, detail = enforced[0]
+            reply = configs[rule].reply
+            headers: tuple[tuple[str, str], ...] = ()
+            if rule in retry_after:
+                headers = (("Retry-After", str(max(1, math.ceil(retry_after[rule])))),)
+            self.counters[f"rejected_{rule}"] += 1
+            self._log(
+                plan,
+                "reject",
+                rule,
+                detail,
+                counters,
+                failures[1:] if failures[0] == enforced[0] else failures,
+            )
+            return Reject(status=reply.code, reason=reply.reason, headers=headers)
+        self.held[plan.attempt.attempt_id] = tuple(
+            op.key for op in plan.operations if isinstance(op, TakeSlot)
+        )
+        tags = tuple(
+            (TAG_HEADER, f"{rule}; {_header_safe(detail)}")
+            for rule, detail in failures
+            if configs[rule].mode is Mode.TAG
+        )
+        for rule, _ in failures:
+            self.counters[f"{configs[rule].mode.value}_{rule}"] += 1
+        self.counters["accepted"] += 1
+        self._log(plan, "accept", None, None, counters, failures)
+        if not tags and not plan.strip:
+            return ACCEPT
+        return Accept(add_headers=tags, remove_headers=plan.strip)
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _account_for(self, host: str, request: Request) -> Account | None:
+        policy = self.policy
+        if host in self._accounts_by_host:
+            account = self._accounts_by_host[host]
+        else:
+            account = _by_network(policy, host)
+            if len(self._accounts_by_host) > 100_000:
+                self._accounts_by_host.clear()
+            self._accounts_by_host[host] = account
+        if account is not None:
+            return account
+        if policy.auth_usernames:
+            for header in ("proxy-authorization", "authorization"):
+                credentials = request.get(header)
+                match = _AUTH_USERNAME.search(credentials) if credentials else None
+                if match and match[1] in policy.auth_usernames:
+                    return policy.accounts[policy.auth_usernames[match[1]]]
+        if policy.from_domains:
+            uri = request.from_.uri
+            name = policy.from_domains.get(getattr(uri, "host", "").lower())
+            if name is not None:
+                return policy.accounts[name]
+        return None
+
+    def _identities(self, request: Request, region: str) -> tuple[Identity, ...]:
+        identities = [self._identity("from", request.from_, region)]
+        for header in _IDENTITY_HEADERS:
+            if request.has(header):
+                identities += [
+                    self._identity(header, value, region) for value in _name_addrs(request, header)
+                ]
+        return tuple(identities)
+
+    def _identity(self, header: str, value: NameAddr, region: str) -> Identity:
+        presented = str(value.uri)
+        if header == "from" and is_anonymous(value.uri, value.display_name):
+            return Identity(header=header, presented=presented, e164=None, anonymous=True)
+        digits = dialled_digits(value.uri)
+        if digits is None:
+            return Identity(header=header, presented=presented, e164=None, problem="no telephone number")
+        number = normalise(digits, region)
+        emergency = digits.lstrip("+") in self.policy.emergency.numbers
+        return Identity(
+            header=header, presented=presented, e164=number.e164, problem=number.problem, emergency=emergency
+        )
+
+    def _log(
+        self,
+        plan: _Plan,
+        verdict: str,
+        rule: str | None,
+        detail: str | None,
+        counters: Any,
+        others: list[tuple[str, str]] | None = None,
+    ) -> None:
+        context = plan.context
+        request = plan.attempt.request
+        fields: dict[str, Any] = {
+            "call_id": request.call_id,
+            "account": context.account.name if context and context.account else None,
+            "source": plan.attempt.source.host,
+            "caller": context.identities[0].presented if context else None,
+            "caller_e164": context.caller if context else None,
+            "callee": context.callee if context and context.callee else str(getattr(request, "uri", "")),
+            "verdict": verdict,
+            "rule": rule,
+            "detail": detail,
+            "counters": [
+                {"rule": op.rule, "what": op.label, "count": result.count, "limit": result.limit}
+                for op, result in counters
+            ],
+        }
+        if others:
+            fields["also"] = [
+                {"rule": name, "mode": plan.configs[name].mode.value, "detail": text} for name, text in others
+            ]
+        if verdict == "reject" or others:
+            log.info("call.decision", **fields)
+        else:
+            log.debug("call.decision", **fields)
+
+
+def _owned(operations: tuple[Operation, ...], rule: Policy[Any], config: RuleConfig) -> list[Operation]:
+    """Stamp each operation with its rule and whether it is enforced (cheap when already right)."""
+    enforced = config.mode is Mode.ENFORCE
+    return [
+        op
+        if op.rule == rule.name and op.enforced == enforced
+        else replace(op, rule=rule.name, enforced=enforced)
+        for op in operations
+    ]
+
+
+def _caller(identities: tuple[Identity, ...]) -> str | None:
+    """The number the call is made from: the From's, else an asserted or preferred one."""
+    for header in ("from", "p-preferred-identity", "p-asserted-identity"):
+        for identity in identities:
+            if identity.header == header and identity.e164 is not None:
+                return identity.e164
+    return None
+
+
+def _name_addrs(request: Request, header: str) -> tuple[NameAddr, ...]:
+    if header == "p-asserted-identity":
+        return request.p_asserted_identities
+    if header == "p-preferred-identity":
+        return request.p_preferred_identities
+    return request.remote_party_ids
+
+
+def _by_network(policy: CompiledPolicy, host: str) -> Account | None:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    for network, name in policy.networks:
+        if address.version == network.version and address in network:
+            return policy.accounts[name]
+    return None
+
+
+def _header_safe(text: str) -> str:
+    return re.sub(r"[\r\n\x00]", " ", text)[:200]

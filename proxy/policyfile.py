@@ -1,0 +1,424 @@
+"""Loading and validating the policy file (YAML), and compiling it for the engine.
+
+Strategy: the YAML is composed into nodes first, so every key and value keeps its line;
+the data is then validated by pydantic models that forbid unknown keys (a typo must
+never silently disable a rule), and each error is reported as
+``file:line: key.path: what was wrong (found ...)``. Rule sections are validated by the
+Config model of the policy they name; an account's ``limits:`` and ``rules:`` are merged
+over the defaults and validated again, so what runs is always a valid configuration.
+
+Two YAML traps are closed here: duplicate keys are errors (YAML keeps the last one
+silently), and numbers with a leading 0 or + stay strings (YAML reads ``000`` as 0).
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import phonenumbers
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from policies.base import Account, Mode, Policy, RuleConfig
+from policies.numbering import EmergencyNumbers, NumberSet
+from policies.registry import available_policies
+
+from .sip.events import Address, parse_address
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+DEFAULT_EMERGENCY_NUMBERS = ["911", "112", "999", "000", "110", "119", "933", "988"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProxySection(_Strict):
+    listen: list[str] = Field(default=["udp:127.0.0.1:5060"], min_length=1)
+    upstream: str = "udp:127.0.0.1:5070"
+    trusted_peers: list[str] = Field(default=[], description="PBX-side hosts/networks: not policed")
+    advertise: str | None = None
+    max_calls: int = Field(default=100_000, ge=1)
+    max_call_lifetime: float = Field(default=4 * 3600.0, gt=0, description="seconds")
+    ringing_timeout: float = Field(default=180.0, gt=0, description="seconds")
+    server_header: str | None = "sipguard"
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_addresses(cls, value: list[str]) -> list[str]:
+        for uri in value:
+            parse_address(uri)
+        return value
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream_address(cls, value: str) -> str:
+        parse_address(value)
+        return value
+
+    @field_validator("trusted_peers")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for text in value:
+            ipaddress.ip_network(text, strict=False)
+        return value
+
+
+class NumberingSection(_Strict):
+    default_region: str = "US"
+
+    @field_validator("default_region")
+    @classmethod
+    def _region(cls, value: str) -> str:
+        if value.upper() not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError(f"unknown region {value!r} (ISO 3166 code such as US, GB, DE)")
+        return value.upper()
+
+
+class AccountLimits(_Strict):
+    """Shorthand for the most used rule settings; see each rule for the long form."""
+
+    concurrent_per_number: int | None = Field(default=None, ge=1)
+    concurrent: int | None = Field(default=None, ge=1)
+    concurrent_per_destination: int | None = Field(default=None, ge=1)
+    calls_per_minute_per_number: float | dict[str, Any] | None = None
+    calls_per_minute: float | dict[str, Any] | None = None
+    calls_per_minute_per_source: float | dict[str, Any] | None = None
+
+
+class AccountSection(_Strict):
+    sources: list[str] = Field(default=[], description="source networks, e.g. 192.0.2.0/24")
+    from_domains: list[str] = []
+    auth_usernames: list[str] = []
+    numbers: list[str] = []
+    region: str | None = None
+    limits: AccountLimits = AccountLimits()
+    rules: dict[str, dict[str, Any]] = {}
+
+    @field_validator("sources")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for text in value:
+            ipaddress.ip_network(text, strict=False)
+        return value
+
+
+class PolicyFileModel(_Strict):
+    proxy: ProxySection = ProxySection()
+    numbering: NumberingSection = NumberingSection()
+    emergency_numbers: list[str] = Field(default=DEFAULT_EMERGENCY_NUMBERS)
+    mode_override: Mode | None = Field(default=None, description="run every rule in this mode")
+    accounts: dict[str, AccountSection] = {}
+    rules: dict[str, dict[str, Any]] = {}
+
+    @field_validator("emergency_numbers", mode="before")
+    @classmethod
+    def _as_text(cls, value: Any) -> Any:
+        return [str(item) for item in value] if isinstance(value, list) else value
+
+
+RuleSet = tuple[tuple[Policy[Any], RuleConfig], ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompiledPolicy:
+    """A validated policy file, ready for the engine. Immutable: a reload swaps it whole."""
+
+    path: str
+    loaded_at: float  # wall-clock time of loading, for operators
+    proxy: ProxySection
+    region: str
+    emergency: EmergencyNumbers
+    rules: RuleSet  # in file order, as configured for callers of no account
+    accounts: dict[str, Account]
+    account_rules: dict[str, RuleSet]
+    networks: tuple[tuple[IPNetwork, str], ...]  # most specific first
+    from_domains: dict[str, str]
+    auth_usernames: dict[str, str]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def upstream(self) -> Address:
+        return parse_address(self.proxy.upstream)
+
+    @property
+    def listen(self) -> list[Address]:
+        return [parse_address(uri) for uri in self.proxy.listen]
+
+
+class PolicyFileError(Exception):
+    """The file cannot be used; ``errors`` are ``file:line: path: message`` lines."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+def default_policy() -> CompiledPolicy:
+    """The policy when no file is given: no accounts, no rules — a plain proxy."""
+    return compile_policy({}, {}, "<defaults>")
+
+
+def load_policy(path: str | Path) -> CompiledPolicy:
+    name = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise PolicyFileError([f"{name}: cannot read: {error}"]) from None
+    data, lines = _load_yaml(text, name)
+    return compile_policy(data, lines, name)
+
+
+def compile_policy(data: Any, lines: dict[tuple[Any, ...], int], name: str) -> CompiledPolicy:
+    errors = _Errors(name, lines)
+    if not isinstance(data, dict):
+        raise PolicyFileError(
+            [f"{name}:1: the file must be a mapping of sections (proxy, accounts, rules ...)"]
+        )
+    try:
+        model = PolicyFileModel.model_validate(data)
+    except ValidationError as error:
+        errors.add_validation(error, (), PolicyFileModel)
+        raw = data.get("rules")
+        if isinstance(raw, dict) and all(isinstance(v, dict | None) for v in raw.values()):
+            _compile_rules(raw, errors, None)  # report the rules' errors in the same run
+        raise PolicyFileError(errors.lines) from None
+    region = model.numbering.default_region
+    rules, raw_rules, warnings = _compile_rules(model.rules, errors, model.mode_override)
+    accounts: dict[str, Account] = {}
+    account_rules: dict[str, RuleSet] = {}
+    networks: list[tuple[IPNetwork, str]] = []
+    from_domains: dict[str, str] = {}
+    auth_usernames: dict[str, str] = {}
+    for account_name, section in model.accounts.items():
+        path = ("accounts", account_name)
+        account_region = section.region.upper() if section.region else region
+        try:
+            numbers = NumberSet(section.numbers, account_region)
+        except ValueError as error:
+            errors.add((*path, "numbers"), str(error))
+            continue
+        accounts[account_name] = Account(name=account_name, numbers=numbers, region=account_region)
+        networks += [(ipaddress.ip_network(text, strict=False), account_name) for text in section.sources]
+        from_domains.update({domain.lower(): account_name for domain in section.from_domains})
+        auth_usernames.update({user: account_name for user in section.auth_usernames})
+        if not (section.sources or section.from_domains or section.auth_usernames):
+            unreachable = "has no sources, from_domains or auth_usernames: no call can match it"
+            warnings.append(errors.where(path, f"account {account_name!r} {unreachable}"))
+        for rule_name in section.rules:
+            if rule_name not in raw_rules:
+                errors.add((*path, "rules", rule_name), f"rule {rule_name!r} is not enabled under rules:")
+        limits = section.limits.model_dump(exclude_none=True)
+        effective: list[tuple[Policy[Any], RuleConfig]] = []
+        for rule_name, (policy, base) in raw_rules.items():
+            settings = {**base, **policy.account_overrides(limits), **section.rules.get(rule_name, {})}
+            config = _validate_rule(
+                policy, settings, (*path, "rules", rule_name), errors, model.mode_override
+            )
+            if config is not None:
+                effective.append((policy, config))
+        account_rules[account_name] = tuple(effective)
+    _warn_overlaps(accounts, errors, warnings)
+    if errors.lines:
+        raise PolicyFileError(errors.lines)
+    networks.sort(key=lambda item: item[0].prefixlen, reverse=True)
+    return CompiledPolicy(
+        path=name,
+        loaded_at=time.time(),
+        proxy=model.proxy,
+        region=region,
+        emergency=EmergencyNumbers(model.emergency_numbers),
+        rules=tuple(rules),
+        accounts=accounts,
+        account_rules=account_rules,
+        networks=tuple(networks),
+        from_domains=from_domains,
+        auth_usernames=auth_usernames,
+        warnings=warnings,
+    )
+
+
+def _compile_rules(
+    sections: dict[str, Any], errors: _Errors, mode_override: Mode | None
+) -> tuple[list[tuple[Policy[Any], RuleConfig]], dict[str, tuple[Policy[Any], dict[str, Any]]], list[str]]:
+    """The ``rules:`` section: each name must be a known policy, each body its Config."""
+    policies = available_policies()
+    rules: list[tuple[Policy[Any], RuleConfig]] = []
+    raw_rules: dict[str, tuple[Policy[Any], dict[str, Any]]] = {}
+    warnings: list[str] = []
+    for rule_name, settings in sections.items():
+        policy_class = policies.get(rule_name)
+        if policy_class is None:
+            errors.add(("rules", rule_name), f"unknown rule {rule_name!r}" + _suggest(rule_name, policies))
+            continue
+        policy = policy_class()
+        config = _validate_rule(policy, settings or {}, ("rules", rule_name), errors, mode_override)
+        if config is not None:
+            rules.append((policy, config))
+            raw_rules[rule_name] = (policy, settings or {})
+            warnings += [errors.where(("rules", rule_name), text) for text in policy.warnings(config)]
+    return rules, raw_rules, warnings
+
+
+def _validate_rule(
+    policy: Policy[Any],
+    settings: dict[str, Any],
+    path: tuple[Any, ...],
+    errors: _Errors,
+    mode_override: Mode | None,
+) -> RuleConfig | None:
+    try:
+        config = policy.Config.model_validate(settings)
+    except ValidationError as error:
+        errors.add_validation(error, path, policy.Config)
+        return None
+    return config.model_copy(update={"mode": mode_override}) if mode_override else config
+
+
+def _warn_overlaps(accounts: dict[str, Account], errors: _Errors, warnings: list[str]) -> None:
+    names = sorted(accounts)
+    for index, first in enumerate(names):
+        for second in names[index + 1 :]:
+            shared = accounts[first].numbers.overlaps(accounts[second].numbers)
+            if shared:
+                listed = ", ".join(shared[:3]) + (" ..." if len(shared) > 3 else "")
+                warnings.append(
+                    errors.where(
+                        ("accounts", second, "numbers"),
+                        f"accounts {first!r} and {second!r} both own {listed}",
+                    )
+                )
+
+
+class _Errors:
+    def __init__(self, name: str, lines: dict[tuple[Any, ...], int]) -> None:
+        self.name = name
+        self._lines = lines
+        self.lines: list[str] = []
+
+    def where(self, path: tuple[Any, ...], message: str) -> str:
+        line = self._line(path)
+        dotted = ".".join(str(part) for part in path)
+        return f"{self.name}:{line}: {dotted}: {message}" if dotted else f"{self.name}:{line}: {message}"
+
+    def add(self, path: tuple[Any, ...], message: str) -> None:
+        self.lines.append(self.where(path, message))
+
+    def add_validation(self, error: ValidationError, prefix: tuple[Any, ...], model: type[BaseModel]) -> None:
+        for problem in error.errors():
+            location = tuple(part for part in problem["loc"] if not _is_union_tag(part))
+            path = prefix + location
+            if problem["type"] == "extra_forbidden":
+                known = _known_keys(model, location[:-1])
+                hint = _suggest(str(location[-1]), known) if known else ""
+                message = f"unknown key {location[-1]!r}{hint}"
+            else:
+                message = f"{problem['msg']}; found {_shown(problem.get('input'))}"
+            self.add(path, message)
+
+    def _line(self, path: tuple[Any, ...]) -> int:
+        for end in range(len(path), -1, -1):
+            line = self._lines.get(path[:end])
+            if line is not None:
+                return line
+        return 1
+
+
+def _is_union_tag(part: Any) -> bool:
+    """pydantic puts union branch names (``float``, ``dict[str,any]``...) into error paths."""
+    return isinstance(part, str) and (
+        part in ("float", "int", "str", "bool") or "[" in part or part.endswith("]")
+    )
+
+
+def _known_keys(model: type[BaseModel], location: tuple[Any, ...]) -> list[str]:
+    """The keys allowed at ``location`` under ``model``, for a did-you-mean hint."""
+    current: Any = model
+    for part in location:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        info = current.model_fields.get(str(part))
+        if info is None:  # a dict key (account or rule name): step into the value type
+            continue
+        current = _model_in(info.annotation)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _model_in(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in getattr(annotation, "__args__", ()):
+        found = _model_in(argument)
+        if found is not None:
+            return found
+    return None
+
+
+def _suggest(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (expected one of: {', '.join(sorted(choices))})"
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# -- YAML with lines -------------------------------------------------------------------------
+def _load_yaml(text: str, name: str) -> tuple[Any, dict[tuple[Any, ...], int]]:
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else 1
+        problem = getattr(error, "problem", None) or str(error)
+        raise PolicyFileError([f"{name}:{line}: not valid YAML: {problem}"]) from None
+    finally:
+        loader.dispose()
+    if root is None:
+        return {}, {}
+    lines: dict[tuple[Any, ...], int] = {}
+    duplicates: list[str] = []
+    data = _build(root, (), lines, duplicates, loader, name)
+    if duplicates:
+        raise PolicyFileError(duplicates)
+    return data, lines
+
+
+def _build(
+    node: yaml.Node,
+    path: tuple[Any, ...],
+    lines: dict[tuple[Any, ...], int],
+    duplicates: list[str],
+    loader: yaml.SafeLoader,
+    name: str,
+) -> Any:
+    lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        mapping: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = _build(key_node, (*path, "<key>"), {}, duplicates, loader, name)
+            if key in mapping:
+                dotted = ".".join(map(str, (*path, key)))
+                line = key_node.start_mark.line + 1
+                duplicates.append(f"{name}:{line}: {dotted}: duplicate key (YAML keeps only the last one)")
+            lines[(*path, key)] = key_node.start_mark.line + 1
+            mapping[key] = _build(value_node, (*path, key), lines, duplicates, loader, name)
+        return mapping
+    if isinstance(node, yaml.SequenceNode):
+        return [
+            _build(item, (*path, index), lines, duplicates, loader, name)
+            for index, item in enumerate(node.value)
+        ]
+    assert isinstance(node, yaml.ScalarNode)
+    if node.tag == "tag:yaml.org,2002:int" and node.value[:1] in ("0", "+") and len(node.value) > 1:
+        return node.value  # telephone numbers: 000 and +1415... are not arithmetic
+    return loader.construct_object(node, deep=True)

@@ -1,0 +1,96 @@
+"""The in-memory state store: one process, no I/O, decisions at once.
+
+Slots are a dict of members (attempt ids) with a lease end per key, never a bare
+counter, so a double release or a lost event cannot drift a count; rate buckets are
+GCRA: one "theoretical arrival time" per key. Expired leases and full buckets are
+swept every ``SWEEP_EVERY`` operations so memory stays bounded by live callers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .ops import HitRate, Operation, OpResult, TakeSlot
+
+SWEEP_EVERY = 10_000
+
+
+class MemoryStore:
+    def __init__(self, *, slot_lease: float = 4 * 3600.0 + 300.0) -> None:
+        self.slot_lease = slot_lease
+        self.slots: dict[str, dict[str, float]] = {}
+        self.buckets: dict[str, tuple[float, str]] = {}  # key -> (arrival time, last member)
+        self._operations = 0
+
+    def check_and_take_now(
+        self, member: str, operations: Sequence[Operation], now: float, *, blocked: bool = False
+    ) -> list[OpResult]:
+        results = [self._evaluate(member, op, now) for op in operations]
+        blocked = blocked or any(
+            op.enforced and not result.allowed for op, result in zip(operations, results, strict=True)
+        )
+        for op, result in zip(operations, results, strict=True):
+            if isinstance(op, TakeSlot):
+                if not blocked:
+                    self.slots.setdefault(op.key, {})[member] = now + self.slot_lease
+            elif (result.allowed or not op.enforced) and (not blocked or op.count_if_blocked):
+                self._hit(op, member, now)
+        self._operations += 1
+        if self._operations % SWEEP_EVERY == 0:
+            self.sweep(now)
+        return results
+
+    async def check_and_take(
+        self, member: str, operations: Sequence[Operation], now: float, *, blocked: bool = False
+    ) -> list[OpResult]:
+        return self.check_and_take_now(member, operations, now, blocked=blocked)
+
+    def release(self, member: str, slot_keys: Sequence[str], now: float) -> None:
+        for key in slot_keys:
+            members = self.slots.get(key)
+            if members is not None:
+                members.pop(member, None)
+                if not members:
+                    del self.slots[key]
+
+    def held(self, key: str, now: float) -> int:
+        return sum(1 for lease_end in self.slots.get(key, {}).values() if lease_end > now)
+
+    def sweep(self, now: float) -> None:
+        for key in list(self.slots):
+            members = {m: end for m, end in self.slots[key].items() if end > now}
+            if members:
+                self.slots[key] = members
+            else:
+                del self.slots[key]
+        for key in [key for key, (arrival, _) in self.buckets.items() if arrival <= now]:
+            del self.buckets[key]
+
+    def _evaluate(self, member: str, op: Operation, now: float) -> OpResult:
+        if isinstance(op, TakeSlot):
+            members = self.slots.get(op.key, {})
+            live = sum(1 for lease_end in members.values() if lease_end > now)
+            if member in members:
+                return OpResult(True, live, op.limit)
+            return OpResult(live < op.limit, live + 1, op.limit)
+        interval = 60.0 / op.per_minute
+        arrival, last_member = self.buckets.get(op.key, (now, ""))
+        arrival = max(arrival, now)
+        if last_member == member:  # the same attempt again: already counted
+            return OpResult(True, _level(arrival, now, interval), op.burst)
+        tolerance = (op.burst - 1) * interval
+        allowed = arrival - tolerance <= now
+        level = _level(arrival + interval, now, interval)
+        retry_after = None if allowed else arrival - tolerance - now
+        return OpResult(allowed, level, op.burst, retry_after)
+
+    def _hit(self, op: HitRate, member: str, now: float) -> None:
+        arrival, last_member = self.buckets.get(op.key, (now, ""))
+        if last_member == member:
+            return
+        self.buckets[op.key] = (max(arrival, now) + 60.0 / op.per_minute, member)
+
+
+def _level(arrival: float, now: float, interval: float) -> int:
+    """How many calls the bucket holds: its backlog in emission intervals, rounded up."""
+    return max(0, int(-(-(arrival - now) // interval)))

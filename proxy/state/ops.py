@@ -1,0 +1,67 @@
+"""State operations and the store interface (see the package docstring)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TakeSlot:
+    """Hold one of ``limit`` slots under ``key`` for the call, until it is released."""
+
+    key: str
+    limit: int
+    rule: str = ""
+    enforced: bool = True
+    label: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HitRate:
+    """Count the call against a GCRA bucket: ``per_minute`` sustained, ``burst`` at once.
+
+    ``count_if_blocked``: the attempt counts even when another limit rejects the call
+    (a dialer's refused attempts are still attempts). An attempt this bucket itself
+    refuses never counts, so a caller who stops is served again after one interval.
+    """
+
+    key: str
+    per_minute: float
+    burst: int
+    count_if_blocked: bool = True
+    rule: str = ""
+    enforced: bool = True
+    label: str = ""
+
+
+Operation = TakeSlot | HitRate
+
+
+@dataclass(frozen=True, slots=True)
+class OpResult:
+    allowed: bool
+    count: int  # slots held with this call / calls in the bucket with this call
+    limit: int
+    retry_after: float | None = None  # seconds until a rate bucket admits a call again
+
+
+class StateStore(Protocol):
+    def check_and_take_now(
+        self, member: str, operations: Sequence[Operation], now: float, *, blocked: bool = False
+    ) -> list[OpResult] | None:
+        """Answer at once when no I/O is needed; None means: await ``check_and_take``."""
+        ...
+
+    async def check_and_take(
+        self, member: str, operations: Sequence[Operation], now: float, *, blocked: bool = False
+    ) -> list[OpResult]:
+        """Evaluate every operation, then commit atomically: slots only if no enforced
+        operation failed and ``blocked`` is False (another rule already refused the call);
+        rate hits as their ``count_if_blocked`` says."""
+        ...
+
+    def release(self, member: str, slot_keys: Sequence[str], now: float) -> None:
+        """Give back the call's slots (idempotent)."""
+        ...
