@@ -116,8 +116,8 @@ class Policy(ABC, Generic[ConfigT]):
     def check(self, call: CallContext, config: ConfigT) -> Verdict:
         """Judge one initial INVITE. Pure: same inputs, same answer."""
 
-    def account_overrides(self, limits: dict[str, Any]) -> dict[str, Any]:
-        """Map an account's ``limits:`` shorthand onto this rule's settings (none by default)."""
+    def account_overrides(self, limits: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+        """Map an account's ``limits:`` shorthand onto this rule's ``settings`` (none by default)."""
         return {}
 
     def warnings(self, config: ConfigT) -> list[str]:

@@ -67,10 +67,21 @@ class CallRatePolicy(Policy[CallRateConfig]):
                 )
         return Require(tuple(operations)) if operations else ALLOW
 
-    def account_overrides(self, limits: dict[str, Any]) -> dict[str, Any]:
+    def account_overrides(self, limits: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+        """``calls_per_minute: 200`` changes the rate and keeps the rule's burst."""
         names = {"calls_per_minute_per_number": "per_number", "calls_per_minute": "per_account"}
         names["calls_per_minute_per_source"] = "per_source"
-        return {names[key]: value for key, value in limits.items() if key in names}
+        overrides: dict[str, Any] = {}
+        for key, value in limits.items():
+            if key not in names:
+                continue
+            base = settings.get(names[key], getattr(CallRateConfig(), names[key]))
+            if isinstance(value, int | float) and isinstance(base, RateLimit):
+                base = base.model_dump()
+            if isinstance(value, int | float) and isinstance(base, dict):
+                value = {**base, "per_minute": value}
+            overrides[names[key]] = value
+        return overrides
 
     def warnings(self, config: CallRateConfig) -> list[str]:
         if config.per_number is None and config.per_account is None and config.per_source is None:

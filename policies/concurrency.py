@@ -51,7 +51,7 @@ class ConcurrencyPolicy(Policy[ConcurrencyConfig]):
             )
         return Require(tuple(operations)) if operations else ALLOW
 
-    def account_overrides(self, limits: dict[str, Any]) -> dict[str, Any]:
+    def account_overrides(self, limits: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
         names = {"concurrent_per_number": "per_number", "concurrent": "per_account"}
         names["concurrent_per_destination"] = "per_destination"
         return {names[key]: value for key, value in limits.items() if key in names}

@@ -216,7 +216,8 @@ def compile_policy(data: Any, lines: dict[tuple[Any, ...], int], name: str) -> C
         limits = section.limits.model_dump(exclude_none=True)
         effective: list[tuple[Policy[Any], RuleConfig]] = []
         for rule_name, (policy, base) in raw_rules.items():
-            settings = {**base, **policy.account_overrides(limits), **section.rules.get(rule_name, {})}
+            overrides = policy.account_overrides(limits, base)
+            settings = {**base, **overrides, **section.rules.get(rule_name, {})}
             config = _validate_rule(
                 policy, settings, (*path, "rules", rule_name), errors, model.mode_override
             )
