@@ -50,6 +50,11 @@ class RuleConfig(BaseModel):
     mode: Mode = Mode.ENFORCE
     reply: Reply
 
+    @property
+    def enforced(self) -> bool:
+        """Whether this rule's state operations may block a call (stamped on each operation)."""
+        return self.mode is Mode.ENFORCE
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Account:

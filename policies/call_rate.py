@@ -62,6 +62,8 @@ class CallRatePolicy(Policy[CallRateConfig]):
                         per_minute=limit.per_minute,
                         burst=limit.burst,
                         count_if_blocked=config.count_rejected,
+                        rule=self.name,
+                        enforced=config.enforced,
                         label=f"{label} {subject}",
                     )
                 )

@@ -93,6 +93,7 @@ class NumberSet:
         self.ranges: dict[int, tuple[list[int], list[int]]] = {
             digits: _merged(spans) for digits, spans in ranges.items()
         }
+        self._prefix_lengths = sorted({len(prefix) for prefix in self.prefixes})
 
     def _add(self, spec: str, region: str, ranges: dict[int, list[tuple[int, int]]]) -> None:
         # a range is exactly two numbers of one length around a hyphen; other hyphens,
@@ -125,8 +126,9 @@ class NumberSet:
             return False
         if e164 in self.exact:
             return True
-        if self.prefixes and any(e164[:end] in self.prefixes for end in range(2, len(e164) + 1)):
-            return True
+        for length in self._prefix_lengths:
+            if e164[:length] in self.prefixes:
+                return True
         spans = self.ranges.get(len(e164) - 1)
         if spans is None:
             return False

@@ -14,6 +14,7 @@ but keeps those, so live calls keep their slots and counters survive.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import math
 import re
 from collections import Counter
@@ -242,6 +243,9 @@ class PolicyEngine:
         counters: Any,
         others: list[tuple[str, str]] | None = None,
     ) -> None:
+        loud = verdict == "reject" or bool(others)
+        if not log.is_enabled_for(logging.INFO if loud else logging.DEBUG):
+            return  # accepted calls log at debug: don't build the line nobody will see
         context = plan.context
         request = plan.attempt.request
         fields: dict[str, Any] = {
@@ -263,7 +267,7 @@ class PolicyEngine:
             fields["also"] = [
                 {"rule": name, "mode": plan.configs[name].mode.value, "detail": text} for name, text in others
             ]
-        if verdict == "reject" or others:
+        if loud:
             log.info("call.decision", **fields)
         else:
             log.debug("call.decision", **fields)
