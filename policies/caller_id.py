@@ -45,10 +45,10 @@ class CallerIdPolicy(Policy[CallerIdConfig]):
             if identity.anonymous:
                 anonymous_from |= identity.header == "from"
                 continue
+            if identity.emergency:  # first: a short code like 911 is no E.164 number either
+                return Deny(f"{identity.header} {identity.presented} is an emergency number")
             if identity.e164 is None:
                 return Deny(f"{identity.header} {identity.presented}: {identity.problem}")
-            if identity.emergency:
-                return Deny(f"{identity.header} {identity.e164} is an emergency number")
             if identity.e164 not in call.account.numbers:
                 return Deny(f"{identity.header} {identity.e164} not owned by {call.account.name}")
             vouched |= identity.header in ("p-asserted-identity", "p-preferred-identity")

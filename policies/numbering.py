@@ -52,7 +52,13 @@ def dialled_digits(uri: Uri) -> str | None:
 
 
 def is_anonymous(uri: Uri, display_name: str | None) -> bool:
-    """RFC 3323 anonymous identities: anonymous@anonymous.invalid and friends."""
+    """RFC 3323 anonymous identities: anonymous@anonymous.invalid and friends.
+
+    A URI that carries a number is never anonymous, whatever its host or display name:
+    the number is what a PBX would present, so it is checked like any other.
+    """
+    if dialled_digits(uri) is not None:
+        return False
     if isinstance(uri, SipUri):
         if uri.host.lower() == "anonymous.invalid":
             return True
@@ -169,7 +175,25 @@ class NumberSet:
             for other_prefix in other.prefixes:
                 if prefix.startswith(other_prefix) or other_prefix.startswith(prefix):
                     found.append(f"{max(prefix, other_prefix, key=len)}*")
+        found += _prefix_range_overlaps(self.prefixes, other.ranges)
+        found += _prefix_range_overlaps(other.prefixes, self.ranges)
         return found
+
+
+def _prefix_range_overlaps(prefixes: set[str], ranges: dict[int, tuple[list[int], list[int]]]) -> list[str]:
+    """The parts of ranges whose numbers start with one of ``prefixes``."""
+    found = []
+    for prefix in prefixes:
+        head = prefix[1:]
+        for digits, (starts, ends) in ranges.items():
+            if len(head) > digits:
+                continue
+            scale = 10 ** (digits - len(head))
+            low, high = int(head) * scale, (int(head) + 1) * scale - 1
+            for start, end in zip(starts, ends, strict=True):
+                if start <= high and low <= end:
+                    found.append(f"+{max(start, low)}-+{min(end, high)}")
+    return found
 
 
 def _merged(spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
@@ -208,4 +232,4 @@ def _national_number(digits: str, region: str) -> str | None:
         number = phonenumbers.parse(digits, None if digits.startswith("+") else region.upper())
     except phonenumbers.NumberParseException:
         return None
-    return str(number.national_number)
+    return phonenumbers.national_significant_number(number)  # keeps leading zeros: +61 000

@@ -157,6 +157,8 @@ class PolicyEngine:
         enforced = [(rule, detail) for rule, detail in failures if configs[rule].mode is Mode.ENFORCE]
         if enforced:
             rule, detail = enforced[0]
+            others = list(failures)
+            others.remove(enforced[0])  # every other failure, whatever its mode, goes to "also"
             reply = configs[rule].reply
             headers: tuple[tuple[str, str], ...] = ()
             if rule in retry_after:
@@ -168,7 +170,7 @@ class PolicyEngine:
                 rule,
                 detail,
                 counters,
-                failures[1:] if failures[0] == enforced[0] else failures,
+                others,
             )
             return Reject(status=reply.code, reason=reply.reason, headers=headers)
         self.held[plan.attempt.attempt_id] = tuple(

@@ -69,15 +69,25 @@ class ProxySection(_Strict):
         return value
 
 
+def _known_region(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if value.upper() not in phonenumbers.SUPPORTED_REGIONS:
+        raise ValueError(f"unknown region {value!r} (ISO 3166 code such as US, GB, DE)")
+    return value.upper()
+
+
+def _numbers_as_text(value: Any) -> Any:
+    """YAML reads an unquoted 4155550100 as an int; a telephone number is text."""
+    if not isinstance(value, list):
+        return value
+    return [str(item) if isinstance(item, int) and not isinstance(item, bool) else item for item in value]
+
+
 class NumberingSection(_Strict):
     default_region: str = "US"
 
-    @field_validator("default_region")
-    @classmethod
-    def _region(cls, value: str) -> str:
-        if value.upper() not in phonenumbers.SUPPORTED_REGIONS:
-            raise ValueError(f"unknown region {value!r} (ISO 3166 code such as US, GB, DE)")
-        return value.upper()
+    _region = field_validator("default_region")(_known_region)
 
 
 class AccountLimits(_Strict):
@@ -100,6 +110,9 @@ class AccountSection(_Strict):
     limits: AccountLimits = AccountLimits()
     rules: dict[str, dict[str, Any]] = {}
 
+    _region = field_validator("region")(_known_region)
+    _numbers = field_validator("numbers", mode="before")(_numbers_as_text)
+
     @field_validator("sources")
     @classmethod
     def _networks(cls, value: list[str]) -> list[str]:
@@ -114,7 +127,7 @@ class PolicyFileModel(_Strict):
     emergency_numbers: list[str] = Field(default=DEFAULT_EMERGENCY_NUMBERS)
     mode_override: Mode | None = Field(default=None, description="run every rule in this mode")
     accounts: dict[str, AccountSection] = {}
-    rules: dict[str, dict[str, Any]] = {}
+    rules: dict[str, dict[str, Any] | None] = {}  # "caller_id:" alone: the rule with its defaults
 
     @field_validator("emergency_numbers", mode="before")
     @classmethod
@@ -189,6 +202,7 @@ def compile_policy(data: Any, lines: dict[tuple[Any, ...], int], name: str) -> C
             _compile_rules(raw, errors, None)  # report the rules' errors in the same run
         raise PolicyFileError(errors.lines) from None
     region = model.numbering.default_region
+    policies = available_policies()
     rules, raw_rules, warnings = _compile_rules(model.rules, errors, model.mode_override)
     accounts: dict[str, Account] = {}
     account_rules: dict[str, RuleSet] = {}
@@ -211,7 +225,10 @@ def compile_policy(data: Any, lines: dict[tuple[Any, ...], int], name: str) -> C
             unreachable = "has no sources, from_domains or auth_usernames: no call can match it"
             warnings.append(errors.where(path, f"account {account_name!r} {unreachable}"))
         for rule_name in section.rules:
-            if rule_name not in raw_rules:
+            if rule_name not in policies:
+                unknown = f"unknown rule {rule_name!r}" + _suggest(rule_name, policies)
+                errors.add((*path, "rules", rule_name), unknown)
+            elif rule_name not in raw_rules:
                 errors.add((*path, "rules", rule_name), f"rule {rule_name!r} is not enabled under rules:")
         limits = section.limits.model_dump(exclude_none=True)
         effective: list[tuple[Policy[Any], RuleConfig]] = []

@@ -311,13 +311,21 @@ def test_version_is_case_insensitive() -> None:
 
 
 @pytest.mark.parametrize(
-    "uri", [b"http://example.com/", b"mailto:bob@example.com", b"urn:service:sos", b"im:bob@example.com"]
+    "uri", [b"http://example.com/", b"mailto:bob@example.com", b"urn:isbn:0451450523", b"im:bob@example.com"]
 )
 def test_unsupported_request_uri_scheme_is_416(uri: bytes) -> None:
     error = rejected(build(start=b"INVITE " + uri + b" SIP/2.0"))
     assert (error.status, error.reason) == (416, "Unsupported URI Scheme")
     assert isinstance(error.partial, Request)
     assert isinstance(error.partial.uri, OpaqueUri)
+
+
+@pytest.mark.parametrize("uri", [b"urn:service:sos", b"urn:service:sos.police", b"URN:Service:SOS"])
+def test_emergency_service_urns_are_accepted(uri: bytes) -> None:
+    """RFC 5031: an emergency call addressed to urn:service:sos must reach the policy layer
+    (which lets it through), never be answered 416."""
+    parsed = request(build(start=b"INVITE " + uri + b" SIP/2.0"))
+    assert isinstance(parsed.uri, OpaqueUri) and parsed.uri.scheme == "urn"
 
 
 @pytest.mark.parametrize(

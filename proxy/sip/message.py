@@ -32,7 +32,7 @@ from .headers import (
     parse_via,
     split_values,
 )
-from .uri import SUPPORTED_SCHEMES, SipUri, Uri, parse_uri
+from .uri import SUPPORTED_SCHEMES, OpaqueUri, SipUri, Uri, parse_uri
 
 DEFAULT_MAX_MESSAGE_SIZE = 65535
 # Header values are bytes on the wire; text fields are UTF-8 (RFC 3261 §7.3.1).
@@ -439,8 +439,13 @@ def _check_request(request: Request) -> None:
     if request.cseq.method != request.method:
         raise ParseError(400, "CSeq method does not match the Request-Line")
     scheme = getattr(request.uri, "scheme", "")
-    if scheme not in SUPPORTED_SCHEMES:
+    if scheme not in SUPPORTED_SCHEMES and not _is_service_urn(request.uri):
         raise ParseError(416, "Unsupported URI Scheme")
     if isinstance(request.uri, SipUri) and request.uri.headers:
         # RFC 3261 §19.1.1 table 1: headers are not allowed in a Request-URI (RFC 4475 §3.1.2.11)
         raise ParseError(400, "Headers not allowed in the Request-URI")
+
+
+def _is_service_urn(uri: Uri) -> bool:
+    """RFC 5031 service URNs (urn:service:sos...): emergency calls must never get a 416."""
+    return isinstance(uri, OpaqueUri) and uri.scheme == "urn" and uri.opaque.lower().startswith("service:")

@@ -8,11 +8,17 @@ swept every ``SWEEP_EVERY`` operations so memory stays bounded by live callers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from .ops import HitRate, Operation, OpResult, TakeSlot
 
 SWEEP_EVERY = 10_000
+# Instants less than a millisecond apart are one instant to a rate bucket. Arrival times
+# are sums of intervals such as 60/7 s, which floats cannot hold exactly (and on a
+# wall-clock timeline of 1.7e9 s, one float step is 2.4e-7 s): without this, the last
+# call of a burst, or the call made exactly Retry-After later, could be refused.
+EPSILON = 1e-3
 
 
 class MemoryStore:
@@ -79,7 +85,7 @@ class MemoryStore:
         if last_member == member:  # the same attempt again: already counted
             return OpResult(True, _level(arrival, now, interval), op.burst)
         tolerance = (op.burst - 1) * interval
-        allowed = arrival - tolerance <= now
+        allowed = arrival - tolerance <= now + EPSILON
         level = _level(arrival + interval, now, interval)
         retry_after = None if allowed else arrival - tolerance - now
         return OpResult(allowed, level, op.burst, retry_after)
@@ -93,4 +99,4 @@ class MemoryStore:
 
 def _level(arrival: float, now: float, interval: float) -> int:
     """How many calls the bucket holds: its backlog in emission intervals, rounded up."""
-    return max(0, int(-(-(arrival - now) // interval)))
+    return max(0, math.ceil((arrival - now - EPSILON) / interval))

@@ -1,0 +1,570 @@
+"""The policy engine (proxy/engine.py) with the in-memory store: verdicts by mode,
+emergency bypass, identity stripping, slots held and released, reloads, account
+resolution, and the one decision line each call logs.
+
+Policies are compiled from Python dicts with proxy.policyfile.compile_policy (the file
+format itself is tested in test_policyfile.py); INVITEs are wire bytes built with
+sipsim and parsed with proxy.sip.parse_message; ``now`` is passed in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import Iterable
+from typing import Any
+
+import pytest
+from sipsim import CALLER_TAG, invite
+from structlog.testing import capture_logs
+
+from proxy.engine import TAG_HEADER, PolicyEngine
+from proxy.policyfile import CompiledPolicy, compile_policy
+from proxy.sip import Request, parse_message
+from proxy.sip.events import (
+    Accept,
+    Address,
+    CallAttempt,
+    CallEnded,
+    CallInfo,
+    EndReason,
+    Reject,
+    Verdict,
+)
+from proxy.state import MemoryStore
+
+T0 = 5000.0
+CUSTOMER = Address("udp", "192.0.2.10", 5060)  # acme
+OFFICE = Address("udp", "192.0.2.200", 5060)  # acme-office: 192.0.2.128/25 inside acme's /24
+ELSEWHERE = Address("udp", "198.51.100.7", 5060)  # no network of any account
+LONDON = Address("udp", "2001:db8::5", 5060)
+OWNED = "+14155550142"  # acme's
+OWNED_TOO = "+14155550143"
+NOT_OWNED = "+14155559999"
+CALLEE = "+14155552000"
+STRIP = ("p-asserted-identity", "remote-party-id")
+
+ACCOUNTS: dict[str, Any] = {
+    "acme": {"sources": ["192.0.2.0/24"], "numbers": ["+14155550100-+14155550199"]},
+    "acme-office": {"sources": ["192.0.2.128/25"], "numbers": ["+14155550200-+14155550299"]},
+    "beta": {"auth_usernames": ["beta-trunk"], "numbers": ["+14155550300-+14155550399"]},
+    "gamma": {"from_domains": ["gamma.example"], "numbers": ["+14155550400-+14155550499"]},
+    "london": {"sources": ["2001:db8::/32"], "region": "GB", "numbers": ["02079460000-02079460999"]},
+}
+
+
+def policy(rules: dict[str, Any], accounts: dict[str, Any] | None = None, **top: Any) -> CompiledPolicy:
+    data = {"accounts": ACCOUNTS if accounts is None else accounts, "rules": rules, **top}
+    return compile_policy(data, {}, "test.yaml")
+
+
+def engine_for(rules: dict[str, Any], accounts: dict[str, Any] | None = None, **top: Any) -> PolicyEngine:
+    return PolicyEngine(policy(rules, accounts, **top))
+
+
+def attempt(
+    name: str,
+    *,
+    caller: str = OWNED,
+    callee: str = CALLEE,
+    source: Address = CUSTOMER,
+    from_: str | None = None,
+    uri: str | None = None,
+    headers: Iterable[tuple[str, str]] = (),
+    now: float = T0,
+) -> CallAttempt:
+    data = invite(
+        uri=uri or f"sip:{callee}@pbx.example.com",
+        from_=from_ or f"<sip:{caller}@customer.example>",
+        call_id=f"{name}@192.0.2.10",
+        headers=headers,
+    )
+    request = parse_message(data)
+    assert isinstance(request, Request)
+    return CallAttempt(attempt_id=f"attempt-{name}", request=request, source=source, now=now)
+
+
+def decide(engine: PolicyEngine, call: CallAttempt) -> Verdict:
+    verdict = engine.decide_now(call)
+    assert verdict is not None  # the memory store answers at once
+    return verdict
+
+
+def end(engine: PolicyEngine, call: CallAttempt, now: float | None = None) -> None:
+    info = CallInfo(
+        call_id=call.request.call_id,
+        from_tag=CALLER_TAG,
+        attempt_id=call.attempt_id,
+        source=call.source,
+        from_customer=True,
+        started_at=call.now,
+    )
+    engine.call_ended(CallEnded(call=info, reason=EndReason.BYE, now=now or call.now + 60))
+
+
+def store_of(engine: PolicyEngine) -> MemoryStore:
+    assert isinstance(engine.store, MemoryStore)
+    return engine.store
+
+
+def held(engine: PolicyEngine, key: str, now: float = T0) -> int:
+    return store_of(engine).held(key, now)
+
+
+def decisions(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [entry for entry in logs if entry["event"] == "call.decision"]
+
+
+ACCEPT = Accept()
+STRIPPED = Accept(remove_headers=STRIP)
+
+
+# -- modes --------------------------------------------------------------------------------------
+def test_enforce_rejects_with_the_rules_reply() -> None:
+    engine = engine_for({"concurrency": {"per_number": 1, "reply": {"code": 480, "reason": "Trunk full"}}})
+    assert decide(engine, attempt("a")) == ACCEPT
+    assert decide(engine, attempt("b")) == Reject(status=480, reason="Trunk full")
+    assert engine.counters == {"accepted": 1, "rejected_concurrency": 1}
+
+
+def test_call_rate_rejects_with_retry_after_rounded_up() -> None:
+    engine = engine_for({"call_rate": {"per_number": {"per_minute": 7, "burst": 2}, "per_account": None}})
+    assert decide(engine, attempt("a")) == ACCEPT
+    assert decide(engine, attempt("b")) == ACCEPT
+    assert decide(engine, attempt("c")) == Reject(
+        status=503,
+        reason="Call rate exceeded",
+        headers=(("Retry-After", "9"),),  # 60/7 s = 8.57 s
+    )
+    assert isinstance(decide(engine, attempt("d", now=T0 + 8.5)), Reject)
+    assert decide(engine, attempt("e", now=T0 + 60 / 7)) == ACCEPT
+
+
+def test_monitor_accepts_but_logs_and_counts_the_would_be_rejection() -> None:
+    engine = engine_for({"concurrency": {"mode": "monitor", "per_number": 1, "per_account": None}})
+    decide(engine, attempt("a"))
+    with capture_logs() as logs:
+        assert decide(engine, attempt("b")) == ACCEPT
+    [line] = decisions(logs)
+    assert line["log_level"] == "info"
+    assert (line["verdict"], line["rule"]) == ("accept", None)
+    assert line["also"] == [
+        {"rule": "concurrency", "mode": "monitor", "detail": f"calls from {OWNED}: 2 > 1"}
+    ]
+    assert engine.counters["monitor_concurrency"] == 1
+    assert engine.counters["accepted"] == 2
+    assert held(engine, f"conc:num:{OWNED}") == 2  # the monitored call holds its slot
+
+
+def test_tag_accepts_with_a_header_naming_the_rule() -> None:
+    engine = engine_for({"concurrency": {"mode": "tag", "per_number": 1, "per_account": None}})
+    decide(engine, attempt("a"))
+    assert decide(engine, attempt("b")) == Accept(
+        add_headers=((TAG_HEADER, f"concurrency; calls from {OWNED}: 2 > 1"),)
+    )
+    assert engine.counters["tag_concurrency"] == 1
+
+
+def test_tag_mode_caller_id_still_strips() -> None:
+    engine = engine_for({"caller_id": {"mode": "tag"}})
+    assert decide(engine, attempt("a", caller=NOT_OWNED)) == Accept(
+        add_headers=((TAG_HEADER, f"caller_id; from {NOT_OWNED} not owned by acme"),), remove_headers=STRIP
+    )
+
+
+def test_the_first_enforced_rule_answers_and_the_others_are_logged() -> None:
+    engine = engine_for(
+        {
+            "caller_id": {"mode": "monitor"},
+            "concurrency": {"per_number": 1, "per_account": None},
+            "call_rate": {"mode": "tag", "per_number": {"per_minute": 6, "burst": 1}, "per_account": None},
+        }
+    )
+    decide(engine, attempt("a", caller=NOT_OWNED))
+    with capture_logs() as logs:
+        verdict = decide(engine, attempt("b", caller=NOT_OWNED))
+    assert verdict == Reject(status=486, reason="Too many simultaneous calls")  # no Retry-After: not its rule
+    [line] = decisions(logs)
+    assert (line["verdict"], line["rule"]) == ("reject", "concurrency")
+    assert line["detail"] == f"calls from {NOT_OWNED}: 2 > 1"
+    assert line["also"] == [
+        {"rule": "caller_id", "mode": "monitor", "detail": f"from {NOT_OWNED} not owned by acme"},
+        {"rule": "call_rate", "mode": "tag", "detail": f"calls from {NOT_OWNED}: 2 > 1"},
+    ]
+
+
+# -- slots and rejections ---------------------------------------------------------------------
+def test_a_rule_rejecting_after_another_rules_slot_op_leaves_no_slot() -> None:
+    engine = engine_for(
+        {
+            "concurrency": {"per_number": 5, "per_account": 5},
+            "call_rate": {"per_number": {"per_minute": 6, "burst": 1}, "per_account": None},
+        }
+    )
+    assert decide(engine, attempt("a")) == ACCEPT
+    verdict = decide(engine, attempt("b"))
+    assert isinstance(verdict, Reject) and verdict.status == 503
+    assert held(engine, f"conc:num:{OWNED}") == 1
+    assert held(engine, "conc:acct:acme") == 1
+    assert set(engine.held) == {"attempt-a"}
+
+
+def test_a_denial_after_a_slot_op_leaves_no_slot() -> None:
+    engine = engine_for({"concurrency": {}, "caller_id": {}})  # the slot op comes first
+    assert decide(engine, attempt("a", caller=NOT_OWNED)) == Reject(
+        status=403, reason="Caller ID not permitted"
+    )
+    assert held(engine, f"conc:num:{NOT_OWNED}") == 0
+    assert held(engine, "conc:acct:acme") == 0
+    assert engine.held == {}
+
+
+def test_the_same_attempt_judged_twice_counts_once() -> None:
+    engine = engine_for(
+        {"concurrency": {"per_number": 1}, "call_rate": {"per_number": {"per_minute": 6, "burst": 1}}}
+    )
+    call = attempt("a")
+    assert decide(engine, call) == ACCEPT
+    assert decide(engine, call) == ACCEPT
+    assert held(engine, f"conc:num:{OWNED}") == 1
+    assert isinstance(decide(engine, attempt("b", now=T0 + 5)), Reject)  # the slot, still one
+    end(engine, call)
+    assert decide(engine, attempt("c", now=T0 + 10)) == ACCEPT  # and one rate hit, a's
+
+
+def test_call_ended_releases_exactly_the_slots_held() -> None:
+    engine = engine_for({"concurrency": {"per_number": 2, "per_account": 3, "per_destination": 5}})
+    a, b = attempt("a"), attempt("b", caller=OWNED_TOO)
+    decide(engine, a)
+    decide(engine, b)
+    keys = [f"conc:num:{OWNED}", f"conc:num:{OWNED_TOO}", "conc:acct:acme", f"conc:dst:{CALLEE}"]
+    assert [held(engine, key) for key in keys] == [1, 1, 2, 2]
+    end(engine, a)
+    assert [held(engine, key) for key in keys] == [0, 1, 1, 1]
+    end(engine, a)  # reported twice
+    end(engine, attempt("never-judged"))
+    assert [held(engine, key) for key in keys] == [0, 1, 1, 1]
+    end(engine, b)
+    assert [held(engine, key) for key in keys] == [0, 0, 0, 0]
+    assert engine.held == {}
+    assert store_of(engine).slots == {}
+
+
+def test_a_rejected_call_ending_releases_nothing() -> None:
+    engine = engine_for({"concurrency": {"per_number": 1}})
+    a, b = attempt("a"), attempt("b")
+    decide(engine, a)
+    assert isinstance(decide(engine, b), Reject)
+    end(engine, b)
+    assert held(engine, f"conc:num:{OWNED}") == 1
+
+
+def test_async_decide_agrees_with_decide_now() -> None:
+    engine = engine_for({"concurrency": {"per_number": 1}})
+    assert asyncio.run(engine.decide(attempt("a"))) == ACCEPT
+    assert asyncio.run(engine.decide(attempt("b"))) == Reject(
+        status=486, reason="Too many simultaneous calls"
+    )
+    assert held(engine, f"conc:num:{OWNED}") == 1
+
+
+def test_no_rules_is_a_plain_proxy() -> None:
+    engine = engine_for({})
+    assert decide(engine, attempt("a", caller=NOT_OWNED, source=ELSEWHERE)) == ACCEPT
+    assert asyncio.run(engine.decide(attempt("b", caller=NOT_OWNED, source=ELSEWHERE))) == ACCEPT
+    assert store_of(engine).slots == {}
+
+
+# -- emergency calls ---------------------------------------------------------------------------
+TIGHT = {
+    "caller_id": {"anonymous": "reject"},
+    "concurrency": {"per_number": 1, "per_account": 1, "per_destination": 1},
+    "call_rate": {
+        "per_number": {"per_minute": 1, "burst": 1},
+        "per_account": {"per_minute": 1, "burst": 1},
+        "per_source": {"per_minute": 1, "burst": 1},
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("uri", "source", "from_"),
+    [
+        ("sip:911@pbx.example.com", CUSTOMER, None),
+        ("sip:911@pbx.example.com;user=phone", CUSTOMER, f"<sip:{NOT_OWNED}@customer.example>"),
+        ("tel:+1911", CUSTOMER, "<sip:anonymous@anonymous.invalid>"),
+        ("sip:112@pbx.example.com", ELSEWHERE, "<sip:nobody@nowhere.example>"),  # no account at all
+        ("sip:999@pbx.example.com", LONDON, None),
+        ("urn:service:sos", CUSTOMER, f"<sip:{NOT_OWNED}@customer.example>"),  # RFC 5031
+    ],
+)
+def test_emergency_calls_are_accepted_and_never_counted(uri: str, source: Address, from_: str | None) -> None:
+    engine = engine_for(TIGHT)
+    assert decide(engine, attempt("a")) == STRIPPED
+    assert isinstance(decide(engine, attempt("b")), Reject)  # over every limit now
+    store = store_of(engine)
+    slots, buckets, live = copy.deepcopy(store.slots), dict(store.buckets), dict(engine.held)
+    with capture_logs() as logs:
+        for index in range(3):
+            call = attempt(f"sos{index}", uri=uri, source=source, from_=from_, now=T0 + index)
+            assert decide(engine, call) == ACCEPT
+            assert asyncio.run(engine.decide(call)) == ACCEPT
+            end(engine, call)
+    assert (store.slots, store.buckets, engine.held) == (slots, buckets, live)
+    assert engine.counters["emergency"] == 6
+    assert decisions(logs) == []
+    sos = [entry for entry in logs if entry["event"] == "call.emergency"]
+    assert len(sos) == 6
+    assert sos[0]["call_id"] == "sos0@192.0.2.10"
+    assert sos[0]["callee"] == uri
+    assert sos[0]["source"] == source.host
+
+
+def test_an_emergency_number_as_caller_id_is_refused() -> None:
+    engine = engine_for({"caller_id": {}})
+    verdict = decide(engine, attempt("a", from_="<sip:911@customer.example>"))
+    assert verdict == Reject(status=403, reason="Caller ID not permitted")
+
+
+# -- identity headers ---------------------------------------------------------------------------
+def test_untrusted_identity_headers_are_stripped() -> None:
+    engine = engine_for({"caller_id": {}})
+    headers = [
+        ("P-Asserted-Identity", f"<sip:{OWNED_TOO}@customer.example>"),
+        ("Remote-Party-ID", f"<sip:{OWNED}@c>"),
+    ]
+    assert decide(engine, attempt("a", headers=headers)) == STRIPPED
+    assert decide(engine, attempt("b")) == STRIPPED
+
+
+def test_stripping_can_be_turned_off() -> None:
+    engine = engine_for({"caller_id": {"strip_untrusted_identity": False}})
+    assert decide(engine, attempt("a")) == ACCEPT
+
+
+@pytest.mark.parametrize(
+    ("header", "value"),
+    [
+        ("P-Asserted-Identity", f"<sip:{NOT_OWNED}@customer.example>"),
+        ("P-Asserted-Identity", f"<sip:{OWNED_TOO}@c>, <tel:{NOT_OWNED}>"),
+        ("P-Preferred-Identity", f"<tel:{NOT_OWNED}>"),
+        ("Remote-Party-ID", f'"Bob" <sip:{NOT_OWNED}@customer.example>;party=calling'),
+    ],
+)
+def test_identity_headers_are_checked_before_they_are_stripped(header: str, value: str) -> None:
+    engine = engine_for({"caller_id": {}})
+    with capture_logs() as logs:
+        verdict = decide(engine, attempt("a", headers=[(header, value)]))
+    assert verdict == Reject(status=403, reason="Caller ID not permitted")
+    [line] = decisions(logs)
+    assert line["detail"] == f"{header.lower()} {NOT_OWNED} not owned by acme"
+
+
+@pytest.mark.parametrize(
+    ("setting", "headers", "accepted"),
+    [
+        ("with-owned-identity", [], False),
+        ("with-owned-identity", [("P-Preferred-Identity", f"<sip:{OWNED}@customer.example>")], True),
+        ("with-owned-identity", [("P-Asserted-Identity", f"<tel:{OWNED}>")], True),
+        ("with-owned-identity", [("P-Preferred-Identity", f"<sip:{NOT_OWNED}@customer.example>")], False),
+        ("allow", [], True),
+        ("reject", [("P-Preferred-Identity", f"<sip:{OWNED}@customer.example>")], False),
+    ],
+)
+def test_anonymous_from(setting: str, headers: list[tuple[str, str]], accepted: bool) -> None:
+    engine = engine_for({"caller_id": {"anonymous": setting}})
+    call = attempt("a", from_='"Anonymous" <sip:anonymous@anonymous.invalid>', headers=headers)
+    assert (decide(engine, call) == STRIPPED) is accepted
+
+
+def test_an_anonymous_display_name_does_not_hide_the_number() -> None:
+    engine = engine_for({"caller_id": {"anonymous": "allow"}})
+    call = attempt("a", from_=f'"Anonymous" <sip:{NOT_OWNED}@customer.example>')
+    assert isinstance(decide(engine, call), Reject)
+
+
+def test_a_malformed_identity_header_is_a_bad_request() -> None:
+    engine = engine_for({"caller_id": {}})
+    with capture_logs() as logs:
+        verdict = decide(engine, attempt("a", headers=[("P-Asserted-Identity", "<sip:+14155550142@c")]))
+    assert isinstance(verdict, Reject) and verdict.status == 400
+    [line] = decisions(logs)
+    assert (line["verdict"], line["rule"]) == ("reject", "parse")
+
+
+# -- reload ---------------------------------------------------------------------------------------
+def test_replace_keeps_live_calls_slots_and_releases_them_at_call_end() -> None:
+    first = policy({"concurrency": {"per_number": None, "per_account": 2}})
+    engine = PolicyEngine(first)
+    a, b = attempt("a"), attempt("b", caller=OWNED_TOO)
+    assert decide(engine, a) == decide(engine, b) == ACCEPT
+    engine.replace(policy({"call_rate": {}}))  # a different policy: no concurrency at all
+    assert decide(engine, attempt("c")) == ACCEPT
+    assert held(engine, "conc:acct:acme") == 2
+    end(engine, a)  # slots taken under the old policy are still given back
+    assert held(engine, "conc:acct:acme") == 1
+    engine.replace(first)
+    assert decide(engine, attempt("d")) == ACCEPT
+    assert isinstance(decide(engine, attempt("e")), Reject)  # b and d: counters survived
+    end(engine, b)
+    assert decide(engine, attempt("f")) == ACCEPT
+    assert engine.counters["accepted"] == 5
+
+
+def test_rate_buckets_survive_a_reload() -> None:
+    rules = {"call_rate": {"per_number": {"per_minute": 6, "burst": 1}, "per_account": None}}
+    engine = engine_for(rules)
+    assert decide(engine, attempt("a")) == ACCEPT
+    engine.replace(policy(rules))
+    assert decide(engine, attempt("b", now=T0 + 1)) == Reject(
+        status=503, reason="Call rate exceeded", headers=(("Retry-After", "9"),)
+    )
+
+
+def test_a_reload_changes_account_resolution() -> None:
+    engine = engine_for({"caller_id": {}})
+    assert decide(engine, attempt("a", source=OFFICE, caller="+14155550242")) == STRIPPED
+    moved = {**ACCOUNTS, "acme-office": {**ACCOUNTS["acme-office"], "sources": ["203.0.113.0/24"]}}
+    engine.replace(policy({"caller_id": {}}, moved))
+    assert isinstance(decide(engine, attempt("b", source=OFFICE, caller="+14155550242")), Reject)
+
+
+# -- accounts -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("source", "headers", "from_host", "account"),
+    [
+        (CUSTOMER, [], "customer.example", "acme"),
+        (OFFICE, [], "customer.example", "acme-office"),  # the most specific network wins
+        (LONDON, [], "customer.example", "london"),
+        (ELSEWHERE, [("Proxy-Authorization", 'Digest username="beta-trunk", realm="x"')], "c", "beta"),
+        (ELSEWHERE, [("Authorization", 'Digest realm="x", username = "beta-trunk"')], "c", "beta"),
+        (ELSEWHERE, [], "gamma.example", "gamma"),
+        (ELSEWHERE, [], "GAMMA.Example", "gamma"),
+        (ELSEWHERE, [], "customer.example", None),
+        # a source network beats an auth username, which beats a From domain
+        (CUSTOMER, [("Proxy-Authorization", 'Digest username="beta-trunk"')], "gamma.example", "acme"),
+        (ELSEWHERE, [("Proxy-Authorization", 'Digest username="beta-trunk"')], "gamma.example", "beta"),
+        (ELSEWHERE, [("Proxy-Authorization", 'Digest username="stranger"')], "gamma.example", "gamma"),
+    ],
+)
+def test_account_resolution(
+    source: Address, headers: list[tuple[str, str]], from_host: str, account: str | None
+) -> None:
+    engine = engine_for({"caller_id": {"mode": "monitor"}})
+    with capture_logs() as logs:
+        decide(engine, attempt("a", source=source, headers=headers, from_=f"<sip:{NOT_OWNED}@{from_host}>"))
+    [line] = decisions(logs)
+    assert line["account"] == account
+    if account is None:
+        assert line["also"][0]["detail"] == f"source {source.host} belongs to no account"
+
+
+def test_each_account_owns_its_numbers_in_its_region() -> None:
+    engine = engine_for({"caller_id": {}})
+    assert decide(engine, attempt("a", source=OFFICE, caller="+14155550242")) == STRIPPED
+    assert isinstance(decide(engine, attempt("b", source=OFFICE, caller=OWNED)), Reject)  # acme's
+    london = attempt("c", source=LONDON, from_="<sip:02079460958@customer.example>", callee="02079460000")
+    with capture_logs() as logs:
+        assert decide(engine, london) == STRIPPED
+    [line] = decisions(logs)
+    assert (line["caller"], line["caller_e164"], line["callee"]) == (
+        "sip:02079460958@customer.example",
+        "+442079460958",
+        "+442079460000",
+    )
+
+
+def test_account_limits_and_rule_overrides() -> None:
+    accounts = {
+        **ACCOUNTS,
+        "acme": {
+            **ACCOUNTS["acme"],
+            "limits": {"concurrent_per_number": 3},
+            "rules": {"concurrency": {"reply": {"code": 403, "reason": "Over contract"}}},
+        },
+    }
+    engine = engine_for({"concurrency": {"per_number": 1}}, accounts)
+    assert [decide(engine, attempt(name)) for name in "abc"] == [ACCEPT] * 3
+    assert decide(engine, attempt("d")) == Reject(status=403, reason="Over contract")
+    office = [decide(engine, attempt(f"o{i}", source=OFFICE, caller="+14155550242")) for i in range(2)]
+    assert office == [ACCEPT, Reject(status=486, reason="Too many simultaneous calls")]
+
+
+def test_mode_override_monitors_every_rule() -> None:
+    engine = engine_for({"caller_id": {}, "concurrency": {"per_number": 1}}, mode_override="monitor")
+    assert decide(engine, attempt("a", caller=NOT_OWNED)) == STRIPPED
+    with capture_logs() as logs:
+        assert decide(engine, attempt("b", caller=NOT_OWNED)) == STRIPPED
+    [line] = decisions(logs)
+    assert [(other["rule"], other["mode"]) for other in line["also"]] == [
+        ("caller_id", "monitor"),
+        ("concurrency", "monitor"),
+    ]
+    assert engine.counters["monitor_caller_id"] == 2
+    assert engine.counters["monitor_concurrency"] == 1
+
+
+# -- the decision line --------------------------------------------------------------------------
+def test_the_decision_line_explains_a_rejection() -> None:
+    engine = engine_for(
+        {
+            "caller_id": {},
+            "concurrency": {"per_number": 1, "per_account": 5},
+            "call_rate": {"per_number": {"per_minute": 6, "burst": 3}, "per_account": None},
+        }
+    )
+    presented = "sip:4155550142@customer.example;user=phone"
+    decide(engine, attempt("a", from_=f"<{presented}>"))
+    with capture_logs() as logs:
+        verdict = decide(engine, attempt("b", from_=f"<{presented}>", uri="sip:4155552000@pbx.example.com"))
+    assert verdict == Reject(status=486, reason="Too many simultaneous calls")
+    [line] = decisions(logs)
+    assert line == {
+        "event": "call.decision",
+        "log_level": "info",
+        "call_id": "b@192.0.2.10",
+        "account": "acme",
+        "source": "192.0.2.10",
+        "caller": presented,
+        "caller_e164": OWNED,
+        "callee": CALLEE,
+        "verdict": "reject",
+        "rule": "concurrency",
+        "detail": f"calls from {OWNED}: 2 > 1",
+        "counters": [
+            {"rule": "concurrency", "what": f"calls from {OWNED}", "count": 2, "limit": 1},
+            {"rule": "concurrency", "what": "calls of acme", "count": 2, "limit": 5},
+            {"rule": "call_rate", "what": f"calls from {OWNED}", "count": 2, "limit": 3},
+        ],
+    }
+
+
+def test_the_decision_line_of_a_denied_call() -> None:
+    engine = engine_for({"caller_id": {}, "concurrency": {}})
+    with capture_logs() as logs:
+        decide(engine, attempt("a", source=ELSEWHERE, caller=NOT_OWNED, uri="sip:alice@pbx.example.com"))
+    [line] = decisions(logs)
+    assert {key: line[key] for key in ("account", "source", "caller", "caller_e164", "callee")} == {
+        "account": None,
+        "source": "198.51.100.7",
+        "caller": f"sip:{NOT_OWNED}@customer.example",
+        "caller_e164": NOT_OWNED,
+        "callee": "sip:alice@pbx.example.com",  # not a number: as presented
+    }
+    assert (line["verdict"], line["rule"]) == ("reject", "caller_id")
+    assert line["detail"] == "source 198.51.100.7 belongs to no account"
+    assert line["counters"] == [
+        {"rule": "concurrency", "what": f"calls from {NOT_OWNED}", "count": 1, "limit": 2}
+    ]
+    assert "also" not in line
+
+
+def test_one_decision_line_per_call() -> None:
+    engine = engine_for({"caller_id": {}, "concurrency": {"per_number": 1}, "call_rate": {}})
+    with capture_logs() as logs:
+        verdicts = [decide(engine, attempt(name)) for name in "abc"]
+    lines = decisions(logs)
+    assert [line["call_id"] for line in lines] == ["a@192.0.2.10", "b@192.0.2.10", "c@192.0.2.10"]
+    assert [line["verdict"] for line in lines] == ["accept", "reject", "reject"]
+    assert [isinstance(verdict, Accept) for verdict in verdicts] == [True, False, False]
+    assert lines[0]["log_level"] == "debug"  # a clean accept is not news

@@ -1,0 +1,318 @@
+"""Telephone numbers (policies/numbering.py): what a URI dials, E.164 normalisation,
+owned-number sets and emergency numbers.
+
+URIs are parsed with proxy.sip.parse_uri, as the engine sees them; numbers used as
+valid ones are NANP 555-01xx numbers and UK Ofcom drama numbers.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from policies.numbering import EmergencyNumbers, NumberSet, dialled_digits, is_anonymous, normalise
+from proxy.sip import parse_uri
+
+DEFAULT_EMERGENCY = ["911", "112", "999", "000", "110", "119", "933", "988"]
+
+
+# -- what a URI dials --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("uri", "digits"),
+    [
+        ("sip:+14155550100@gw.example.com", "+14155550100"),
+        ("sips:+14155550100@gw.example.com", "+14155550100"),
+        ("sip:4155550100@gw.example.com;user=phone", "4155550100"),
+        # RFC 3966 visual separators
+        ("sip:+1-415-555-0100@gw.example.com;user=phone", "+14155550100"),
+        ("sip:(415)555-0100@gw.example.com", "4155550100"),
+        ("sip:415.555.0100@gw.example.com", "4155550100"),
+        # RFC 4904 trunk group parameters ride in the user part
+        ("sip:+14155550100;tgrp=TG-1;trunk-context=+1-415@gw.example.com;user=phone", "+14155550100"),
+        ("sip:4155550100;trunk-context=example.com@gw.example.com", "4155550100"),
+        # %-escaped +
+        ("sip:%2B14155550100@gw.example.com", "+14155550100"),
+        # tel: URIs, with separators and parameters
+        ("tel:+1-415-555-0100", "+14155550100"),
+        ("tel:+1.415.555.0100;ext=12", "+14155550100"),
+        ("tel:911", "911"),
+    ],
+)
+def test_dialled_digits(uri: str, digits: str) -> None:
+    assert dialled_digits(parse_uri(uri)) == digits
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "sip:alice@example.com",
+        "sip:alice@example.com;user=phone",  # user=phone does not make letters a number
+        "sip:*67@example.com",
+        "sip:+1415555010a@example.com",
+        "sip:example.com",  # no user part
+        "urn:service:sos",
+        "http:example.com",
+    ],
+)
+def test_uris_that_dial_no_number(uri: str) -> None:
+    assert dialled_digits(parse_uri(uri)) is None
+
+
+# -- E.164 normalisation ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("digits", "region", "e164"),
+    [
+        ("+14155550100", "US", "+14155550100"),
+        ("+14155550100", "GB", "+14155550100"),  # international form: region ignored
+        ("4155550100", "US", "+14155550100"),  # national
+        ("14155550100", "US", "+14155550100"),  # national with trunk prefix 1
+        ("02079460958", "GB", "+442079460958"),  # national with trunk prefix 0
+        ("011442079460958", "US", "+442079460958"),  # US international dialling prefix
+        ("00442079460958", "DE", "+442079460958"),  # European international dialling prefix
+        ("4155550100", "us", "+14155550100"),  # region in any case
+    ],
+)
+def test_normalise_to_e164(digits: str, region: str, e164: str) -> None:
+    result = normalise(digits, region)
+    assert (result.e164, result.problem, result.presented) == (e164, None, digits)
+
+
+@pytest.mark.parametrize(
+    "digits",
+    [
+        "+1415555",  # too short
+        "+19995550100",  # no area code 999
+        "+10005550100",
+        "5550100",  # a local number without an area code
+        "911",  # a short code, not an E.164 number
+    ],
+)
+def test_numbers_that_cannot_exist(digits: str) -> None:
+    result = normalise(digits, "US")
+    assert result.e164 is None
+    assert result.problem == "number cannot exist"
+
+
+def test_an_unparseable_number_is_not_a_telephone_number() -> None:
+    assert normalise("+", "US").problem == "not a telephone number"
+
+
+def test_visual_separator_forms_normalise_alike() -> None:
+    forms = [
+        "sip:+1-415-555-0100@gw.example.com",
+        "sip:(415)555-0100@gw.example.com",
+        "sip:415.555.0100@gw.example.com;user=phone",
+        "sip:1-415-555-0100;tgrp=a;trunk-context=b.example@gw.example.com",
+        "tel:+1-415-555-0100",
+    ]
+    numbers = {normalise(dialled_digits(parse_uri(uri)) or "", "US").e164 for uri in forms}
+    assert numbers == {"+14155550100"}
+
+
+# -- anonymity --------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("uri", "display_name"),
+    [
+        ("sip:anonymous@anonymous.invalid", None),
+        ("sip:Anonymous@anonymous.invalid", "Anonymous"),
+        ("sip:restricted@example.com", None),
+        ("sip:unavailable@example.com", None),
+        ("sip:user@anonymous.invalid", None),
+        ("sip:pbx.example.com", "Anonymous"),
+    ],
+)
+def test_anonymous_identities(uri: str, display_name: str | None) -> None:
+    assert is_anonymous(parse_uri(uri), display_name)
+
+
+@pytest.mark.parametrize(
+    ("uri", "display_name"),
+    [
+        ("sip:+14155550100@example.com", None),
+        ("sip:alice@example.com", "Alice"),
+        ("urn:service:sos", "anonymous"),
+        # a URI that carries a number is checked as that number, whatever it is called:
+        # otherwise "Anonymous" <sip:+1NOT-OWNED@...> would slip past the caller-ID check
+        ("sip:+14155550100@example.com", "Anonymous"),
+        ("sip:+14155550100@anonymous.invalid", None),
+        ("tel:+14155550100", "anonymous"),
+    ],
+)
+def test_not_anonymous(uri: str, display_name: str | None) -> None:
+    assert not is_anonymous(parse_uri(uri), display_name)
+
+
+# -- owned-number sets -------------------------------------------------------------------------
+def test_exact_numbers_in_any_form() -> None:
+    numbers = NumberSet(["+14155559999", "(415) 555-0142", "1-415-555-0143", "+44 20 7946 0958"], "US")
+    assert numbers.exact == {"+14155559999", "+14155550142", "+14155550143", "+442079460958"}
+    assert "+14155559999" in numbers
+    assert "+14155559998" not in numbers
+    assert "14155559999" not in numbers  # lookups take E.164 only
+
+
+def test_exact_numbers_use_the_region_given() -> None:
+    assert "+442079460958" in NumberSet(["020 7946 0958"], "GB")
+
+
+def test_prefix_membership() -> None:
+    numbers = NumberSet(["+1415555123*"], "US")
+    assert "+14155551230" in numbers
+    assert "+14155551239" in numbers
+    assert "+14155551240" not in numbers
+    assert "+14155551229" not in numbers
+    assert "+1415555123" in numbers  # the prefix itself
+    assert "+1415555" not in numbers
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "+14155550100-+14155550199",
+        "+14155550100 - +14155550199",
+        "4155550100-4155550199",  # national form, region US
+        "14155550100-14155550199",
+    ],
+)
+def test_range_membership_and_boundaries(spec: str) -> None:
+    numbers = NumberSet([spec], "US")
+    assert "+14155550100" in numbers
+    assert "+14155550150" in numbers
+    assert "+14155550199" in numbers
+    assert "+14155550099" not in numbers
+    assert "+14155550200" not in numbers
+    assert "+141555501000" not in numbers  # one digit longer
+    assert len(numbers) == 100
+
+
+def test_range_in_national_form_of_another_region() -> None:
+    numbers = NumberSet(["02079460000-02079460999"], "GB")
+    assert "+442079460000" in numbers
+    assert "+442079460999" in numbers
+    assert "+442079461000" not in numbers
+
+
+def test_adjacent_and_overlapping_ranges_merge() -> None:
+    numbers = NumberSet(
+        ["+14155550100-+14155550149", "+14155550150-+14155550199", "+14155550120-+14155550130"], "US"
+    )
+    assert numbers.ranges == {11: ([14155550100], [14155550199])}
+    assert "+14155550149" in numbers
+    assert "+14155550150" in numbers
+    assert len(numbers) == 100
+
+
+def test_disjoint_ranges_each_keep_their_boundaries() -> None:
+    numbers = NumberSet(["+14155550300-+14155550399", "+14155550100-+14155550199"], "US")
+    assert "+14155550199" in numbers
+    assert "+14155550200" not in numbers
+    assert "+14155550299" not in numbers
+    assert "+14155550300" in numbers
+    assert "+14155550099" not in numbers
+    assert "+14155550400" not in numbers
+
+
+def test_non_strings_are_never_members() -> None:
+    numbers = NumberSet(["+14155550100-+14155550199", "+1415*"], "US")
+    assert 14155550100 not in numbers
+    assert None not in numbers
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("+14155550199-+14155550100", "must run low to high"),
+        ("+19995550100", "number cannot exist"),
+        ("not-a-number", "not a telephone number"),
+        ("415555*", "must be + and digits, then *"),
+        ("+1415x*", "must be + and digits, then *"),
+        ("+19995550100-+19995550199", "number cannot exist"),
+        ("+14155550100-+1415555019", "not a telephone number"),  # unequal lengths: not a range
+    ],
+)
+def test_bad_number_specs(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        NumberSet([spec], "US")
+
+
+def test_describe() -> None:
+    numbers = NumberSet(["+14155559999", "+14155550100-+14155550199", "+1415555123*"], "US")
+    assert numbers.describe() == "1 numbers, 1 ranges, 1 prefixes"
+    assert len(numbers) == 101
+    assert NumberSet([], "US").describe() == "none"
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "shared"),
+    [
+        (["+14155550100"], ["+14155550101"], []),
+        (["+14155550100"], ["+14155550100"], ["+14155550100"]),
+        (["+14155550150"], ["+14155550100-+14155550199"], ["+14155550150"]),
+        (["+14155551234"], ["+1415555123*"], ["+14155551234"]),
+        (
+            ["+14155550100-+14155550199"],
+            ["+14155550150-+14155550249"],
+            ["+14155550150-+14155550199"],
+        ),
+        (["+14155550100-+14155550199"], ["+14155550200-+14155550299"], []),
+        (["+1415555*"], ["+1415555123*"], ["+1415555123*"]),
+        (["+1415555*"], ["+1415556*"], []),
+        # a prefix and a range of numbers that start with it
+        (["+1415555012*"], ["+14155550100-+14155550199"], ["+14155550120-+14155550129"]),
+        (["+14155550100-+14155550199"], ["+141555501*"], ["+14155550100-+14155550199"]),
+        (["+1415555019*"], ["+14155550100-+14155550195"], ["+14155550190-+14155550195"]),
+        (["+1415555020*"], ["+14155550100-+14155550199"], []),
+    ],
+)
+def test_overlaps(first: list[str], second: list[str], shared: list[str]) -> None:
+    one, other = NumberSet(first, "US"), NumberSet(second, "US")
+    assert one.overlaps(other) == shared
+    assert other.overlaps(one) == shared
+
+
+# -- emergency numbers ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("uri", "region"),
+    [
+        ("sip:911@pbx.example.com", "US"),
+        ("sip:911@pbx.example.com;user=phone", "US"),
+        ("sip:112@pbx.example.com", "DE"),
+        ("sip:112@pbx.example.com", "US"),  # the list, not the region, says what is emergency
+        ("tel:911", "US"),
+        ("tel:+1911", "US"),  # global form: its national number is 911
+        ("sip:+1911@pbx.example.com;user=phone", "US"),
+        ("tel:+44999", "GB"),
+        ("tel:+49112", "DE"),
+        ("tel:+61000", "AU"),  # national number 000: leading zeros count
+        ("sip:000@pbx.example.com", "AU"),
+        ("urn:service:sos", "US"),  # RFC 5031
+        ("urn:service:sos.fire", "US"),
+        ("URN:Service:SOS.police", "US"),
+    ],
+)
+def test_emergency_calls(uri: str, region: str) -> None:
+    assert EmergencyNumbers(DEFAULT_EMERGENCY).matches(parse_uri(uri), region)
+
+
+@pytest.mark.parametrize(
+    ("uri", "region"),
+    [
+        ("sip:+14155550100@pbx.example.com", "US"),
+        ("sip:4155550911@pbx.example.com", "US"),
+        ("sip:9110@pbx.example.com", "US"),
+        ("sip:1911@pbx.example.com", "US"),
+        ("tel:+390112", "IT"),  # national number 0112 (Turin), not 112
+        ("sip:alice@pbx.example.com", "US"),
+        ("urn:service:counseling", "US"),
+        ("http:sos.example.com", "US"),
+    ],
+)
+def test_not_emergency_calls(uri: str, region: str) -> None:
+    assert not EmergencyNumbers(DEFAULT_EMERGENCY).matches(parse_uri(uri), region)
+
+
+def test_emergency_numbers_given_with_plus() -> None:
+    emergency = EmergencyNumbers(["+911"])
+    assert emergency.numbers == frozenset({"911"})
+    assert emergency.matches(parse_uri("sip:911@pbx.example.com"), "US")

@@ -1,0 +1,498 @@
+"""The policy file (proxy/policyfile.py) and ``sipguard check`` (proxy/cli.py).
+
+Every mistake must be an error that names the file, the line and the key path, and
+a typo must say what was meant: a misspelt key that was silently ignored would switch
+a rule off. Files are written to tmp_path and loaded as the proxy loads them.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from policies.base import Mode
+from policies.call_rate import CallRateConfig, RateLimit
+from policies.caller_id import CallerIdConfig
+from policies.concurrency import ConcurrencyConfig
+from proxy.cli import main
+from proxy.policyfile import CompiledPolicy, PolicyFileError, default_policy, load_policy
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "policies" / "example.yaml"
+
+GOOD = """\
+proxy:
+  listen: [udp:127.0.0.1:5060, "tcp:[::1]:5060"]
+  upstream: udp:127.0.0.1:5070
+  trusted_peers: [10.0.0.0/8]
+numbering:
+  default_region: us
+emergency_numbers: [911, 112, 000, +1911]
+accounts:
+  acme:
+    sources: [192.0.2.0/24, 2001:db8::/32]
+    numbers: ["+14155550100-+14155550199", "+1415555123*", 4155559999]
+    limits:
+      concurrent: 20
+      calls_per_minute_per_number: 5
+  office:
+    sources: [192.0.2.128/25]
+    auth_usernames: [office-trunk]
+    from_domains: [PBX.Office.example]
+    region: gb
+    numbers: ["020 7946 0000-020 7946 0999"]
+    rules:
+      concurrency: {mode: monitor}
+rules:
+  caller_id:
+  concurrency:
+    per_number: 1
+    reply: {code: 480, reason: Busy trunk}
+  call_rate:
+    per_number: {per_minute: 10, burst: 4}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "policy.yaml"
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def load(tmp_path: Path, text: str) -> CompiledPolicy:
+    return load_policy(write(tmp_path, text))
+
+
+def errors(tmp_path: Path, text: str) -> list[str]:
+    path = write(tmp_path, text)
+    with pytest.raises(PolicyFileError) as caught:
+        load_policy(path)
+    prefix = f"{path}:"
+    assert all(line.startswith(prefix) for line in caught.value.errors), caught.value.errors
+    return [line.removeprefix(prefix) for line in caught.value.errors]
+
+
+# -- a good file ----------------------------------------------------------------------------------
+def test_a_valid_file_compiles(tmp_path: Path) -> None:
+    policy = load(tmp_path, GOOD)
+    assert policy.warnings == []
+    assert policy.region == "US"
+    assert policy.proxy.trusted_peers == ["10.0.0.0/8"]
+    assert [str(address) for address in policy.listen] == ["udp:127.0.0.1:5060", "tcp:[::1]:5060"]
+    assert str(policy.upstream) == "udp:127.0.0.1:5070"
+    assert policy.emergency.numbers == frozenset({"911", "112", "000", "1911"})
+
+    assert [rule.name for rule, _ in policy.rules] == ["caller_id", "concurrency", "call_rate"]
+    caller_id, concurrency, call_rate = (config for _, config in policy.rules)
+    assert caller_id == CallerIdConfig()
+    assert isinstance(concurrency, ConcurrencyConfig)
+    assert (concurrency.per_number, concurrency.per_account, concurrency.reply.code) == (1, 30, 480)
+    assert isinstance(call_rate, CallRateConfig)
+    assert call_rate.per_number == RateLimit(per_minute=10, burst=4)
+
+    acme, office = policy.accounts["acme"], policy.accounts["office"]
+    assert (acme.region, office.region) == ("US", "GB")
+    assert "+14155550150" in acme.numbers
+    assert "+14155551234" in acme.numbers
+    assert "+14155559999" in acme.numbers  # an unquoted national number
+    assert "+442079460500" in office.numbers
+    assert [(str(net), name) for net, name in policy.networks] == [
+        ("2001:db8::/32", "acme"),
+        ("192.0.2.128/25", "office"),  # most specific first
+        ("192.0.2.0/24", "acme"),
+    ]
+    assert policy.auth_usernames == {"office-trunk": "office"}
+    assert policy.from_domains == {"pbx.office.example": "office"}
+
+    acme_rules = dict((rule.name, config) for rule, config in policy.account_rules["acme"])
+    assert isinstance(acme_rules["concurrency"], ConcurrencyConfig)
+    assert (acme_rules["concurrency"].per_number, acme_rules["concurrency"].per_account) == (1, 20)
+    assert isinstance(acme_rules["call_rate"], CallRateConfig)
+    assert acme_rules["call_rate"].per_number == RateLimit(per_minute=5, burst=4)  # the rule's burst kept
+    office_rules = dict((rule.name, config) for rule, config in policy.account_rules["office"])
+    assert office_rules["concurrency"].mode is Mode.MONITOR
+    assert office_rules["concurrency"].reply.code == 480
+    assert [config.mode for _, config in policy.rules] == [Mode.ENFORCE] * 3
+
+
+def test_an_empty_file_is_the_default_policy(tmp_path: Path) -> None:
+    policy = load(tmp_path, "# nothing yet\n")
+    assert (policy.rules, policy.accounts, policy.warnings) == ((), {}, [])
+    assert policy.proxy == default_policy().proxy
+
+
+def test_mode_override_reaches_account_rules(tmp_path: Path) -> None:
+    policy = load(tmp_path, GOOD + "mode_override: tag\n")
+    modes = {config.mode for _, config in policy.rules}
+    modes |= {config.mode for rules in policy.account_rules.values() for _, config in rules}
+    assert modes == {Mode.TAG}
+
+
+def test_numbers_stay_text(tmp_path: Path) -> None:
+    policy = load(
+        tmp_path,
+        """\
+        emergency_numbers: [000, 0118, 911]
+        accounts:
+          au:
+            sources: [192.0.2.1/32]
+            region: AU
+            numbers: [0255501234]
+        """,
+    )
+    assert policy.emergency.numbers == frozenset({"000", "0118", "911"})
+    assert "+61255501234" in policy.accounts["au"].numbers
+
+
+# -- typos ----------------------------------------------------------------------------------------
+TYPOS = """\
+proxy:
+  listen: [udp:127.0.0.1:5060]
+  upstraem: udp:127.0.0.1:5070
+numbering:
+  default_regoin: US
+acounts: {}
+accounts:
+  acme:
+    sources: [192.0.2.0/24]
+    numbers: ["+14155550100"]
+    auth_username: [acme]
+    limits:
+      concurent: 5
+      calls_per_minute: 30
+    rules:
+      concurency: {per_number: 3}
+      call_rate:
+        per_numbr: 4
+rules:
+  callerid: {}
+  concurrency:
+    per_acount: 10
+    reply: {code: 486, reasn: Busy}
+  call_rate:
+    per_number: {per_minute: 10, burts: 3}
+"""
+
+
+def by_line(lines: list[str]) -> list[str]:
+    return sorted(lines, key=lambda line: int(line.split(":")[0]))
+
+
+def test_typos_at_every_level_say_where_and_what_was_meant(tmp_path: Path) -> None:
+    # the file's sections and every rule are checked in one run (the account's rules: need a
+    # valid file first: see below)
+    assert by_line(errors(tmp_path, TYPOS)) == [
+        "3: proxy.upstraem: unknown key 'upstraem' (did you mean 'upstream'?)",
+        "5: numbering.default_regoin: unknown key 'default_regoin' (did you mean 'default_region'?)",
+        "6: acounts: unknown key 'acounts' (did you mean 'accounts'?)",
+        "11: accounts.acme.auth_username: unknown key 'auth_username' (did you mean 'auth_usernames'?)",
+        "13: accounts.acme.limits.concurent: unknown key 'concurent' (did you mean 'concurrent'?)",
+        "20: rules.callerid: unknown rule 'callerid' (did you mean 'caller_id'?)",
+        "22: rules.concurrency.per_acount: unknown key 'per_acount' (did you mean 'per_account'?)",
+        "23: rules.concurrency.reply.reason: Field required; found {'code': 486, 'reasn': 'Busy'}",
+        "23: rules.concurrency.reply.reasn: unknown key 'reasn' (did you mean 'reason'?)",
+        "25: rules.call_rate.per_number.burts: unknown key 'burts' (did you mean 'burst'?)",
+    ]
+
+
+def test_typos_in_account_rule_overrides(tmp_path: Path) -> None:
+    text = """\
+    accounts:
+      acme:
+        sources: [192.0.2.0/24]
+        rules:
+          concurency: {per_number: 3}
+          call_rate:
+            per_numbr: 4
+    rules:
+      concurrency: {}
+      call_rate: {}
+    """
+    assert errors(tmp_path, text) == [
+        "5: accounts.acme.rules.concurency: unknown rule 'concurency' (did you mean 'concurrency'?)",
+        "7: accounts.acme.rules.call_rate.per_numbr: unknown key 'per_numbr' (did you mean 'per_number'?)",
+    ]
+
+
+def test_a_known_rule_not_enabled_cannot_be_overridden(tmp_path: Path) -> None:
+    text = """\
+    accounts:
+      acme:
+        sources: [192.0.2.0/24]
+        rules:
+          call_rate: {per_number: 4}
+    rules:
+      concurrency: {}
+    """
+    assert errors(tmp_path, text) == [
+        "5: accounts.acme.rules.call_rate: rule 'call_rate' is not enabled under rules:"
+    ]
+
+
+def test_an_unknown_key_with_no_close_match_lists_the_known_ones(tmp_path: Path) -> None:
+    assert errors(tmp_path, "zzz: 1\n") == [
+        "1: zzz: unknown key 'zzz' (expected one of: accounts, emergency_numbers, mode_override, "
+        "numbering, proxy, rules)"
+    ]
+
+
+# -- wrong types and values ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "proxy:\n  max_calls: lots\n",
+            "2: proxy.max_calls: Input should be a valid integer, unable to parse string as an integer; "
+            "found 'lots'",
+        ),
+        (
+            "proxy:\n  ringing_timeout: -1\n",
+            "2: proxy.ringing_timeout: Input should be greater than 0; found -1",
+        ),
+        (
+            "mode_override: monitr\n",
+            "1: mode_override: Input should be 'enforce', 'monitor' or 'tag'; found 'monitr'",
+        ),
+        (
+            "accounts:\n  acme:\n    sources: 192.0.2.0/24\n",
+            "3: accounts.acme.sources: Input should be a valid list; found '192.0.2.0/24'",
+        ),
+        ("accounts: [acme]\n", "1: accounts: Input should be a valid dictionary; found ['acme']"),
+        (
+            "accounts:\n  acme:\n    limits:\n      concurrent: 0\n",
+            "4: accounts.acme.limits.concurrent: Input should be greater than or equal to 1; found 0",
+        ),
+        (
+            "rules:\n  concurrency:\n    per_number: two\n",
+            "3: rules.concurrency.per_number: Input should be a valid integer, unable to parse string as an "
+            "integer; found 'two'",
+        ),
+        (
+            "rules:\n  caller_id:\n    anonymous: maybe\n",
+            "3: rules.caller_id.anonymous: Input should be 'with-owned-identity', 'allow' or 'reject'; "
+            "found 'maybe'",
+        ),
+        (
+            "rules:\n  caller_id:\n    mode: enforcing\n",
+            "3: rules.caller_id.mode: Input should be 'enforce', 'monitor' or 'tag'; found 'enforcing'",
+        ),
+        (
+            "rules:\n  caller_id:\n    reply: {code: 200, reason: OK}\n",
+            "3: rules.caller_id.reply.code: Input should be greater than or equal to 400; found 200",
+        ),
+        (
+            "rules:\n  call_rate:\n    per_number: {per_minute: 0}\n",
+            "3: rules.call_rate.per_number.per_minute: Input should be greater than 0; found 0",
+        ),
+        (
+            "rules:\n  concurrency: 5\n",
+            "2: rules.concurrency: Input should be a valid dictionary; found 5",
+        ),
+    ],
+)
+def test_wrong_types_say_what_was_expected_and_found(tmp_path: Path, text: str, expected: str) -> None:
+    assert errors(tmp_path, text) == [expected]
+
+
+def test_the_file_must_be_a_mapping(tmp_path: Path) -> None:
+    assert errors(tmp_path, "- rules\n") == [
+        "1: the file must be a mapping of sections (proxy, accounts, rules ...)"
+    ]
+
+
+def test_invalid_yaml(tmp_path: Path) -> None:
+    [error] = errors(tmp_path, "rules:\n  caller_id: {mode: enforce\nproxy: {}\n")
+    assert error.startswith("3: not valid YAML: ")
+
+
+def test_an_unreadable_file(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.yaml"
+    with pytest.raises(PolicyFileError, match=f"^{missing}: cannot read: "):
+        load_policy(missing)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("rules: {}\nproxy: {}\nrules: {}\n", ["3: rules: duplicate key (YAML keeps only the last one)"]),
+        (
+            "accounts:\n  acme:\n    sources: [192.0.2.0/24]\n    numbers: []\n    sources: [10.0.0.0/8]\n",
+            ["5: accounts.acme.sources: duplicate key (YAML keeps only the last one)"],
+        ),
+        (
+            "accounts:\n  acme: {}\n  beta: {}\n  acme: {}\n",
+            ["4: accounts.acme: duplicate key (YAML keeps only the last one)"],
+        ),
+        (
+            "rules:\n  concurrency: {per_number: 1, per_number: 5}\n",
+            ["2: rules.concurrency.per_number: duplicate key (YAML keeps only the last one)"],
+        ),
+    ],
+)
+def test_duplicate_keys_are_errors(tmp_path: Path, text: str, expected: list[str]) -> None:
+    assert errors(tmp_path, text) == expected
+
+
+@pytest.mark.parametrize(
+    ("numbers", "message"),
+    [
+        ('["+14155550199-+14155550100"]', "must run low to high"),
+        ('["+19995550100"]', "'+19995550100': number cannot exist"),
+        ('["415555*"]', "prefix '415555*' must be + and digits, then *"),
+        ('["acme"]', "'acme': not a telephone number"),
+    ],
+)
+def test_bad_number_specs(tmp_path: Path, numbers: str, message: str) -> None:
+    text = f"accounts:\n  acme:\n    sources: [192.0.2.0/24]\n    numbers: {numbers}\n"
+    [error] = errors(tmp_path, text)
+    assert error.startswith("4: accounts.acme.numbers: ")
+    assert message in error
+
+
+@pytest.mark.parametrize(
+    ("text", "prefix", "message"),
+    [
+        (
+            "accounts:\n  acme:\n    numbers: []\n    sources: [192.0.2.0/33]\n",
+            "4: accounts.acme.sources: ",
+            "'192.0.2.0/33' does not appear to be an IPv4 or IPv6 network",
+        ),
+        (
+            "accounts:\n  acme:\n    sources: [acme.example]\n",
+            "3: accounts.acme.sources: ",
+            "'acme.example' does not appear to be an IPv4 or IPv6 network",
+        ),
+        (
+            "proxy:\n  trusted_peers: [10.0.0.0/8, 300.0.0.1]\n",
+            "2: proxy.trusted_peers: ",
+            "'300.0.0.1' does not appear to be an IPv4 or IPv6 network",
+        ),
+        ("proxy:\n  listen: [udp:127.0.0.1:sip]\n", "2: proxy.listen: ", "not an address"),
+        ("proxy:\n  upstream: udp:pbx:99999\n", "2: proxy.upstream: ", "port out of range"),
+    ],
+)
+def test_bad_addresses(tmp_path: Path, text: str, prefix: str, message: str) -> None:
+    [error] = errors(tmp_path, text)
+    assert error.startswith(prefix)
+    assert message in error
+
+
+def test_unknown_regions(tmp_path: Path) -> None:
+    text = """\
+    numbering:
+      default_region: XX
+    accounts:
+      acme:
+        sources: [192.0.2.0/24]
+        region: Narnia
+        numbers: ["+14155550100"]
+      beta:
+        sources: [198.51.100.0/24]
+        region: null
+    """
+    assert errors(tmp_path, text) == [
+        "2: numbering.default_region: Value error, unknown region 'XX' (ISO 3166 code such as US, GB, DE); "
+        "found 'XX'",
+        "6: accounts.acme.region: Value error, unknown region 'Narnia' (ISO 3166 code such as US, GB, DE); "
+        "found 'Narnia'",
+    ]
+
+
+def test_errors_in_sections_and_rules_are_reported_together(tmp_path: Path) -> None:
+    text = """\
+    proxy: {max_calls: 0}
+    rules:
+      concurrency: {per_number: 0}
+      caller_id: {anonymous: nope}
+    """
+    assert [error.split(":")[0] for error in errors(tmp_path, text)] == ["1", "3", "4"]
+
+
+# -- warnings -----------------------------------------------------------------------------------
+def test_overlapping_numbers_warn(tmp_path: Path) -> None:
+    policy = load(
+        tmp_path,
+        """\
+        accounts:
+          acme:
+            sources: [192.0.2.0/24]
+            numbers: ["+14155550100-+14155550199"]
+          beta:
+            sources: [198.51.100.0/24]
+            numbers:
+              - "+14155550150"
+              - "+1415555019*"
+        """,
+    )
+    assert policy.warnings == [
+        f"{policy.path}:7: accounts.beta.numbers: accounts 'acme' and 'beta' both own "
+        "+14155550150, +14155550190-+14155550199"
+    ]
+
+
+def test_an_account_no_call_can_match_warns(tmp_path: Path) -> None:
+    policy = load(tmp_path, "accounts:\n  lost:\n    numbers: ['+14155550100']\n")
+    assert policy.warnings == [
+        f"{policy.path}:2: accounts.lost: account 'lost' has no sources, from_domains or auth_usernames: "
+        "no call can match it"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("rule", "body"),
+    [
+        ("concurrency", "{per_number: null, per_account: null}"),
+        ("call_rate", "{per_number: null, per_account: null, per_source: null}"),
+    ],
+)
+def test_a_rule_with_no_limit_warns(tmp_path: Path, rule: str, body: str) -> None:
+    policy = load(tmp_path, f"proxy: {{}}\nrules:\n  {rule}: {body}\n")
+    [warning] = policy.warnings
+    assert warning.startswith(f"{policy.path}:3: rules.{rule}: {rule} has no limit set")
+    assert warning.endswith("it never fires")
+
+
+# -- sipguard check ---------------------------------------------------------------------------------
+def test_check_reports_a_typo_with_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, "rules:\n  concurrency:\n    per_numbr: 3\n")
+    assert main(["check", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        f"{path}:3: rules.concurrency.per_numbr: unknown key 'per_numbr' (did you mean 'per_number'?)\n"
+    )
+
+
+def test_check_summarises_a_good_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, GOOD)
+    assert main(["check", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert out.startswith(f"{path}: OK\n")
+    assert "emergency 000, 112, 1911, 911" in out
+    assert "rules (3), in the order they run:" in out
+    assert "accounts (2):" in out
+    assert "acme: region US; sources 2001:db8::/32, 192.0.2.0/24; owns" in out
+    assert "office: region GB" in out
+    assert "warnings" not in out
+
+
+def test_check_lists_warnings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, "accounts:\n  lost: {}\nrules:\n  concurrency: {}\n")
+    assert main(["check", str(path)]) == 0
+    out, _ = capsys.readouterr()
+    assert f"warnings (1):\n  {path}:2: accounts.lost: account 'lost' has no sources" in out
+
+
+def test_check_the_shipped_example(capsys: pytest.CaptureFixture[str]) -> None:
+    assert EXAMPLE.is_file(), "policies/example.yaml is the documented starting point"
+    assert main(["check", str(EXAMPLE)]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert out.startswith(f"{EXAMPLE}: OK\n")
+    assert "warnings" not in out
+    policy = load_policy(EXAMPLE)
+    assert [rule.name for rule, _ in policy.rules] == ["caller_id", "concurrency", "call_rate"]
+    assert "000" in policy.emergency.numbers
