@@ -29,27 +29,23 @@ class ConcurrencyPolicy(Policy[ConcurrencyConfig]):
     description = "simultaneous calls per number, account and destination"
 
     def check(self, call: CallContext, config: ConcurrencyConfig) -> Verdict:
-        operations: list[TakeSlot] = []
-        if config.per_number is not None and call.caller is not None:
-            operations.append(
-                TakeSlot(
-                    key=f"conc:num:{call.caller}", limit=config.per_number, label=f"calls from {call.caller}"
-                )
+        subjects = (
+            (config.per_number, "num", call.caller, "calls from"),
+            (config.per_account, "acct", call.account.name if call.account else None, "calls of"),
+            (config.per_destination, "dst", call.callee, "calls to"),
+        )
+        operations = tuple(
+            TakeSlot(
+                key=f"conc:{kind}:{subject}",
+                limit=limit,
+                rule=self.name,
+                enforced=config.enforced,
+                label=f"{label} {subject}",
             )
-        if config.per_account is not None and call.account is not None:
-            name = call.account.name
-            operations.append(
-                TakeSlot(key=f"conc:acct:{name}", limit=config.per_account, label=f"calls of {name}")
-            )
-        if config.per_destination is not None and call.callee is not None:
-            operations.append(
-                TakeSlot(
-                    key=f"conc:dst:{call.callee}",
-                    limit=config.per_destination,
-                    label=f"calls to {call.callee}",
-                )
-            )
-        return Require(tuple(operations)) if operations else ALLOW
+            for limit, kind, subject, label in subjects
+            if limit is not None and subject is not None
+        )
+        return Require(operations) if operations else ALLOW
 
     def account_overrides(self, limits: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
         names = {"concurrent_per_number": "per_number", "concurrent": "per_account"}
