@@ -26,7 +26,9 @@ class CallerIdConfig(RuleConfig):
     )
     anonymous: Literal["with-owned-identity", "allow", "reject"] = "with-owned-identity"
     strip_untrusted_identity: bool = Field(
-        default=True, description="remove P-Asserted-Identity and Remote-Party-ID sent by customers"
+        default=True,
+        description="remove P-Asserted-Identity and Remote-Party-ID sent by customers (done whenever any "
+        "rule runs; false here is the one way to pass them on)",
     )
 
 

@@ -37,6 +37,7 @@ TAG_HEADER = "X-Sipguard-Tag"
 _AUTH_USERNAME = re.compile(r'username\s*=\s*"([^"]*)"', re.IGNORECASE)
 _IDENTITY_HEADERS = ("p-asserted-identity", "p-preferred-identity", "remote-party-id")
 ACCEPT = Accept()
+UNTRUSTED_IDENTITY_HEADERS = ("p-asserted-identity", "remote-party-id")
 
 
 @dataclass(slots=True)
@@ -68,8 +69,6 @@ class PolicyEngine:
 
     # -- DecisionHook -------------------------------------------------------------------------
     def decide_now(self, attempt: CallAttempt) -> Verdict | None:
-        if not self.policy.rules:  # no rules configured: a plain proxy
-            return ACCEPT
         plan = self._plan(attempt)
         if plan.final is not None:
             return plan.final
@@ -99,7 +98,12 @@ class PolicyEngine:
     def _plan(self, attempt: CallAttempt) -> _Plan:
         request = attempt.request
         policy = self.policy
-        plan = _Plan(attempt, None, {}, [], [], False, ())
+        # RFC 3325: identity a customer asserts is not believed beyond sipguard, whichever
+        # rules run; caller_id's strip_untrusted_identity: false is the one way to keep it.
+        plan = _Plan(attempt, None, {}, [], [], False, UNTRUSTED_IDENTITY_HEADERS)
+        if not policy.rules:  # no rules configured: a plain proxy
+            plan.final = ACCEPT
+            return plan
         try:
             account = self._account_for(attempt.source.host, request)
             region = account.region if account else policy.region
@@ -131,8 +135,8 @@ class PolicyEngine:
         for rule, config in rules:
             name = rule.name
             plan.configs[name] = config
-            if isinstance(config, CallerIdConfig) and config.strip_untrusted_identity:
-                plan.strip = ("p-asserted-identity", "remote-party-id")
+            if isinstance(config, CallerIdConfig) and not config.strip_untrusted_identity:
+                plan.strip = ()  # the operator chose to pass customers' assertions on
             verdict = rule.check(context, config)
             if isinstance(verdict, Deny):
                 plan.denials.append((name, verdict.detail))

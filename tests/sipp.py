@@ -11,7 +11,6 @@ wait here by a deadline.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
@@ -144,6 +143,14 @@ class GuardProcess:
             self.kill()
             raise AssertionError(f"sipguard did not start: {self.argv}\n" + "\n".join(self.garbage))
         return self
+
+    @property
+    def exited(self) -> bool:
+        return self._process is not None and self._process.poll() is not None
+
+    def send_signal(self, sig: signal.Signals) -> None:
+        assert self._process is not None and not self.exited, "sipguard is not running"
+        self._process.send_signal(sig)
 
     def _read(self) -> None:
         assert self._process is not None and self._process.stderr is not None
@@ -397,8 +404,3 @@ class Lab:
             sipp.kill()
         for guard in self.guards:
             guard.kill()
-
-
-def ci() -> bool:
-    """Kept for tests/test_e2e_policies.py until it drops its skip mark (to be removed)."""
-    return bool(os.environ.get("CI"))

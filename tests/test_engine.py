@@ -115,8 +115,11 @@ def decisions(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [entry for entry in logs if entry["event"] == "call.decision"]
 
 
-ACCEPT = Accept()
+# Every accepted customer call loses the identity headers it asserted (RFC 3325), whichever
+# rules run; emergency calls and a policy with no rules pass untouched.
 STRIPPED = Accept(remove_headers=STRIP)
+ACCEPT = STRIPPED
+UNTOUCHED = Accept()
 
 
 # -- modes --------------------------------------------------------------------------------------
@@ -160,7 +163,7 @@ def test_tag_accepts_with_a_header_naming_the_rule() -> None:
     engine = engine_for({"concurrency": {"mode": "tag", "per_number": 1, "per_account": None}})
     decide(engine, attempt("a"))
     assert decide(engine, attempt("b")) == Accept(
-        add_headers=((TAG_HEADER, f"concurrency; calls from {OWNED}: 2 > 1"),)
+        add_headers=((TAG_HEADER, f"concurrency; calls from {OWNED}: 2 > 1"),), remove_headers=STRIP
     )
     assert engine.counters["tag_concurrency"] == 1
 
@@ -270,8 +273,8 @@ def test_async_decide_agrees_with_decide_now() -> None:
 
 def test_no_rules_is_a_plain_proxy() -> None:
     engine = engine_for({})
-    assert decide(engine, attempt("a", caller=NOT_OWNED, source=ELSEWHERE)) == ACCEPT
-    assert asyncio.run(engine.decide(attempt("b", caller=NOT_OWNED, source=ELSEWHERE))) == ACCEPT
+    assert decide(engine, attempt("a", caller=NOT_OWNED, source=ELSEWHERE)) == UNTOUCHED
+    assert asyncio.run(engine.decide(attempt("b", caller=NOT_OWNED, source=ELSEWHERE))) == UNTOUCHED
     assert store_of(engine).slots == {}
 
 
@@ -307,8 +310,8 @@ def test_emergency_calls_are_accepted_and_never_counted(uri: str, source: Addres
     with capture_logs() as logs:
         for index in range(3):
             call = attempt(f"sos{index}", uri=uri, source=source, from_=from_, now=T0 + index)
-            assert decide(engine, call) == ACCEPT
-            assert asyncio.run(engine.decide(call)) == ACCEPT
+            assert decide(engine, call) == UNTOUCHED
+            assert asyncio.run(engine.decide(call)) == UNTOUCHED
             end(engine, call)
     assert (store.slots, store.buckets, engine.held) == (slots, buckets, live)
     assert engine.counters["emergency"] == 6
@@ -337,9 +340,15 @@ def test_untrusted_identity_headers_are_stripped() -> None:
     assert decide(engine, attempt("b")) == STRIPPED
 
 
+def test_identity_is_stripped_even_without_caller_id() -> None:
+    """RFC 3325: the trust domain ends at sipguard whichever rules run."""
+    engine = engine_for({"concurrency": {}})
+    assert decide(engine, attempt("a")) == STRIPPED
+
+
 def test_stripping_can_be_turned_off() -> None:
     engine = engine_for({"caller_id": {"strip_untrusted_identity": False}})
-    assert decide(engine, attempt("a")) == ACCEPT
+    assert decide(engine, attempt("a")) == UNTOUCHED
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,236 @@
+"""sipguard with a policy file between SIPp customers and a SIPp PBX, for the policy
+end-to-end tests (tests/test_e2e_policies.py). Builds on tests/sipp.py.
+
+Customers are told apart the way the policy file tells them apart, by source address:
+each SIPp caller binds its own loopback address (``-i 127.0.0.2``, ``127.0.0.3``), and
+the policy's ``sources:`` name those. Readiness and progress are read from sipguard's
+JSON log as it is written (``wait_for``), never from fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import socket
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sipp import (
+    LOOPBACK,
+    GuardLog,
+    GuardProcess,
+    Lab,
+    Sipp,
+    SippResult,
+    free_ports,
+    installed_sipguard,
+    wait_until,
+)
+
+ACME = "127.0.0.2"  # the source address of customer account "acme"
+GLOBEX = "127.0.0.3"  # ... and of "globex"
+CALLEE = "+12125551234"  # whom the customers call (any real number that is not an emergency one)
+PBX_CALLS = 100  # the stand-in PBX's -m: more than any test places; it is stopped at the end
+
+
+class PolicyGuard(GuardProcess):
+    """A running ``sipguard run --config FILE``, whose log can be waited on while it runs."""
+
+    def mark(self) -> int:
+        """Where the log is now: pass it as ``since`` to wait only for what comes next."""
+        return len(self.events)
+
+    def wait_for(self, event: str, *, since: int = 0, timeout: float = 10.0, **fields: Any) -> dict[str, Any]:
+        """The first log line from ``since`` on named ``event`` whose ``fields`` match."""
+        found: list[dict[str, Any]] = []
+
+        def logged() -> bool:
+            for entry in self.events[since:]:
+                if entry.get("event") == event and all(entry.get(k) == v for k, v in fields.items()):
+                    found.append(entry)
+                    return True
+            if self.exited:
+                raise AssertionError(f"sipguard exited waiting for {event}:\n" + "\n".join(self.garbage))
+            return False
+
+        wait_until(logged, timeout, f"{event} {fields} in sipguard's log")
+        return found[0]
+
+
+def free_udp_port(host: str) -> int:
+    """A UDP port free on ``host`` right now. Asked of the caller's own address: a port
+    another caller still holds on 127.0.0.2 looks free on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+class Caller(Sipp):
+    """A SIPp UAC placing calls from the loopback address ``source``."""
+
+    def __init__(self, workdir: Path, name: str, *, source: str, **options: Any) -> None:
+        super().__init__(workdir, name, **options)
+        self.argv[self.argv.index("-i") + 1] = source
+
+
+@dataclass
+class PolicyLab:
+    """One sipguard with a policy file, a stand-in PBX (uas_pbx.xml) and the callers."""
+
+    lab: Lab
+    proxy: int = 0
+    pbx_port: int = 0
+    path: Path = field(default_factory=Path)
+    guard: PolicyGuard | None = None
+    pbx: Sipp | None = None
+    _callers: int = 0
+
+    def __post_init__(self) -> None:
+        self.proxy, self.pbx_port = free_ports(2)
+        self.path = self.lab.workdir / "policy.yaml"
+
+    def write_policy(self, body: str) -> Path:
+        """The policy file: a ``proxy:`` section for this lab's ports, then ``body``."""
+        listen, upstream = f"udp:{LOOPBACK}:{self.proxy}", f"udp:{LOOPBACK}:{self.pbx_port}"
+        section = f"proxy:\n  listen: [{listen}]\n  upstream: {upstream}\n"
+        self.path.write_text(section + textwrap.dedent(body).lstrip("\n"))
+        return self.path
+
+    def start(self, body: str) -> PolicyGuard:
+        """Write the policy, start the PBX and ``sipguard run --config`` (debug log: every
+        judged INVITE gets a ``call.decision`` line), and wait until both are ready."""
+        self.write_policy(body)
+        self.pbx = Sipp(
+            self.lab.workdir, "pbx", scenario="uas_pbx.xml", port=self.pbx_port, calls=PBX_CALLS, timeout=120
+        )
+        self.lab.sipps.append(self.pbx)
+        self.pbx.start().wait_listening()
+        argv = [installed_sipguard(), "run", "--config", str(self.path)]
+        argv += ["--log-format", "json", "--log-level", "debug"]
+        self.guard = PolicyGuard(argv, self.lab.workdir / "sipguard.log")
+        self.lab.guards.append(self.guard)
+        self.guard.start()
+        self.guard.wait_for("policy.loaded")
+        return self.guard
+
+    def call(
+        self,
+        scenario: str,
+        caller: str,
+        *,
+        source: str = ACME,
+        dialled: str = CALLEE,
+        calls: int = 1,
+        rate: float = 10.0,
+        hold_ms: int = 0,
+        timeout: float = 20.0,
+    ) -> Caller:
+        """Start a SIPp UAC (it runs in the background): ``calls`` calls from ``caller``."""
+        self._callers += 1
+        uac = Caller(
+            self.lab.workdir,
+            f"uac-{self._callers}-{scenario.removesuffix('.xml')}",
+            source=source,
+            scenario=scenario,
+            port=free_udp_port(source),
+            calls=calls,
+            remote=f"{LOOPBACK}:{self.proxy}",
+            rate=rate,
+            timeout=timeout,
+            extra=["-key", "caller", caller, "-s", dialled, "-d", str(hold_ms)],
+        )
+        self.lab.sipps.append(uac)
+        uac.start()
+        return uac
+
+    def run(self, scenario: str, caller: str, **options: Any) -> SippResult:
+        """Place the calls and wait for SIPp to finish."""
+        return self.call(scenario, caller, **options).wait()
+
+    def finish(self) -> tuple[GuardLog, SippResult]:
+        """Stop sipguard (SIGTERM, drain), then the PBX; return both logs."""
+        assert self.guard is not None and self.pbx is not None
+        log = self.guard.stop()
+        return log, self.pbx.stop()
+
+
+# -- reading the outcome ---------------------------------------------------------------------------
+def final_statuses(result: SippResult) -> dict[str, int]:
+    """Call-ID -> status of the first final response to its INVITE that SIPp received."""
+    statuses: dict[str, int] = {}
+    for message in result.messages:
+        if message.direction != "received" or message.method is not None:
+            continue
+        if not message.headers("cseq")[0].endswith("INVITE"):
+            continue
+        status = int(message.first_line.split()[1])
+        if status >= 200:
+            statuses.setdefault(message.headers("call-id")[0], status)
+    return statuses
+
+
+def final_responses(result: SippResult, status: int) -> list[Any]:
+    """The first final response of each INVITE that was answered ``status``."""
+    seen: set[str] = set()
+    found = []
+    for message in result.messages:
+        if message.direction == "received" and message.first_line.startswith(f"SIP/2.0 {status} "):
+            call_id = message.headers("call-id")[0]
+            if call_id not in seen and message.headers("cseq")[0].endswith("INVITE"):
+                seen.add(call_id)
+                found.append(message)
+    return found
+
+
+def assert_calls(result: SippResult, statuses: list[int]) -> dict[str, int]:
+    """SIPp finished cleanly, every call went the way its scenario allows, and the INVITEs'
+    final responses were ``statuses``, in call order. Returns Call-ID -> status."""
+    assert result.returncode == 0, result.summary()
+    assert (result.successful, result.failed) == (len(statuses), 0), result.summary()
+    outcome = final_statuses(result)
+    in_order = sorted(outcome.items(), key=lambda item: int(item[0].split("-", 1)[0]))  # N-pid@ip
+    assert [status for _, status in in_order] == statuses, (outcome, result.summary())
+    return outcome
+
+
+def only_call_id(result: SippResult) -> str:
+    (call_id,) = final_statuses(result)
+    return call_id
+
+
+def decisions(log: GuardLog | PolicyGuard, **fields: Any) -> list[dict[str, Any]]:
+    """The ``call.decision`` lines whose ``fields`` match."""
+    return [
+        entry
+        for entry in log.events
+        if entry.get("event") == "call.decision" and all(entry.get(k) == v for k, v in fields.items())
+    ]
+
+
+def decision_of(log: GuardLog | PolicyGuard, call_id: str) -> dict[str, Any]:
+    (found,) = decisions(log, call_id=call_id)
+    return found
+
+
+def counters(decision: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """A decision's counters as ``{"<rule>: <what>": (count, limit)}``."""
+    return {f"{c['rule']}: {c['what']}": (c["count"], c["limit"]) for c in decision["counters"]}
+
+
+def also(decision: dict[str, Any]) -> dict[str, str]:
+    """The other rules a decision names (``also``), rule -> mode."""
+    return {entry["rule"]: entry["mode"] for entry in decision.get("also", [])}
+
+
+def assert_pbx_clean(pbx: SippResult, invites: int) -> None:
+    """The PBX got exactly ``invites`` INVITEs, none with an identity a customer asserted,
+    and failed no call (uas_pbx.xml fails one that carries P-Asserted-Identity/RPID)."""
+    received = pbx.requests("received", "INVITE")
+    call_ids = [m.headers("call-id")[0] for m in received]
+    assert len(set(call_ids)) == invites, call_ids
+    for invite in received:
+        assert invite.headers("p-asserted-identity") == [], invite.text
+        assert invite.headers("remote-party-id") == [], invite.text
+    assert pbx.stats, f"the PBX wrote no statistics:\n{pbx.summary()}"
+    failed = (pbx.stats["FailedCall(C)"], pbx.stats["FailedRegexpShouldntMatch(C)"])
+    assert failed == ("0", "0"), pbx.summary()

@@ -1,0 +1,419 @@
+"""End to end: sipguard's policies, with real SIPp customers and a SIPp stand-in PBX.
+
+Each test writes a small policy file to tmp_path, runs ``sipguard run --config FILE
+--log-format json --log-level debug`` and the PBX (sipp-scenarios/uas_pbx.xml), places
+calls with SIPp from the customers' loopback addresses (acme 127.0.0.2, globex
+127.0.0.3), and checks both sides of every call: how SIPp saw it end (the final response
+to each INVITE in its message trace; the scenarios fail a call that ends any other way)
+and how sipguard judged it (its ``call.decision`` line: verdict, rule, counters, and the
+rules that also fired, with their modes). The PBX side must show exactly the calls that
+were let through, none carrying an identity a customer asserted.
+
+The scenario files and what each shows are listed in sipp-scenarios/README.md.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from policy_e2e import (
+    ACME,
+    GLOBEX,
+    PolicyLab,
+    also,
+    assert_calls,
+    assert_pbx_clean,
+    counters,
+    decision_of,
+    decisions,
+    final_responses,
+    final_statuses,
+    only_call_id,
+)
+from sipp import GuardLog, Lab, SippResult
+
+pytestmark = [
+    pytest.mark.sipp,
+]
+
+ACME_NUMBER = "+14155550100"
+ACME_OTHER_NUMBER = "+14155550101"
+GLOBEX_NUMBER = "+16505550100"
+NOBODYS_NUMBER = "+14155550666"  # owned by no account
+
+
+@pytest.fixture
+def policy_lab(tmp_path: Path) -> Iterator[PolicyLab]:
+    lab = Lab(tmp_path)
+    yield PolicyLab(lab)
+    lab.close()
+
+
+def assert_guard_clean(log: GuardLog, ended_by_bye: int) -> None:
+    """A clean stop: exit 0, only JSON on stderr, no internal or policy error, no call left,
+    and ``ended_by_bye`` calls (those that connected) ended by BYE."""
+    assert log.returncode == 0, log.summary()
+    assert log.garbage == [], log.summary()
+    assert log.counter("internal_errors") == 0, log.summary()
+    assert log.named("policy.error") == [] and log.named("proxy.drain_timeout") == [], log.summary()
+    assert log.stopped["live_calls"] == 0, log.summary()
+    assert log.counter("calls_ended_bye") == log.counter("calls_answered") == ended_by_bye, log.summary()
+
+
+def pbx_call_ids(pbx: SippResult) -> set[str]:
+    return {m.headers("call-id")[0] for m in pbx.requests("received", "INVITE")}
+
+
+def index_of(log: GuardLog, event: str, call_id: str) -> int:
+    """Where in the log the one ``event`` line about ``call_id`` is."""
+    (found,) = [i for i, e in enumerate(log.events) if (e.get("event"), e.get("call_id")) == (event, call_id)]
+    return found
+
+
+# -- 1. caller-ID spoofing ------------------------------------------------------------------------
+TWO_ACCOUNTS = f"""
+accounts:
+  acme:
+    sources: [{ACME}/32]
+    numbers: ["{ACME_NUMBER}"]
+  globex:
+    sources: [{GLOBEX}/32]
+    numbers: ["{GLOBEX_NUMBER}"]
+rules:
+  caller_id: {{}}
+"""
+
+
+def test_spoofed_caller_refused_owned_caller_connects(policy_lab: PolicyLab) -> None:
+    """acme presenting globex's number is refused 403 while acme's own call, from the same
+    address, is up; the same number from globex's address connects."""
+    guard = policy_lab.start(TWO_ACCOUNTS)
+
+    owned = policy_lab.call("uac_caller.xml", ACME_NUMBER, source=ACME, hold_ms=1500)
+    guard.wait_for("call.decision", caller_e164=ACME_NUMBER, verdict="accept")
+    spoofed = policy_lab.run("uac_spoofed.xml", GLOBEX_NUMBER, source=ACME)
+    owner = policy_lab.run("uac_caller.xml", GLOBEX_NUMBER, source=GLOBEX)
+    owned_result = owned.wait()
+
+    log, pbx = policy_lab.finish()
+    owned_id = only_call_id(owned_result)
+    spoofed_id = only_call_id(spoofed)
+    assert_calls(owned_result, [200])
+    assert_calls(spoofed, [403])
+    assert_calls(owner, [200])
+    (refusal,) = final_responses(spoofed, 403)
+    assert refusal.first_line == "SIP/2.0 403 Caller ID not permitted"
+    refused = decision_of(log, spoofed_id)
+    assert (refused["verdict"], refused["rule"], refused["account"], refused["source"]) == (
+        "reject", "caller_id", "acme", ACME,
+    )  # fmt: skip
+    assert refused["detail"] == f"from {GLOBEX_NUMBER} not owned by acme"
+    assert decisions(log, verdict="reject") == [refused]
+    assert len(decisions(log)) == 3  # one per judged INVITE
+    assert decision_of(log, owned_id)["account"] == "acme"
+    assert decision_of(log, only_call_id(owner))["account"] == "globex"
+    # the refused call never reached the PBX, and the spoofed call overlapped the owned one
+    assert pbx_call_ids(pbx) == {owned_id, only_call_id(owner)}
+    assert index_of(log, "call.decision", spoofed_id) < index_of(log, "call.ended", owned_id)
+    assert_pbx_clean(pbx, 2)
+    assert_guard_clean(log, ended_by_bye=2)
+
+
+def test_customer_asserted_identity_is_stripped(policy_lab: PolicyLab) -> None:
+    """RFC 3325: a customer's P-Asserted-Identity and Remote-Party-ID (here for a number it
+    owns, so the call is allowed) are removed before the PBX sees the INVITE."""
+    policy_lab.start(TWO_ACCOUNTS)
+
+    caller = policy_lab.run("uac_caller_pai.xml", ACME_NUMBER, source=ACME)
+
+    log, pbx = policy_lab.finish()
+    assert_calls(caller, [200])
+    sent = caller.requests("sent", "INVITE")[0]  # (retransmissions, if any, are copies)
+    assert sent.headers("p-asserted-identity") == [f"<sip:{ACME_NUMBER}@{ACME};user=phone>"]
+    assert sent.headers("remote-party-id") != []
+    received = pbx.requests("received", "INVITE")[0]
+    assert received.headers("call-id") == sent.headers("call-id")
+    assert received.headers("p-asserted-identity") == received.headers("remote-party-id") == []
+    assert received.headers("from") == sent.headers("from")  # the rest is untouched
+    assert_pbx_clean(pbx, 1)  # also: uas_pbx.xml's own check passed (no failed call)
+    assert_guard_clean(log, ended_by_bye=1)
+
+
+# -- 2. trunking: simultaneous calls per number -----------------------------------------------------
+def test_per_number_cap_third_call_busy_until_a_bye(policy_lab: PolicyLab) -> None:
+    """acme may hold 2 calls per number (its ``limits:`` shorthand over a rule default of
+    5). With two calls from one number up, a third from it gets 486 while another number's
+    calls connect; once one of the two hangs up, the first number connects again while its
+    other call is still up."""
+    guard = policy_lab.start(f"""
+        accounts:
+          acme:
+            sources: [{ACME}/32]
+            numbers: ["+14155550100-+14155550199"]
+            limits: {{concurrent_per_number: 2}}
+        rules:
+          concurrency: {{per_number: 5, per_account: null}}
+        """)
+
+    mark = guard.mark()
+    long_call = policy_lab.call("uac_trunking.xml", ACME_NUMBER, hold_ms=6000)
+    guard.wait_for("call.decision", since=mark, caller_e164=ACME_NUMBER, verdict="accept")
+    mark = guard.mark()
+    short_call = policy_lab.call("uac_trunking.xml", ACME_NUMBER, hold_ms=2500)
+    guard.wait_for("call.decision", since=mark, caller_e164=ACME_NUMBER, verdict="accept")
+    third = policy_lab.run("uac_trunking.xml", ACME_NUMBER)
+    other_number = policy_lab.run("uac_trunking.xml", ACME_OTHER_NUMBER, calls=2, rate=20, hold_ms=500)
+    short = short_call.wait()
+    guard.wait_for("call.ended", call_id=only_call_id(short), reason="bye")
+    again = policy_lab.run("uac_trunking.xml", ACME_NUMBER)
+    long = long_call.wait()
+
+    log, pbx = policy_lab.finish()
+    assert_calls(long, [200])
+    assert_calls(short, [200])
+    assert_calls(third, [486])
+    assert_calls(other_number, [200, 200])
+    assert_calls(again, [200])
+    # exactly the third call was refused, by the per-number cap, counting the two held calls
+    third_id = only_call_id(third)
+    busy = decision_of(log, third_id)
+    assert (busy["verdict"], busy["rule"], busy["detail"]) == (
+        "reject", "concurrency", f"calls from {ACME_NUMBER}: 3 > 2",
+    )  # fmt: skip
+    assert counters(busy) == {f"concurrency: calls from {ACME_NUMBER}": (3, 2)}
+    assert decisions(log, verdict="reject") == [busy]
+    assert len(decisions(log)) == 6  # one per judged INVITE
+    (answer,) = final_responses(third, 486)
+    assert answer.first_line == "SIP/2.0 486 Too many simultaneous calls"
+    # the other number counted its own calls only
+    other_counts = [counters(decision_of(log, cid)) for cid in final_statuses(other_number)]
+    short_ended = index_of(log, "call.ended", only_call_id(short))
+    assert all(index_of(log, "call.decision", cid) < short_ended for cid in final_statuses(other_number))
+    other_key = f"concurrency: calls from {ACME_OTHER_NUMBER}"
+    assert sorted(c[other_key] for c in other_counts) == [(1, 2), (2, 2)]
+    # after the BYE, the new call took the freed slot next to the long call, still up
+    again_id = only_call_id(again)
+    assert counters(decision_of(log, again_id)) == {f"concurrency: calls from {ACME_NUMBER}": (2, 2)}
+    assert index_of(log, "call.decision", again_id) < index_of(log, "call.ended", only_call_id(long))
+    assert third_id not in pbx_call_ids(pbx)
+    assert_pbx_clean(pbx, 5)
+    assert_guard_clean(log, ended_by_bye=5)
+
+
+# -- 3. dialer bursts: call rate ------------------------------------------------------------------
+def test_dialer_burst_gets_503_retry_after_then_service_resumes(policy_lab: PolicyLab) -> None:
+    """60 calls a minute per number with a burst of 3: a dialer's 6 back-to-back calls get
+    3 through and 3 refused 503 with Retry-After: 1 (a full bucket frees a place within a
+    second). Another number is not affected; the dialer's number is served again once the
+    window has passed (polled with bounded retries, which do not count against it)."""
+    policy_lab.start(f"""
+        accounts:
+          acme:
+            sources: [{ACME}/32]
+            numbers: ["+14155550100-+14155550199"]
+        rules:
+          call_rate:
+            per_number: {{per_minute: 60, burst: 3}}
+            per_account: null
+        """)
+
+    burst = policy_lab.run("uac_dialer.xml", ACME_NUMBER, calls=6, rate=100, hold_ms=100)
+    burst_over = time.monotonic()
+    other_number = policy_lab.run("uac_dialer.xml", ACME_OTHER_NUMBER)
+    refused = final_responses(burst, 503)
+    assert refused and refused[0].headers("retry-after"), burst.summary()
+    retry_after = int(refused[0].headers("retry-after")[0])
+    probes: list[SippResult] = []
+    while True:  # retry until served, within Retry-After plus a margin
+        probes.append(policy_lab.run("uac_dialer.xml", ACME_NUMBER))
+        if list(final_statuses(probes[-1]).values()) == [200]:
+            break
+        waited = time.monotonic() - burst_over
+        assert waited < retry_after + 2, f"not served again {waited:.1f} s after Retry-After: {retry_after}"
+        time.sleep(0.05)  # a polling interval, not a wait for the window
+
+    log, pbx = policy_lab.finish()
+    statuses = assert_calls(burst, [200, 200, 200, 503, 503, 503])
+    assert_calls(other_number, [200])
+    for probe in probes[:-1]:  # refused while the window lasted: 503 with Retry-After too
+        assert_calls(probe, [503])
+    refusals = final_responses(burst, 503) + [final_responses(p, 503)[0] for p in probes[:-1]]
+    for refusal in refusals:
+        assert refusal.first_line == "SIP/2.0 503 Call rate exceeded"
+        assert refusal.headers("retry-after") == ["1"], refusal.text
+    key = f"call_rate: calls from {ACME_NUMBER}"
+    for call_id, status in statuses.items():
+        decision = decision_of(log, call_id)
+        if status == 503:
+            assert (decision["verdict"], decision["rule"]) == ("reject", "call_rate")
+            count, limit = counters(decision)[key]
+            assert (count > limit, limit) == (True, 3)
+        else:
+            assert decision["verdict"] == "accept"
+    assert len(decisions(log, verdict="reject")) == 3 + len(probes) - 1
+    assert len(decisions(log)) == 6 + 1 + len(probes)  # one per judged INVITE
+    # served again: the bucket had room for one call again, no more
+    assert decision_of(log, only_call_id(probes[-1]))["verdict"] == "accept"
+    assert counters(decision_of(log, only_call_id(probes[-1])))[key][0] <= 3
+    assert_pbx_clean(pbx, 3 + 1 + 1)
+    assert_guard_clean(log, ended_by_bye=5)
+
+
+# -- 4. emergency calls -----------------------------------------------------------------------------
+def test_emergency_call_connects_over_every_limit_and_is_not_counted(policy_lab: PolicyLab) -> None:
+    """A caller at its concurrency cap and over its call rate is refused a normal call, but
+    its call to 911 connects; the emergency call takes no slot and no rate: a normal call
+    placed while it is up sees the very same counters as the one before it."""
+    guard = policy_lab.start(f"""
+        accounts:
+          acme:
+            sources: [{ACME}/32]
+            numbers: ["{ACME_NUMBER}"]
+        rules:
+          caller_id: {{}}
+          concurrency: {{per_number: 1, per_account: null}}
+          call_rate:
+            per_number: {{per_minute: 1, burst: 1}}
+            per_account: null
+        """)
+
+    mark = guard.mark()
+    holder = policy_lab.call("uac_caller.xml", ACME_NUMBER, hold_ms=6000)
+    guard.wait_for("call.decision", since=mark, caller_e164=ACME_NUMBER, verdict="accept")
+    before = policy_lab.run("uac_trunking.xml", ACME_NUMBER)
+    mark = guard.mark()
+    emergency = policy_lab.call("uac_caller.xml", ACME_NUMBER, dialled="911", hold_ms=3000)
+    flagged = guard.wait_for("call.emergency", since=mark)
+    after = policy_lab.run("uac_trunking.xml", ACME_NUMBER)
+    emergency_result = emergency.wait()
+    holder_result = holder.wait()
+
+    log, pbx = policy_lab.finish()
+    assert_calls(holder_result, [200])
+    assert_calls(before, [486])
+    assert_calls(emergency_result, [200])
+    assert_calls(after, [486])
+    emergency_id = only_call_id(emergency_result)
+    assert (flagged["call_id"], flagged["account"], flagged["source"]) == (emergency_id, "acme", ACME)
+    assert decisions(log, call_id=emergency_id) == []  # not judged, so nothing counted
+    assert len(decisions(log)) == 3 and len(log.named("call.emergency")) == 1
+    # over every limit: refused by the first, the other named too
+    refused_before = decision_of(log, only_call_id(before))
+    assert (refused_before["verdict"], refused_before["rule"]) == ("reject", "concurrency")
+    assert also(refused_before) == {"call_rate": "enforce"}
+    assert counters(refused_before) == {
+        f"concurrency: calls from {ACME_NUMBER}": (2, 1),
+        f"call_rate: calls from {ACME_NUMBER}": (2, 1),
+    }
+    # while the emergency call was up, the next normal call saw the same counters
+    refused_after = decision_of(log, only_call_id(after))
+    assert index_of(log, "call.decision", only_call_id(after)) < index_of(log, "call.ended", emergency_id)
+    assert counters(refused_after) == counters(refused_before)
+    assert also(refused_after) == also(refused_before)
+    (emergency_invite,) = [
+        m for m in pbx.requests("received", "INVITE") if m.headers("call-id") == [emergency_id]
+    ]
+    assert emergency_invite.first_line.startswith("INVITE sip:911@"), emergency_invite.text
+    assert pbx_call_ids(pbx) == {only_call_id(holder_result), emergency_id}
+    assert_pbx_clean(pbx, 2)
+    assert_guard_clean(log, ended_by_bye=2)
+
+
+# -- 5. monitor mode --------------------------------------------------------------------------------
+def test_monitor_mode_forwards_everything_and_logs_would_be_rejections(policy_lab: PolicyLab) -> None:
+    """``mode_override: monitor``: three simultaneous calls from a number acme does not
+    own, over a cap of 1 and a rate of 1, all connect; each call.decision is an accept
+    that names every rule that would have refused it, in mode monitor."""
+    policy_lab.start(f"""
+        mode_override: monitor
+        accounts:
+          acme:
+            sources: [{ACME}/32]
+            numbers: ["{ACME_NUMBER}"]
+        rules:
+          caller_id: {{}}
+          concurrency: {{per_number: 1, per_account: null}}
+          call_rate:
+            per_number: {{per_minute: 1, burst: 1}}
+            per_account: null
+        """)
+
+    calls = policy_lab.run("uac_caller.xml", NOBODYS_NUMBER, calls=3, rate=20, hold_ms=1000)
+
+    log, pbx = policy_lab.finish()
+    statuses = assert_calls(calls, [200, 200, 200])
+    in_order = sorted(statuses, key=lambda call_id: int(call_id.split("-", 1)[0]))
+    found = [decision_of(log, call_id) for call_id in in_order]
+    assert [(d["verdict"], d["rule"]) for d in found] == [("accept", None)] * 3
+    assert [also(d) for d in found] == [
+        {"caller_id": "monitor"},
+        {"caller_id": "monitor", "concurrency": "monitor", "call_rate": "monitor"},
+        {"caller_id": "monitor", "concurrency": "monitor", "call_rate": "monitor"},
+    ]
+    details = {entry["rule"]: entry["detail"] for entry in found[2]["also"]}
+    assert details["caller_id"] == f"from {NOBODYS_NUMBER} not owned by acme"
+    assert details["concurrency"] == f"calls from {NOBODYS_NUMBER}: 3 > 1"
+    assert re.fullmatch(rf"calls from {re.escape(NOBODYS_NUMBER)}: \d+ > 1", details["call_rate"])
+    assert decisions(log, verdict="reject") == [] and len(decisions(log)) == 3
+    assert pbx_call_ids(pbx) == set(statuses)
+    assert_pbx_clean(pbx, 3)
+    assert_guard_clean(log, ended_by_bye=3)
+
+
+# -- 6. reload ----------------------------------------------------------------------------------------
+def test_sighup_with_broken_file_keeps_old_policy_then_applies_fixed_one(policy_lab: PolicyLab) -> None:
+    """A typo in the file and SIGHUP: the reload fails with file:line and the old policy
+    stays in force (a spoofed call is still refused 403). The file fixed to a different
+    policy and SIGHUP again: the new one applies (the number that was spoofed is now
+    acme's and connects; the one that was acme's is now refused)."""
+    old_policy = f"""
+        accounts:
+          acme:
+            sources: [{ACME}/32]
+            numbers: ["{ACME_NUMBER}"]
+        rules:
+          caller_id: {{}}
+        """
+    guard = policy_lab.start(old_policy)
+    first = policy_lab.run("uac_spoofed.xml", NOBODYS_NUMBER)
+
+    path = policy_lab.path
+    broken = path.read_text().replace("    numbers:", "    numbrs:")
+    path.write_text(broken)
+    line = next(i for i, text in enumerate(broken.splitlines(), 1) if "numbrs:" in text)
+    mark = guard.mark()
+    guard.send_signal(signal.SIGHUP)
+    failed = guard.wait_for("policy.reload_failed", since=mark)
+    still_refused = policy_lab.run("uac_spoofed.xml", NOBODYS_NUMBER)
+    still_owned = policy_lab.run("uac_caller.xml", ACME_NUMBER)
+
+    policy_lab.write_policy(old_policy.replace(ACME_NUMBER, NOBODYS_NUMBER))
+    mark = guard.mark()
+    guard.send_signal(signal.SIGHUP)
+    guard.wait_for("policy.reloaded", since=mark)
+    now_owned = policy_lab.run("uac_caller.xml", NOBODYS_NUMBER)
+    now_refused = policy_lab.run("uac_spoofed.xml", ACME_NUMBER)
+
+    log, pbx = policy_lab.finish()
+    assert failed["errors"] == [
+        f"{path}:{line}: accounts.acme.numbrs: unknown key 'numbrs' (did you mean 'numbers'?)"
+    ]
+    assert failed["kept"] == str(path)
+    assert len(log.named("policy.reloaded")) == 1
+    for result in (first, still_refused, now_refused):
+        assert_calls(result, [403])
+    assert_calls(still_owned, [200])
+    assert_calls(now_owned, [200])
+    refused_numbers = [(first, NOBODYS_NUMBER), (still_refused, NOBODYS_NUMBER), (now_refused, ACME_NUMBER)]
+    for result, number in refused_numbers:
+        refused = decision_of(log, only_call_id(result))
+        assert (refused["rule"], refused["detail"]) == ("caller_id", f"from {number} not owned by acme")
+    assert len(decisions(log)) == 5  # one per judged INVITE
+    assert pbx_call_ids(pbx) == {only_call_id(still_owned), only_call_id(now_owned)}
+    assert_pbx_clean(pbx, 2)
+    assert_guard_clean(log, ended_by_bye=2)
