@@ -38,6 +38,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _networks(value: list[str]) -> list[str]:
+    """Each item an IPv4/IPv6 network or address (``192.0.2.0/24``, ``10.0.0.10``)."""
+    for text in value:
+        ipaddress.ip_network(text, strict=False)
+    return value
+
+
 class ProxySection(_Strict):
     listen: list[str] = Field(default=["udp:127.0.0.1:5060"], min_length=1)
     upstream: str = "udp:127.0.0.1:5070"
@@ -61,12 +68,7 @@ class ProxySection(_Strict):
         parse_address(value)
         return value
 
-    @field_validator("trusted_peers")
-    @classmethod
-    def _networks(cls, value: list[str]) -> list[str]:
-        for text in value:
-            ipaddress.ip_network(text, strict=False)
-        return value
+    _trusted_peers = field_validator("trusted_peers")(_networks)
 
 
 def _known_region(value: str | None) -> str | None:
@@ -113,12 +115,7 @@ class AccountSection(_Strict):
     _region = field_validator("region")(_known_region)
     _numbers = field_validator("numbers", mode="before")(_numbers_as_text)
 
-    @field_validator("sources")
-    @classmethod
-    def _networks(cls, value: list[str]) -> list[str]:
-        for text in value:
-            ipaddress.ip_network(text, strict=False)
-        return value
+    _sources = field_validator("sources")(_networks)
 
 
 class PolicyFileModel(_Strict):
