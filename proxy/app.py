@@ -8,6 +8,7 @@ task, so a slow state store delays that call only.
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import os
 import signal
@@ -107,6 +108,9 @@ class SipGuard:
                 decision_timeout=self.settings.decision_timeout + 1.0,
             )
         )
+        # Everything built so far lives as long as the process: keep it out of every GC pass.
+        gc.collect()
+        gc.freeze()
         log.info("proxy.started", listen=[str(a) for a in bound], upstream=str(self.settings.upstream))
         return bound
 

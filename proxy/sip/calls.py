@@ -23,7 +23,7 @@ class CallState(enum.Enum):
 
 
 class Call:
-    __slots__ = ("answered_at", "deadline", "info", "session_expires_at", "state", "to_tag")
+    __slots__ = ("answered_at", "deadline", "info", "session_expires_at", "state", "timer_at", "to_tag")
 
     def __init__(self, info: CallInfo, deadline: float) -> None:
         self.info = info
@@ -32,6 +32,7 @@ class Call:
         self.answered_at: float | None = None
         self.session_expires_at: float | None = None
         self.deadline = deadline
+        self.timer_at: float | None = None  # when the core's heap entry for it fires
 
     def matches(self, tags: tuple[str | None, str | None]) -> bool:
         return self.info.from_tag in tags

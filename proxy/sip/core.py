@@ -28,7 +28,6 @@ from __future__ import annotations
 import enum
 import hashlib
 import heapq
-import ipaddress
 import itertools
 from dataclasses import dataclass, field
 
@@ -50,6 +49,7 @@ from .events import (
     Verdict,
 )
 from .headers import Via, split_values
+from .hosts import Network, in_networks, is_ip, is_routable, normal_host
 from .message import Request, Response, parse_message
 from .replies import build_cancel, build_reply
 from .uri import SipUri
@@ -80,7 +80,7 @@ class CoreConfig:
     upstream: Address
     # Sources on the PBX side besides the upstream address itself (a PBX that sends from
     # other ports or hosts, e.g. new TCP connections): their requests are not judged.
-    trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    trusted_networks: tuple[Network, ...] = ()
     branch_secret: bytes = b""
     server_header: str | None = "sipguard"
     max_calls: int = 100_000
@@ -112,6 +112,7 @@ class Transaction:
         "key",
         "last_response",
         "local",
+        "method",
         "out_branch",
         "out_local",
         "request",
@@ -119,11 +120,15 @@ class Transaction:
         "retransmit_interval",
         "source",
         "state",
+        "timer_at",
     )
 
     def __init__(self, key: tuple[str, str, str], request: Request, source: Address, local: Address) -> None:
         self.key = key
-        self.request = request
+        self.method = request.method
+        # released when the transaction completes: it lingers 32 s for retransmissions
+        # and needs only its last response then (a parsed request is ~70 objects)
+        self.request: Request | None = request
         self.source = source
         self.local = local
         self.state = TxState.FORWARDED
@@ -140,6 +145,7 @@ class Transaction:
         self.is_session_refresh = False
         self.retransmit_at: float | None = None
         self.retransmit_interval = T1
+        self.timer_at: float | None = None  # when its one heap entry fires (see _set_expiry)
 
 
 class ProxyCore:
@@ -149,7 +155,7 @@ class ProxyCore:
         self._server_tx: dict[tuple[str, str, str], Transaction] = {}
         self._client_tx: dict[tuple[str, str], Transaction] = {}
         self._deciding: dict[str, Transaction] = {}
-        self._timers: list[tuple[float, int, str, object]] = []
+        self._timers: list[tuple[float, int, str, Transaction | Call]] = []
         self._timer_seq = itertools.count()
         self._upstream_host_port = _normal_host_port(config.upstream.host, config.upstream.port)
         self._trusted: dict[str, bool] = {}  # source host -> inside a trusted network (bounded cache)
@@ -209,7 +215,7 @@ class ProxyCore:
             self._reply(tx, verdict.status, verdict.reason, now, actions, headers=verdict.headers)
             return actions
         tx.call = self.calls.start(tx.attempt)
-        self._schedule(tx.call.deadline, "call", tx.call)
+        self._arm_call(tx.call)
         self._forward(
             tx, now, actions, add_headers=verdict.add_headers, remove_headers=verdict.remove_headers
         )
@@ -223,17 +229,23 @@ class ProxyCore:
         timers = self._timers
         while timers and timers[0][0] <= now:
             when, _, kind, target = heapq.heappop(timers)
-            if kind == "tx":
-                assert isinstance(target, Transaction)
-                if self._server_tx.get(target.key) is target and target.expires_at <= now:
-                    self._expire_transaction(target, now, actions)
-            elif kind == "retransmit":
+            if kind == "retransmit":
                 assert isinstance(target, Transaction)
                 self._retransmit(target, when, now, actions)
-            elif kind == "call":
-                assert isinstance(target, Call)
-                if target.deadline == when:
-                    self._end_call_by_timer(target, now, actions)
+                continue
+            assert isinstance(target, Transaction | Call)
+            if target.timer_at != when:
+                continue  # superseded by an earlier entry, or the object is gone
+            target.timer_at = None
+            if isinstance(target, Transaction):
+                if target.expires_at > now:  # extended since: fire again then
+                    self._set_expiry(target, target.expires_at)
+                elif self._server_tx.get(target.key) is target:
+                    self._expire_transaction(target, now, actions)
+            elif target.deadline > now:
+                self._arm_call(target)
+            else:
+                self._end_call_by_timer(target, now, actions)
         return actions
 
     # -- requests -----------------------------------------------------------------------------
@@ -297,6 +309,7 @@ class ProxyCore:
         self, tx: Transaction, from_customer: bool, now: float, actions: list[Action]
     ) -> None:
         request = tx.request
+        assert request is not None
         if not self.accepting:
             self._reply(tx, 503, "Service Unavailable", now, actions, headers=(("Retry-After", "5"),))
             return
@@ -313,7 +326,7 @@ class ProxyCore:
         )
         if not from_customer:  # calls towards customers are tracked, not judged
             tx.call = self.calls.start(tx.attempt)
-            self._schedule(tx.call.deadline, "call", tx.call)
+            self._arm_call(tx.call)
             self._forward(tx, now, actions)
             return
         tx.state = TxState.DECIDING
@@ -351,7 +364,7 @@ class ProxyCore:
             tx = Transaction(key, request, source, local)
             tx.out_branch = self._branch(key)
             self._forward(tx, now, actions, remember=False)
-        elif invite_tx.forwarded is not None and invite_tx.destination is not None:
+        elif invite_tx.destination is not None:
             # the ACK for a downstream non-2xx belongs to the INVITE's hop-by-hop transaction
             tx = Transaction(key, request, source, local)
             tx.out_branch = invite_tx.out_branch
@@ -387,6 +400,7 @@ class ProxyCore:
         destination: Address | None = None,
     ) -> None:
         request = tx.request
+        assert request is not None
         editor = MessageEditor(request)
         from_customer = not self._is_upstream(tx.source)
         if destination is None:
@@ -475,7 +489,7 @@ class ProxyCore:
         """RFC 3261 §18.2.1 received, RFC 3581 rport: so responses can find the sender."""
         via = request.vias[0]
         # RFC 3581 §4: with rport, received is added "even if it is identical to the sent-by"
-        add_received = via.wants_rport or _normal_host(via.host) != _normal_host(source.host)
+        add_received = via.wants_rport or normal_host(via.host) != normal_host(source.host)
         if not add_received:
             return
         top = split_values(request.value_of(request.fields_named("via")[0]))[0]
@@ -506,7 +520,7 @@ class ProxyCore:
         else:
             destination, local = tx.source, tx.local
             self._track_response(tx, response, data, now, actions)
-        if not _routable(destination.host):
+        if not is_routable(destination.host):
             actions.append(Discarded(reason="Via points at a broadcast address", source=source))
             return
         actions.append(Send(data=data, destination=destination, local=local))
@@ -517,18 +531,17 @@ class ProxyCore:
         status = response.status_code
         first_response = not tx.has_response
         tx.has_response = True
-        if tx.retransmit_at is not None and (status >= 200 or tx.request.method == "INVITE"):
+        if tx.retransmit_at is not None and (status >= 200 or tx.method == "INVITE"):
             tx.retransmit_at = None  # Timer A stops on any response, Timer E on a final one
         if status < 200:
             if tx.state is TxState.FORWARDED:
                 tx.last_response = data
-                if first_response and tx.request.method == "INVITE":  # Timer B gives way to Timer C
+                if first_response and tx.method == "INVITE":  # Timer B gives way to Timer C
                     self._set_expiry(tx, self._give_up_at(tx, now, self.config.early_timeout))
             return
         first_final = tx.state is not TxState.COMPLETED
         tx.last_response = data
-        tx.state = TxState.COMPLETED
-        self._set_expiry(tx, now + TIMER_B)
+        self._complete(tx, now)
         call = tx.call
         if call is None or not first_final:
             return
@@ -542,7 +555,7 @@ class ProxyCore:
         elif call.state is CallState.EARLY:
             self.calls.answer(call, response.to.tag, now)
             self._refresh_session(call, response, now)
-            self._schedule(call.deadline, "call", call)
+            self._arm_call(call)
             actions.append(CallAnswered(call=call.info, now=now))
 
     def _give_up_at(self, tx: Transaction, now: float, timeout: float) -> float:
@@ -557,12 +570,12 @@ class ProxyCore:
         if value is None:
             if call.session_expires_at is not None:  # RFC 4028 §7.4: no Session-Expires, no expiry
                 self.calls.refresh_session(call, None, now)
-                self._schedule(call.deadline, "call", call)
+                self._arm_call(call)
             return
         seconds = value.split(";", 1)[0].strip()
         if seconds.isdigit() and int(seconds) > 0:
             self.calls.refresh_session(call, float(seconds), now)
-            self._schedule(call.deadline, "call", call)
+            self._arm_call(call)
 
     # -- replies, calls, timers ------------------------------------------------------------------
     def _reply(
@@ -575,8 +588,10 @@ class ProxyCore:
         *,
         headers: tuple[tuple[str, str], ...] = (),
     ) -> None:
+        request = tx.request
+        assert request is not None, "a completed transaction does not reply again"
         data = build_reply(
-            tx.request,
+            request,
             status,
             reason,
             to_tag=tx.out_branch[-16:],
@@ -585,15 +600,19 @@ class ProxyCore:
         )
         if data is None:
             return
-        if status >= 200:
-            tx.state = TxState.COMPLETED
-            self._set_expiry(tx, now + TIMER_B)
         tx.last_response = data
+        if status >= 200:
+            self._complete(tx, now)
         actions.append(Send(data=data, destination=tx.source, local=tx.local))
         if status >= 300:
-            actions.append(
-                Discarded(reason=reason, source=tx.source, status=status, call_id=tx.request.call_id)
-            )
+            actions.append(Discarded(reason=reason, source=tx.source, status=status, call_id=request.call_id))
+
+    def _complete(self, tx: Transaction, now: float) -> None:
+        """A final response went back: keep only what answers retransmissions (Timer J/H)."""
+        tx.state = TxState.COMPLETED
+        tx.request = None
+        tx.forwarded = None
+        self._set_expiry(tx, now + TIMER_B)
 
     def _reply_stateless(
         self,
@@ -622,6 +641,7 @@ class ProxyCore:
         self, call: Call, reason: EndReason, now: float, actions: list[Action], *, status: int | None = None
     ) -> None:
         if self.calls.end(call):
+            call.timer_at = None  # its heap entry is now stale: compaction may drop it
             actions.append(
                 CallEnded(call=call.info, reason=reason, now=now, status=status, answered_at=call.answered_at)
             )
@@ -640,7 +660,7 @@ class ProxyCore:
             self._deciding.pop(tx.out_branch, None)
             self._reply(tx, 503, "Policy Decision Timeout", now, actions, headers=(("Retry-After", "5"),))
             return
-        if tx.state is TxState.FORWARDED and tx.request.method == "INVITE":
+        if tx.state is TxState.FORWARDED and tx.method == "INVITE":
             # Timer C: nobody answered. Give up upstream, cancel downstream (§16.8).
             if tx.forwarded is not None and tx.destination is not None and tx.has_response:
                 cancel = build_cancel(parse_message(tx.forwarded))
@@ -650,16 +670,17 @@ class ProxyCore:
             self._reply(tx, 408, "Request Timeout", now, actions)
             return
         tx.retransmit_at = None  # Timer F: Timer E stops too
+        tx.timer_at = None
         del self._server_tx[tx.key]
-        if self._client_tx.get((tx.out_branch, tx.request.method)) is tx:
-            del self._client_tx[(tx.out_branch, tx.request.method)]
+        if self._client_tx.get((tx.out_branch, tx.method)) is tx:
+            del self._client_tx[(tx.out_branch, tx.method)]
 
     def _retransmit(self, tx: Transaction, when: float, now: float, actions: list[Action]) -> None:
         if tx.retransmit_at != when or tx.state is not TxState.FORWARDED or tx.forwarded is None:
             return
         assert tx.destination is not None
         actions.append(Send(data=tx.forwarded, destination=tx.destination, local=tx.out_local))
-        tx.retransmit_interval = min(tx.retransmit_interval * 2, 1e9 if tx.request.method == "INVITE" else T2)
+        tx.retransmit_interval = min(tx.retransmit_interval * 2, 1e9 if tx.method == "INVITE" else T2)
         tx.retransmit_at = now + tx.retransmit_interval
         self._schedule(tx.retransmit_at, "retransmit", tx)
 
@@ -669,11 +690,30 @@ class ProxyCore:
         self._set_expiry(tx, expires_at)
 
     def _set_expiry(self, tx: Transaction, expires_at: float) -> None:
+        """One heap entry per transaction: a later expiry needs no new entry (the early one
+        re-arms itself when it fires), only an earlier one does."""
         tx.expires_at = expires_at
-        self._schedule(expires_at, "tx", tx)
+        if tx.timer_at is None or expires_at < tx.timer_at:
+            tx.timer_at = expires_at
+            self._schedule(expires_at, "tx", tx)
 
-    def _schedule(self, when: float, kind: str, target: object) -> None:
+    def _arm_call(self, call: Call) -> None:
+        """One heap entry per call, as for transactions."""
+        if call.timer_at is None or call.deadline < call.timer_at:
+            call.timer_at = call.deadline
+            self._schedule(call.deadline, "call", call)
+
+    def _schedule(self, when: float, kind: str, target: Transaction | Call) -> None:
         heapq.heappush(self._timers, (when, next(self._timer_seq), kind, target))
+        if len(self._timers) > 2 * (len(self._server_tx) + self.calls.live) + 1024:
+            self._compact_timers()
+
+    def _compact_timers(self) -> None:
+        """Drop entries that will never fire, so ended calls and forgotten transactions are
+        freed now rather than when their old deadline (up to hours away) comes round."""
+        live = [entry for entry in self._timers if _fires(entry)]
+        heapq.heapify(live)
+        self._timers = live
 
     # -- identities ------------------------------------------------------------------------------
     def _server_key(self, request: Request, via: Via) -> tuple[str, str, str]:
@@ -702,7 +742,7 @@ class ProxyCore:
         return any(via.branch == ours for via in request.vias[1:])
 
     def _is_upstream(self, source: Address) -> bool:
-        host = _normal_host(source.host)
+        host = normal_host(source.host)
         if (host, source.port) == self._upstream_host_port:
             return True
         if not self.config.trusted_networks:
@@ -711,7 +751,7 @@ class ProxyCore:
         if trusted is None:
             if len(self._trusted) > 100_000:
                 self._trusted.clear()
-            trusted = self._trusted[host] = _in_networks(host, self.config.trusted_networks)
+            trusted = self._trusted[host] = in_networks(host, self.config.trusted_networks)
         return trusted
 
     def _is_us(self, uri: object) -> bool:
@@ -736,13 +776,21 @@ class ProxyCore:
             if (":" in listener.address.host) == wants_ipv6:
                 return listener
             fallback = fallback or listener
-        return fallback if not _is_ip(destination.host) else None
+        return fallback if not is_ip(destination.host) else None
 
     def _listener_at(self, address: Address) -> Listener | None:
         for listener in self.config.listeners:
             if listener.address == address:
                 return listener
         return None
+
+
+def _fires(entry: tuple[float, int, str, Transaction | Call]) -> bool:
+    """Whether a timer heap entry is still the one its object waits for."""
+    when, _, kind, target = entry
+    if kind == "retransmit":
+        return isinstance(target, Transaction) and target.retransmit_at == when
+    return target.timer_at == when
 
 
 def _record_route(listener: Listener) -> str:
@@ -757,42 +805,8 @@ def _via_destination(via: Via) -> Address:
     return Address(transport, host, via.rport or via.port or 5060)
 
 
-def _normal_host(host: str) -> str:
-    try:
-        return str(ipaddress.ip_address(host.strip("[]")))
-    except ValueError:
-        return host.lower()
-
-
 def _normal_host_port(host: str, port: int) -> tuple[str, int]:
-    return (_normal_host(host), port)
-
-
-def _in_networks(host: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return any(address.version == network.version and address in network for network in networks)
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def _routable(host: str) -> bool:
-    """Never send to broadcast, multicast or unspecified addresses (RFC 4475 §3.3.10)."""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return True  # a name: the transport resolves it
-    if address.is_multicast or address.is_unspecified:
-        return False
-    return address != ipaddress.IPv4Address("255.255.255.255")
+    return (normal_host(host), port)
 
 
 def _call_id(message: Request | Response) -> str | None:

@@ -1,0 +1,50 @@
+"""Host strings as they appear in Via, URIs and socket addresses.
+
+Every message asks these questions of the same few hosts, and ``ipaddress`` costs
+microseconds per parse, so the answers are memoised (bounded; pure functions of the
+string, so a memo can never be stale).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import lru_cache
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+
+
+@lru_cache(maxsize=16384)
+def normal_host(host: str) -> str:
+    """One spelling per host: IP addresses in canonical form (``::1``), names lower-case."""
+    try:
+        return str(ipaddress.ip_address(host.strip("[]")))
+    except ValueError:
+        return host.lower()
+
+
+@lru_cache(maxsize=16384)
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+@lru_cache(maxsize=16384)
+def is_routable(host: str) -> bool:
+    """Never send to broadcast, multicast or unspecified addresses (RFC 4475 §3.3.10)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return True  # a name: the transport resolves it
+    return not (address.is_multicast or address.is_unspecified or address == _BROADCAST)
+
+
+def in_networks(host: str, networks: tuple[Network, ...]) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(address.version == network.version and address in network for network in networks)

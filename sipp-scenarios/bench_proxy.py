@@ -1,0 +1,1035 @@
+"""Load benchmark of the running proxy: SIPp UAC -> proxy -> SIPp UAS, loopback only.
+
+Run from the repository root (the defaults take about 3 minutes here, longer when calls
+fail: a failed call takes SIPp ~32 s of retransmissions to give up on):
+
+    .venv/bin/python sipp-scenarios/bench_proxy.py                    # tables
+    .venv/bin/python sipp-scenarios/bench_proxy.py --json             # one JSON object on stdout
+    .venv/bin/python sipp-scenarios/bench_proxy.py --rates 100 --duration 2 --no-step-up   # quick look
+
+What runs: for each rate in --rates, one SIPp run through (a) sipguard (``sipguard run``
+without --config: no accounts and no rules, so every INVITE is accepted at once on the
+no-op decision path; --log-level warning, JSON logs) and one through (b) udp_relay.py
+beside this file, a uvloop UDP relay that parses nothing: the floor for moving
+datagrams through Python on uvloop. The order of (a) and (b) alternates from one rate
+to the next, so neither always gets the quieter moment. Then, unless --no-step-up, a
+step-up for sipguard alone through --step-rates (runs above at the same rate are
+reused) that stops at the first step not carried, and one relay run at that last step
+as a control: when the relay does not carry it either, the limit is the rig (SIPp, the
+machine), not sipguard.
+
+Every run starts fresh processes: a SIPp UAS (built-in ``uas``) as the stand-in PBX,
+the proxy under test, and a SIPp UAC (built-in ``uac``: INVITE, 180, 200, ACK, pause
+--hold-ms, BYE, 200) placing rate x duration calls with -r RATE -rp 1000, -m (call
+count) and -l (2 s worth of concurrent calls). Both SIPps get -m and -timeout, so they
+stop by themselves. Readiness is waited for by events, not sleeps: the UAS is ready
+when a UDP socket owned by its pid is bound on its port (/proc/net/udp); the relay
+prints ``relay.started``; sipguard is ready on its ``proxy.started`` log line or, as
+that line is logged at info level and so not printed at --log-level warning, as soon as
+it answers an OPTIONS probe addressed to itself (its keep-alive path).
+
+What it reports per run:
+
+- calls ok / failed / unfinished (SIPp's SuccessfulCall, FailedCall; unfinished: of the
+  -m calls, neither, e.g. cut by -timeout), retransmissions (SIPp's Retransmissions
+  counter of the UAC, which resends INVITE and BYE, and of the UAS, which resends its
+  200 OK), and the rate achieved (answered calls over the span of their 200 OKs);
+- proxy CPU: user+sys ticks of the proxy process from /proc/PID/stat, read just before
+  the UAC starts and just after it exits, in microseconds per successful call; and,
+  sampled every 0.2 s, its share of a core while calls were being placed and in its
+  busiest second (near 100% means the proxy is the bottleneck);
+- memory: peak RSS of the proxy (VmHWM from /proc/PID/status, read before SIGTERM),
+  and its growth over the run per successful call;
+- INVITE -> 200 response times: SIPp's response time 1 (the built-in uac stops it on
+  the 200), every sample from -trace_rtt: mean, p50, p99, max. SIPp's clock has 1 ms
+  resolution, so unloaded loopback calls read 0-1 ms;
+- noise: the CPU time of the SIPp UAC and UAS (from wait4), the whole machine's busy
+  cores over the run (/proc/stat) less those three processes' (the neighbours), and
+  kernel UDP receive-buffer drops over the run (RcvbufErrors in /proc/net/snmp, all
+  sockets, and the drops counter of the proxy's own socket);
+- when calls failed: SIPp's failure causes on both sides, its -trace_err events
+  counted by kind, and the proxy's warning/error log events; the run's files are kept.
+
+Then the ratio of sipguard's CPU per call to the relay's at each rate, the step-up,
+and the targets: 0 failed calls at 500 and 1000 CPS, CPU per call <= 2.0x the relay's,
+0 failed calls at 2500 CPS (not met without a run when the step-up already failed
+calls at a lower rate). A step counts as carried when every call succeeded and the
+achieved rate is within 5% of the target rate.
+
+Caveats, for reading the numbers: a run of D seconds does not reach sipguard's steady
+state for memory and timers: it remembers each transaction for 32 s (Timer B/F/H/J)
+after it ends, so with D = 10 no transaction expires during the measured window, the
+expiry work is outside the CPU figure, and peak RSS is that of 10 s of calls. CPU ticks
+are 10 ms, so short, slow runs of the relay (~0.1 s of CPU) are only good to ~10%. The
+machine has 2 shared cores: SIPp UAC, UAS and the proxy compete for them, and so do
+the neighbours (the "others" column).
+
+Exit status: 0 when every target was met, 1 when one was missed, 2 when the benchmark
+itself could not run (a process failed to start, SIPp missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import re
+import select
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RELAY_SCRIPT = Path(__file__).resolve().parent / "udp_relay.py"
+HOST = "127.0.0.1"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+DEFAULT_RATES = (500, 1000)
+DEFAULT_STEP_RATES = (500, 1000, 1500, 2000, 2500)
+DEFAULT_DURATION = 10.0
+DEFAULT_HOLD_MS = 100
+TARGET_RATIO = 2.0
+TARGET_ZERO_FAILED_AT = (500, 1000, 2500)
+CARRIED_RATE_SHARE = 0.95  # achieved / target rate for a step to count as carried
+
+SIPP_TAIL_S = 40  # past the last call's start: SIPp's slowest failure (INVITE Timer B) is ~32 s
+SAMPLE_S = 0.2  # how often the proxy's CPU ticks are sampled during a run
+START_TIMEOUT_S = 15.0  # for a process to become ready
+UAS_EXIT_GRACE_S = 10.0  # the built-in uas keeps each call 4 s in timewait before it counts it
+PROXY_EXIT_TIMEOUT_S = 20.0  # sipguard drains for at most 10 s (shutdown_grace)
+
+SYSTEMS = ("sipguard", "relay")
+QUIET_EVENTS = frozenset({"proxy.started", "relay.started", "relay.stopped"})
+
+
+class BenchmarkError(RuntimeError):
+    """The benchmark could not run (not: the proxy did badly)."""
+
+
+# -- /proc ---------------------------------------------------------------------------------------
+def cpu_ticks(pid: int) -> int:
+    """user + sys clock ticks of a process (fields 14 and 15 of /proc/PID/stat)."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2 :].split()  # fields[0] is field 3 (state)
+    return int(fields[11]) + int(fields[12])
+
+
+def status_kib(pid: int, field_name: str) -> int | None:
+    """A memory figure from /proc/PID/status (VmHWM: peak RSS, VmRSS: current), in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    return None
+
+
+def machine_busy_ticks() -> int:
+    """Busy clock ticks of all CPUs together, from /proc/stat (steal counts as busy)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    return sum(values[:8]) - idle  # guest time is already inside user
+
+
+def udp_snmp() -> dict[str, int]:
+    lines = [
+        line.split() for line in Path("/proc/net/snmp").read_text().splitlines() if line.startswith("Udp:")
+    ]
+    return {name: int(value) for name, value in zip(lines[0][1:], lines[1][1:], strict=True)}
+
+
+def socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    return inodes
+
+
+def udp_socket_of(pid: int, port: int) -> dict[str, int] | None:
+    """The UDP socket bound on 127.0.0.1:port owned by pid, from /proc/net/udp, or None."""
+    owned = socket_inodes(pid)
+    wanted = f"0100007F:{port:04X}"
+    for line in Path("/proc/net/udp").read_text().splitlines()[1:]:
+        cols = line.split()
+        if len(cols) > 12 and cols[1] == wanted and cols[9] in owned:
+            rx_queue = int(cols[4].split(":")[1], 16)
+            return {"inode": int(cols[9]), "drops": int(cols[12]), "rx_queue": rx_queue}
+    return None
+
+
+def free_udp_ports(count: int) -> list[int]:
+    probes = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind((HOST, 0))
+        return [int(probe.getsockname()[1]) for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
+
+
+# -- SIPp output ---------------------------------------------------------------------------------
+def read_stat_csv(path: Path) -> dict[str, str]:
+    """The last complete row of a SIPp -trace_stat file (cumulative at exit), by column name."""
+    if not path.exists():
+        return {}
+    lines = [line.rstrip("\r\n") for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    if len(lines) < 2:
+        return {}
+    header = [name.strip() for name in lines[0].split(";")]
+    for line in reversed(lines[1:]):
+        values = line.split(";")
+        if len(values) >= len(header) - 1:  # a trailing ';' may or may not be there
+            return {name: value.strip() for name, value in zip(header, values, strict=False) if name}
+    return {}
+
+
+def stat_int(row: dict[str, str], name: str) -> int:
+    try:
+        return int(float(row.get(name, "0") or 0))
+    except ValueError:
+        return 0
+
+
+def stat_ms(row: dict[str, str], name: str) -> float | None:
+    """SIPp durations read HH:MM:SS:uuuuuu (microseconds field, millisecond resolution)."""
+    match = re.fullmatch(r"(\d+):(\d+):(\d+):(\d+)", row.get(name, ""))
+    if not match:
+        return None
+    hours, minutes, seconds, micros = (int(part) for part in match.groups())
+    return ((hours * 60 + minutes) * 60 + seconds) * 1000.0 + micros / 1000.0
+
+
+def read_rtt(directory: Path) -> list[tuple[float, float]]:
+    """(date_ms, response_time_ms) of every response-time-1 sample of -trace_rtt."""
+    samples = []
+    for path in sorted(directory.glob("uac_*_rtt.csv")):
+        for line in path.read_text(errors="replace").splitlines()[1:]:
+            parts = line.strip().split(";")
+            if len(parts) >= 3 and parts[2].strip() == "1":
+                with contextlib.suppress(ValueError):
+                    samples.append((float(parts[0]), float(parts[1])))
+    samples.sort()
+    return samples
+
+
+def percentile(sorted_values: list[float], share: float) -> float:
+    rank = max(1, math.ceil(share * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+def sipp_version() -> str:
+    try:
+        out = subprocess.run(["sipp", "-v"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "n/a"
+    match = re.search(r"SIPp v(\S+)", out)
+    return match.group(1).rstrip(".") if match else "n/a"
+
+
+# -- processes -----------------------------------------------------------------------------------
+class LogReader(threading.Thread):
+    """Drains a child's stderr (JSON lines), so it never blocks, and signals a start event."""
+
+    def __init__(self, stream: Any, start_event: str) -> None:
+        super().__init__(daemon=True)
+        self._stream = stream
+        self._start_event = start_event
+        self.started_line = threading.Event()
+        self.events: Counter[str] = Counter()
+        self.levels: Counter[str] = Counter()
+        self.first_lines: list[str] = []
+        self.last_lines: list[str] = []
+
+    def run(self) -> None:
+        for raw in self._stream:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            if len(self.first_lines) < 20:
+                self.first_lines.append(line)
+            self.last_lines = [*self.last_lines[-19:], line]
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                self.events["(not json)"] += 1
+                continue
+            if not isinstance(entry, dict):
+                continue
+            self.events[str(entry.get("event"))] += 1
+            self.levels[str(entry.get("level", "-"))] += 1
+            if entry.get("event") == self._start_event:
+                self.started_line.set()
+
+
+class CpuSampler(threading.Thread):
+    """Samples a process's CPU ticks every SAMPLE_S, for its busiest second and its load phase."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self._pid = pid
+        self._halt = threading.Event()
+        self.samples: list[tuple[float, int]] = [(time.monotonic(), cpu_ticks(pid))]
+
+    def run(self) -> None:
+        while not self._halt.wait(SAMPLE_S):
+            with contextlib.suppress(OSError, ValueError):
+                self.samples.append((time.monotonic(), cpu_ticks(self._pid)))
+
+    def finish(self) -> None:
+        self._halt.set()
+        self.join()
+        with contextlib.suppress(OSError, ValueError):
+            self.samples.append((time.monotonic(), cpu_ticks(self._pid)))
+
+    def share(self, start: float, end: float) -> float | None:
+        """Cores used between the samples nearest to two moments (1.0 = one core)."""
+        first = min(self.samples, key=lambda sample: abs(sample[0] - start))
+        last = min(self.samples, key=lambda sample: abs(sample[0] - end))
+        if last[0] - first[0] < SAMPLE_S / 2:
+            return None
+        return (last[1] - first[1]) / CLK_TCK / (last[0] - first[0])
+
+    def peak(self, window: float = 1.0) -> float | None:
+        """The busiest ``window`` seconds, in cores."""
+        best = None
+        for index, (when, _) in enumerate(self.samples):
+            later = [j for j in range(index + 1, len(self.samples)) if self.samples[j][0] - when >= window]
+            if not later:
+                break
+            end = self.samples[later[0]]
+            value = (end[1] - self.samples[index][1]) / CLK_TCK / (end[0] - when)
+            best = value if best is None else max(best, value)
+        return best
+
+
+def wait4(process: subprocess.Popen[bytes], timeout: float | None) -> float | None:
+    """Reap a child with wait4 and return its CPU seconds (user+sys), or None on timeout."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG if deadline is not None else 0)
+        if pid == process.pid:
+            process.returncode = os.waitstatus_to_exitcode(status)
+            return usage.ru_utime + usage.ru_stime
+        if deadline is not None and time.monotonic() >= deadline:
+            return None
+        time.sleep(0.01)  # polling for exit, not synchronising on a guess
+
+
+def stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 5.0) -> float | None:
+    """Signal a child of ours (by its pid), reap it; SIGKILL if it will not go."""
+    if process.returncode is not None:
+        return None
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(sig)
+    cpu = wait4(process, timeout)
+    if cpu is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        cpu = wait4(process, None)
+    return cpu
+
+
+def wait_until(check: Callable[[], bool], process: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not check():
+        if process.poll() is not None:
+            raise BenchmarkError(f"{what} exited at start (status {process.returncode})")
+        if time.monotonic() > deadline:
+            raise BenchmarkError(f"{what} not ready after {START_TIMEOUT_S:g} s")
+        time.sleep(0.005)
+
+
+def options_probe(port: int, attempt: int, local_port: int) -> bytes:
+    return (
+        f"OPTIONS sip:{HOST}:{port} SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP {HOST}:{local_port};branch=z9hG4bK-bench-ready-{attempt}\r\n"
+        "Max-Forwards: 70\r\n"
+        f"From: <sip:bench@{HOST}>;tag=bench{attempt}\r\n"
+        f"To: <sip:{HOST}:{port}>\r\n"
+        f"Call-ID: bench-ready-{attempt}-{os.getpid()}@{HOST}\r\n"
+        f"CSeq: {attempt} OPTIONS\r\n"
+        "Content-Length: 0\r\n\r\n"
+    ).encode()
+
+
+def wait_sipguard_ready(process: subprocess.Popen[bytes], reader: LogReader, port: int) -> str:
+    """Ready on proxy.started (info level) or on the first answer to an OPTIONS to itself."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind((HOST, 0))
+        local_port = probe.getsockname()[1]
+        attempt = 0
+        while True:
+            if reader.started_line.is_set():
+                return "proxy.started log line"
+            if process.poll() is not None:
+                raise BenchmarkError(f"sipguard exited at start (status {process.returncode})")
+            if time.monotonic() > deadline:
+                raise BenchmarkError(f"sipguard not ready after {START_TIMEOUT_S:g} s")
+            attempt += 1
+            probe.sendto(options_probe(port, attempt, local_port), (HOST, port))
+            readable, _, _ = select.select([probe], [], [], 0.05)
+            if readable:
+                with contextlib.suppress(ConnectionRefusedError):  # ICMP: not bound yet
+                    answer = probe.recv(65535)
+                    if answer.startswith(b"SIP/2.0 200"):
+                        return "answered an OPTIONS probe"
+
+
+# -- one run -------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class RunResult:
+    system: str
+    rate: int
+    duration_s: float
+    hold_ms: int
+    calls: int
+    ok: int = 0
+    failed: int = 0
+    unfinished: int = 0
+    created: int = 0
+    failure_causes: dict[str, int] = field(default_factory=dict)
+    retrans_uac: int = 0
+    retrans_uas: int = 0
+    uas_ok: int = 0
+    uas_failed: int = 0
+    dead_call_msgs: int = 0
+    out_of_call_msgs: int = 0
+    achieved_cps: float | None = None
+    rt_samples: int = 0
+    rt_mean_ms: float | None = None
+    rt_p50_ms: float | None = None
+    rt_p99_ms: float | None = None
+    rt_max_ms: float | None = None
+    rt_stat_mean_ms: float | None = None
+    window_s: float = 0.0
+    proxy_cpu_s: float = 0.0
+    proxy_cpu_us_per_call: float | None = None
+    proxy_core_share: float | None = None
+    proxy_load_share: float | None = None
+    proxy_peak_share: float | None = None
+    proxy_peak_rss_mib: float | None = None
+    proxy_rss_start_mib: float | None = None
+    proxy_rss_kib_per_call: float | None = None
+    proxy_socket_drops: int | None = None
+    proxy_exit_status: int | None = None
+    proxy_drain_s: float | None = None
+    proxy_log_events: dict[str, int] = field(default_factory=dict)
+    proxy_ready_by: str = ""
+    uac_cpu_s: float | None = None
+    uas_cpu_s: float | None = None
+    uac_exit_status: int | None = None
+    uas_exit_status: int | None = None
+    uas_stopped_by_us: bool = False
+    machine_busy_cores: float | None = None
+    others_cores: float | None = None
+    udp_rcvbuf_errors: int | None = None
+    loadavg_1m: float = 0.0
+    uas_failure_causes: dict[str, int] = field(default_factory=dict)
+    sipp_errors: dict[str, dict[str, int]] = field(default_factory=dict)
+    workdir: str | None = None
+
+    @property
+    def clean(self) -> bool:
+        return self.failed == 0 and self.unfinished == 0 and self.ok == self.calls
+
+    @property
+    def carried(self) -> bool:
+        return self.clean and (self.achieved_cps or 0.0) >= CARRIED_RATE_SHARE * self.rate
+
+
+def proxy_command(system: str, port: int, upstream: int) -> list[str]:
+    if system == "sipguard":
+        sipguard = REPO_ROOT / ".venv" / "bin" / "sipguard"
+        exe = str(sipguard) if sipguard.exists() else (shutil.which("sipguard") or "sipguard")
+        return [
+            exe, "run", "--listen", f"udp:{HOST}:{port}", "--upstream", f"udp:{HOST}:{upstream}",
+            "--log-level", "warning", "--log-format", "json",
+        ]  # fmt: skip
+    return [
+        sys.executable,
+        str(RELAY_SCRIPT),
+        "--listen",
+        f"{HOST}:{port}",
+        "--upstream",
+        f"{HOST}:{upstream}",
+    ]
+
+
+def sipp_stats_args(name: str) -> list[str]:
+    return [
+        "-trace_stat",
+        "-stf",
+        f"{name}_stat.csv",
+        "-fd",
+        "1",
+        "-trace_err",
+        "-error_file",
+        f"{name}_errors.log",
+    ]
+
+
+def run_once(system: str, rate: int, duration: float, hold_ms: int, keep: bool) -> RunResult:
+    calls = max(1, round(rate * duration))
+    result = RunResult(system=system, rate=rate, duration_s=duration, hold_ms=hold_ms, calls=calls)
+    result.loadavg_1m = os.getloadavg()[0]
+    workdir = Path(tempfile.mkdtemp(prefix=f"bench_proxy-{system}-{rate}-"))
+    uas_port, proxy_port, uac_port = free_udp_ports(3)
+    sipp_timeout = str(math.ceil(1.5 * duration + hold_ms / 1000.0 + SIPP_TAIL_S))
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        with open(workdir / "uas_screen.txt", "wb") as screen:
+            uas = subprocess.Popen(
+                ["sipp", "-sn", "uas", "-i", HOST, "-p", str(uas_port), "-nostdin", "-m", str(calls),
+                 "-timeout", str(int(sipp_timeout) + 10), *sipp_stats_args("uas")],
+                cwd=workdir, stdin=subprocess.DEVNULL, stdout=screen, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        processes.append(uas)
+        wait_until(lambda: udp_socket_of(uas.pid, uas_port) is not None, uas, "SIPp UAS")
+
+        proxy = subprocess.Popen(
+            proxy_command(system, proxy_port, uas_port),
+            cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        processes.append(proxy)
+        reader = LogReader(proxy.stderr, "proxy.started" if system == "sipguard" else "relay.started")
+        reader.start()
+        if system == "sipguard":
+            result.proxy_ready_by = wait_sipguard_ready(proxy, reader, proxy_port)
+        else:
+            wait_until(reader.started_line.is_set, proxy, "relay")
+            result.proxy_ready_by = "relay.started log line"
+
+        rss_start = status_kib(proxy.pid, "VmRSS") or 0
+        snmp_before = udp_snmp()
+        busy_before = machine_busy_ticks()
+        proxy_before = cpu_ticks(proxy.pid)
+        sampler = CpuSampler(proxy.pid)
+        sampler.start()
+        started = time.monotonic()
+        with open(workdir / "uac_screen.txt", "wb") as screen:
+            uac = subprocess.Popen(
+                ["sipp", "-sn", "uac", f"{HOST}:{proxy_port}", "-i", HOST, "-p", str(uac_port), "-nostdin",
+                 "-r", str(rate), "-rp", "1000", "-m", str(calls), "-l", str(max(100, 2 * rate)),
+                 "-d", str(hold_ms), "-timeout", sipp_timeout, "-trace_rtt", "-rtt_freq", "100",
+                 *sipp_stats_args("uac")],
+                cwd=workdir, stdin=subprocess.DEVNULL, stdout=screen, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        processes.append(uac)
+        result.uac_cpu_s = wait4(uac, None)
+        window = time.monotonic() - started
+        proxy_after = cpu_ticks(proxy.pid)
+        sampler.finish()
+        load_phase = started + duration + hold_ms / 1000.0
+        load_share = sampler.share(started, min(load_phase, started + window))
+        result.proxy_load_share = None if load_share is None else round(load_share, 3)
+        peak_share = sampler.peak()
+        result.proxy_peak_share = None if peak_share is None else round(peak_share, 3)
+        busy_after = machine_busy_ticks()
+        snmp_after = udp_snmp()
+        result.uac_exit_status = uac.returncode
+        peak = status_kib(proxy.pid, "VmHWM") or 0
+        result.proxy_peak_rss_mib = round(peak / 1024.0, 1)
+        result.proxy_rss_start_mib = round(rss_start / 1024.0, 1)
+        proxy_socket = udp_socket_of(proxy.pid, proxy_port)
+        result.proxy_socket_drops = proxy_socket["drops"] if proxy_socket else None
+
+        result.uas_cpu_s = wait4(uas, UAS_EXIT_GRACE_S)
+        if result.uas_cpu_s is None:  # some calls never reached it: it would wait for -timeout
+            result.uas_stopped_by_us = True
+            result.uas_cpu_s = stop(uas)
+        result.uas_exit_status = uas.returncode
+
+        stopping = time.monotonic()
+        stop(proxy, signal.SIGTERM, PROXY_EXIT_TIMEOUT_S)
+        result.proxy_drain_s = round(time.monotonic() - stopping, 3)
+        result.proxy_exit_status = proxy.returncode
+        reader.join(timeout=5)
+        result.proxy_log_events = dict(reader.events)
+        if reader.levels.get("warning") or reader.levels.get("error"):
+            (workdir / "proxy_stderr_head.txt").write_text("\n".join(reader.first_lines) + "\n")
+            (workdir / "proxy_stderr_tail.txt").write_text("\n".join(reader.last_lines) + "\n")
+
+        result.window_s = round(window, 3)
+        result.proxy_cpu_s = round((proxy_after - proxy_before) / CLK_TCK, 3)
+        # the UAS outlives the window by a moment; nearly all of its CPU falls inside it
+        ours = result.proxy_cpu_s + (result.uac_cpu_s or 0.0) + (result.uas_cpu_s or 0.0)
+        busy_cores = (busy_after - busy_before) / CLK_TCK / window if window > 0 else 0.0
+        result.machine_busy_cores = round(busy_cores, 2)
+        result.others_cores = round(max(0.0, busy_cores - ours / window), 2) if window > 0 else None
+        result.proxy_core_share = round(result.proxy_cpu_s / window, 3) if window > 0 else None
+        result.udp_rcvbuf_errors = snmp_after.get("RcvbufErrors", 0) - snmp_before.get("RcvbufErrors", 0)
+        collect_sipp(result, workdir)
+        if result.ok:
+            result.proxy_cpu_us_per_call = round(result.proxy_cpu_s * 1e6 / result.ok, 1)
+            result.proxy_rss_kib_per_call = round((peak - rss_start) / result.ok, 2)
+    except BenchmarkError as error:
+        raise BenchmarkError(f"{system} at {rate} CPS: {error} (files kept in {workdir})") from None
+    finally:
+        for process in reversed(processes):
+            stop(process, signal.SIGTERM)
+    if keep or not result.clean or result.proxy_exit_status not in (0, None):
+        result.workdir = str(workdir)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return result
+
+
+def failure_causes(row: dict[str, str]) -> dict[str, int]:
+    """SIPp's Failed*(C) counters that are not zero, by cause."""
+    return {
+        name.removeprefix("Failed").removesuffix("(C)"): stat_int(row, name)
+        for name in row
+        if name.startswith("Failed")
+        and name.endswith("(C)")
+        and name != "FailedCall(C)"
+        and stat_int(row, name)
+    }
+
+
+ERROR_EVENT = re.compile(
+    r"Aborting call on (?P<what>[^']+?) for Call-I[dD] '[^']*'"
+    r"(?:: while expecting '(?P<expected>[^']+)' \(index \d+\), received '(?P<received>[^\r\n]{0,40}))?"
+)
+
+
+def summarise_errors(path: Path) -> dict[str, int]:
+    """SIPp's -trace_err events, counted by kind (what it aborted on, expected and received)."""
+    if not path.exists():
+        return {}
+    counts: Counter[str] = Counter()
+    for match in ERROR_EVENT.finditer(path.read_text(errors="replace")):
+        kind = match["what"]
+        if match["expected"]:
+            received = (match["received"] or "").split(" sip:")[0].split(" SIP/")[0]
+            kind += f" (expecting {match['expected']}, got {received.strip()})"
+        counts[kind] += 1
+    return dict(counts.most_common())
+
+
+def collect_sipp(result: RunResult, workdir: Path) -> None:
+    uac = read_stat_csv(workdir / "uac_stat.csv")
+    uas = read_stat_csv(workdir / "uas_stat.csv")
+    if not uac:
+        raise BenchmarkError(f"no SIPp UAC statistics in {workdir}")
+    result.ok = stat_int(uac, "SuccessfulCall(C)")
+    result.failed = stat_int(uac, "FailedCall(C)")
+    result.created = stat_int(uac, "OutgoingCall(C)")
+    result.unfinished = max(0, result.calls - result.ok - result.failed)
+    result.failure_causes = failure_causes(uac)
+    result.retrans_uac = stat_int(uac, "Retransmissions(C)")
+    result.retrans_uas = stat_int(uas, "Retransmissions(C)")
+    result.uas_ok = stat_int(uas, "SuccessfulCall(C)")
+    result.uas_failed = stat_int(uas, "FailedCall(C)")
+    result.dead_call_msgs = stat_int(uac, "DeadCallMsgs(C)") + stat_int(uas, "DeadCallMsgs(C)")
+    result.out_of_call_msgs = stat_int(uac, "OutOfCallMsgs(C)") + stat_int(uas, "OutOfCallMsgs(C)")
+    result.rt_stat_mean_ms = stat_ms(uac, "ResponseTime1(C)")
+
+    samples = read_rtt(workdir)
+    times = sorted(rt for _, rt in samples)
+    result.rt_samples = len(times)
+    if times:
+        result.rt_mean_ms = round(statistics.fmean(times), 2)
+        result.rt_p50_ms = percentile(times, 0.50)
+        result.rt_p99_ms = percentile(times, 0.99)
+        result.rt_max_ms = times[-1]
+    if len(samples) >= 2 and samples[-1][0] > samples[0][0]:
+        result.achieved_cps = round((len(samples) - 1) / ((samples[-1][0] - samples[0][0]) / 1000.0), 1)
+
+    result.uas_failure_causes = failure_causes(uas)
+    result.sipp_errors = {side: summarise_errors(workdir / f"{side}_errors.log") for side in ("uac", "uas")}
+
+
+# -- the whole benchmark -------------------------------------------------------------------------
+def environment() -> dict[str, Any]:
+    try:
+        import uvloop
+
+        uvloop_version = uvloop.__version__
+    except ImportError:
+        uvloop_version = "n/a"
+    try:
+        revision = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        revision = None
+    return {
+        "python": sys.version.split()[0],
+        "implementation": platform.python_implementation(),
+        "uvloop": uvloop_version,
+        "sipp": sipp_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "loadavg_start": [round(value, 2) for value in os.getloadavg()],
+        "git": revision,
+    }
+
+
+def progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def measure(system: str, rate: int, args: argparse.Namespace) -> RunResult:
+    progress(f"  {system:<8} {rate:>5} CPS x {args.duration:g} s ...")
+    result = run_once(system, rate, args.duration, args.hold_ms, args.keep)
+    cpu = f"{result.proxy_cpu_us_per_call:.0f} us/call" if result.proxy_cpu_us_per_call else "n/a"
+    progress(f"  {'':<8} ok {result.ok}/{result.calls}, failed {result.failed}, {cpu}")
+    return result
+
+
+def compare(runs: list[RunResult]) -> list[dict[str, Any]]:
+    rows = []
+    for rate in sorted({run.rate for run in runs}):
+        guard = [r for r in runs if r.rate == rate and r.system == "sipguard" and r.proxy_cpu_us_per_call]
+        relay = [r for r in runs if r.rate == rate and r.system == "relay" and r.proxy_cpu_us_per_call]
+        if guard and relay:
+            g = statistics.median(r.proxy_cpu_us_per_call or 0.0 for r in guard)
+            b = statistics.median(r.proxy_cpu_us_per_call or 0.0 for r in relay)
+            ratio = round(g / b, 2) if b else None
+            rows.append(
+                {
+                    "rate": rate,
+                    "sipguard_us_per_call": g,
+                    "relay_us_per_call": b,
+                    "ratio": ratio,
+                    "target_max": TARGET_RATIO,
+                    "met": ratio is not None and ratio <= TARGET_RATIO,
+                }
+            )
+    return rows
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    env = environment()
+    wall = time.monotonic()
+    runs: list[RunResult] = []
+    progress(f"main runs: {', '.join(map(str, args.rates))} CPS, sipguard and relay alternated")
+    for index, rate in enumerate(args.rates):
+        order = SYSTEMS if index % 2 == 0 else tuple(reversed(SYSTEMS))
+        for _ in range(args.repeats):
+            for system in order:
+                runs.append(measure(system, rate, args))
+
+    step_up: dict[str, Any] | None = None
+    if args.step_up:
+        progress(f"step-up for sipguard: {', '.join(map(str, args.step_rates))} CPS")
+        steps: list[RunResult] = []
+        for rate in sorted(set(args.step_rates)):
+            earlier = [r for r in runs if r.system == "sipguard" and r.rate == rate]
+            step = earlier[0] if earlier else measure("sipguard", rate, args)
+            if not earlier:
+                runs.append(step)
+            steps.append(step)
+            if not step.carried:
+                break
+        last = steps[-1]
+        earlier_relay = [r for r in runs if r.system == "relay" and r.rate == last.rate]
+        control = earlier_relay[0] if earlier_relay else measure("relay", last.rate, args)
+        if not earlier_relay:
+            runs.append(control)
+        carried = [s.rate for s in steps if s.carried]
+        step_up = {
+            "steps": [
+                {
+                    "rate": s.rate,
+                    "carried": s.carried,
+                    "ok": s.ok,
+                    "failed": s.failed,
+                    "unfinished": s.unfinished,
+                    "achieved_cps": s.achieved_cps,
+                }
+                for s in steps
+            ],
+            "highest_carried": max(carried) if carried else None,
+            "stopped_at": None if last.carried else last.rate,
+            "control_relay": {
+                "rate": control.rate,
+                "carried": control.carried,
+                "ok": control.ok,
+                "failed": control.failed,
+                "unfinished": control.unfinished,
+                "achieved_cps": control.achieved_cps,
+            },
+        }
+
+    comparisons = compare(runs)
+    targets = []
+    for rate in TARGET_ZERO_FAILED_AT:
+        name = f"0 failed calls at {rate} CPS"
+        guard = [r for r in runs if r.system == "sipguard" and r.rate == rate]
+        lower = [r for r in runs if r.system == "sipguard" and r.rate < rate and not r.clean]
+        if guard:
+            bad = sum(r.failed + r.unfinished for r in guard)
+            targets.append({"target": name, "met": bad == 0, "measured": f"{bad} failed"})
+        elif lower and step_up is not None:
+            first = min(lower, key=lambda r: r.rate)
+            bad = first.failed + first.unfinished
+            measured = f"not run: {bad} failed already at {first.rate} CPS"
+            targets.append({"target": name, "met": False, "measured": measured})
+        else:
+            targets.append({"target": name, "met": None, "measured": "not run"})
+    for row in comparisons:
+        targets.append(
+            {
+                "target": f"CPU/call <= {TARGET_RATIO:g}x relay at {row['rate']} CPS",
+                "met": row["met"],
+                "measured": f"{row['ratio']}x",
+            }
+        )
+    env["loadavg_end"] = [round(value, 2) for value in os.getloadavg()]
+    return {
+        "environment": env,
+        "settings": {
+            "rates": args.rates,
+            "duration_s": args.duration,
+            "hold_ms": args.hold_ms,
+            "repeats": args.repeats,
+            "step_up": args.step_up,
+            "step_rates": args.step_rates,
+        },
+        "runs": [asdict(run) | {"clean": run.clean, "carried": run.carried} for run in runs],
+        "comparisons": comparisons,
+        "step_up": step_up,
+        "targets": targets,
+        "wall_seconds": round(time.monotonic() - wall, 1),
+    }
+
+
+# -- reporting -----------------------------------------------------------------------------------
+def _fmt(value: float | None, spec: str = ".0f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def print_table(report: dict[str, Any]) -> None:
+    env = report["environment"]
+    settings = report["settings"]
+    print(f"sipguard proxy load benchmark (git {env['git'] or 'n/a'})")
+    print(
+        f"Python {env['python']} ({env['implementation']}), uvloop {env['uvloop']}, SIPp {env['sipp']}, "
+        f"{env['platform']}"
+    )
+    print(
+        f"{env['cpus']} CPUs, load average {' '.join(map(str, env['loadavg_start']))} at start, "
+        f"{' '.join(map(str, env['loadavg_end']))} at end"
+    )
+    print(
+        f"SIPp uac -> proxy -> SIPp uas on {HOST}, UDP; {settings['duration_s']:g} s per run, "
+        f"hold {settings['hold_ms']} ms; sipguard with no policy rules (no-op decision), --log-level warning"
+    )
+    print()
+    print("calls (SIPp's view)")
+    header = (
+        f"{'system':<8} {'CPS':>5} {'got':>6} {'calls':>6} {'ok':>6} {'failed':>6} {'unfin':>5} "
+        f"{'retrans':>11}  {'INVITE->200 ms mean/p50/p99/max':>31}"
+    )
+    print(header)
+    print("-" * len(header))
+    for run in report["runs"]:
+        rt = (
+            f"{_fmt(run['rt_mean_ms'], '.1f')} / {_fmt(run['rt_p50_ms'])} / {_fmt(run['rt_p99_ms'])} / "
+            f"{_fmt(run['rt_max_ms'])}"
+        )
+        retrans = f"{run['retrans_uac']}/{run['retrans_uas']}"
+        print(
+            f"{run['system']:<8} {run['rate']:>5} {_fmt(run['achieved_cps']):>6} {run['calls']:>6} "
+            f"{run['ok']:>6} {run['failed']:>6} {run['unfinished']:>5} {retrans:>11}  {rt:>31}"
+        )
+    print(
+        "got: achieved CPS (answered calls over the span of their 200 OKs); unfin: calls neither ok nor\n"
+        "failed when SIPp stopped; retrans: SIPp retransmissions, UAC (INVITE, BYE) / UAS (200 OK);\n"
+        "INVITE->200: SIPp response time 1, every sample, 1 ms resolution."
+    )
+    print("\nproxy cost (the proxy process) and noise")
+    header = (
+        f"{'system':<8} {'CPS':>5} {'us/call':>8} {'core%':>6} {'peak%':>6} {'peak RSS':>9} {'KiB/call':>8} "
+        f"{'uac%':>5} {'uas%':>5} {'others':>6} {'drops':>6} {'load1':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    for run in report["runs"]:
+        window = run["window_s"] or None
+        uac = 100.0 * run["uac_cpu_s"] / window if window and run["uac_cpu_s"] is not None else None
+        uas = 100.0 * run["uas_cpu_s"] / window if window and run["uas_cpu_s"] is not None else None
+        share = 100.0 * run["proxy_load_share"] if run["proxy_load_share"] is not None else None
+        peak = 100.0 * run["proxy_peak_share"] if run["proxy_peak_share"] is not None else None
+        rss = f"{_fmt(run['proxy_peak_rss_mib'], '.0f')} MiB"
+        print(
+            f"{run['system']:<8} {run['rate']:>5} {_fmt(run['proxy_cpu_us_per_call']):>8} {_fmt(share):>6} "
+            f"{_fmt(peak):>6} "
+            f"{rss:>9} {_fmt(run['proxy_rss_kib_per_call'], '.1f'):>8} {_fmt(uac):>5} {_fmt(uas):>5} "
+            f"{_fmt(run['others_cores'], '.2f'):>6} {run['udp_rcvbuf_errors']:>6} {run['loadavg_1m']:>6.2f}"
+        )
+    print(
+        "us/call: proxy user+sys CPU (/proc/PID/stat, 10 ms ticks) over the UAC's run, per successful call;\n"
+        "core%: proxy CPU while calls were being placed (100 = one core); peak%: its busiest second;\n"
+        "peak RSS: VmHWM; KiB/call: (VmHWM - RSS when ready) per successful call; uac%/uas%: the SIPps'\n"
+        "CPU over the run; others: cores busy on the machine but not by these three processes (the\n"
+        "neighbours); drops: kernel UDP receive-buffer drops over the run, all sockets (RcvbufErrors);\n"
+        "load1: 1-min load average when the run started."
+    )
+
+    notes = []
+    for run in report["runs"]:
+        flags = []
+        if run["failure_causes"]:
+            flags.append("UAC failures: " + ", ".join(f"{k} {v}" for k, v in run["failure_causes"].items()))
+        if run["uas_failure_causes"]:
+            flags.append(
+                "UAS failures: " + ", ".join(f"{k} {v}" for k, v in run["uas_failure_causes"].items())
+            )
+        for side, events in run["sipp_errors"].items():
+            if events:
+                flags.append(f"{side} error log: " + "; ".join(f"{k} x{v}" for k, v in events.items()))
+        if run["proxy_socket_drops"]:
+            flags.append(f"proxy socket drops {run['proxy_socket_drops']}")
+        if run["proxy_exit_status"] not in (0, None):
+            flags.append(f"proxy exit status {run['proxy_exit_status']}")
+        if run["proxy_drain_s"] and run["proxy_drain_s"] > 1:
+            flags.append(f"proxy took {run['proxy_drain_s']:.1f} s to exit after SIGTERM")
+        if run["uas_stopped_by_us"]:
+            flags.append(f"UAS had to be stopped (it saw {run['uas_ok']} ok, {run['uas_failed']} failed)")
+        noisy = {k: v for k, v in run["proxy_log_events"].items() if k not in QUIET_EVENTS}
+        if noisy:
+            flags.append("proxy log: " + ", ".join(f"{k} x{v}" for k, v in sorted(noisy.items())))
+        if run["dead_call_msgs"] or run["out_of_call_msgs"]:
+            flags.append(
+                f"SIPp dead-call msgs {run['dead_call_msgs']}, out-of-call {run['out_of_call_msgs']}"
+            )
+        if run["workdir"]:
+            flags.append(f"files kept in {run['workdir']}")
+        if flags:
+            notes.append(
+                f"  {run['system']} @ {run['rate']} CPS:\n" + "".join(f"    - {flag}\n" for flag in flags)
+            )
+    if notes:
+        print("\nnotes:")
+        print("".join(notes), end="")
+
+    if report["comparisons"]:
+        print("\nsipguard / relay, proxy CPU per call at the same rate:")
+        for row in report["comparisons"]:
+            verdict = "met" if row["met"] else "NOT met"
+            guard, relay = row["sipguard_us_per_call"], row["relay_us_per_call"]
+            print(
+                f"  {row['rate']:>5} CPS: {guard:.0f} / {relay:.0f} us = {row['ratio']}x "
+                f"(target <= {row['target_max']:g}x: {verdict})"
+            )
+    step = report["step_up"]
+    if step:
+        print("\nstep-up (sipguard):")
+        for s in step["steps"]:
+            print(
+                f"  {s['rate']:>5} CPS: {'carried' if s['carried'] else 'NOT carried':<11} {s['ok']} ok, "
+                f"{s['failed']} failed, {s['unfinished']} unfinished, got {_fmt(s['achieved_cps'])} CPS"
+            )
+        highest = step["highest_carried"]
+        print(
+            f"  highest rate carried with 0 failed calls: {highest} CPS"
+            if highest
+            else "  highest rate carried with 0 failed calls: none (the first step failed)"
+        )
+        control = step["control_relay"]
+        print(
+            f"  control, relay at {control['rate']} CPS: {control['ok']} ok, {control['failed']} failed, "
+            f"{control['unfinished']} unfinished, got {_fmt(control['achieved_cps'])} CPS "
+            f"({'carried' if control['carried'] else 'NOT carried: the rig itself is at its limit'})"
+        )
+    print("\ntargets:")
+    for target in report["targets"]:
+        verdict = {True: "met", False: "NOT met", None: "not measured"}[target["met"]]
+        print(f"  {target['target']:<36} {verdict:<13} ({target['measured']})")
+    print(f"\nwall time {report['wall_seconds']} s")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    def rates(text: str) -> list[int]:
+        try:
+            values = [int(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError("expected comma-separated integers, e.g. 500,1000") from None
+        if not values or any(not 1 <= value <= 20_000 for value in values):
+            raise argparse.ArgumentTypeError("rates must be between 1 and 20000 CPS")
+        return values
+
+    def seconds(text: str) -> float:
+        value = float(text)
+        if not 0.5 <= value <= 600:
+            raise argparse.ArgumentTypeError("must be between 0.5 and 600 s")
+        return value
+
+    parser = argparse.ArgumentParser(
+        description="Load benchmark: SIPp UAC -> sipguard (or a bare uvloop UDP relay) -> SIPp UAS on "
+        "loopback. Reports calls ok/failed, retransmissions, proxy CPU per call and its ratio to the "
+        "relay's, peak RSS and INVITE->200 response times, plus a step-up to the highest rate sipguard "
+        "carries with 0 failed calls. See the module docstring for how each figure is taken.",
+    )
+    parser.add_argument(
+        "--rates", type=rates, default=list(DEFAULT_RATES), metavar="R1,R2",
+        help=f"call rates (CPS) for the sipguard/relay pairs (default {','.join(map(str, DEFAULT_RATES))})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--duration", type=seconds, default=DEFAULT_DURATION, metavar="S",
+        help=f"seconds of calls per run: each run places rate x S calls (default {DEFAULT_DURATION:g})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--hold-ms", type=int, default=DEFAULT_HOLD_MS, metavar="MS",
+        help=f"call hold between ACK and BYE, SIPp -d (default {DEFAULT_HOLD_MS})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--repeats", type=int, default=1, metavar="N", help="sipguard/relay pairs per rate (default 1)"
+    )
+    parser.add_argument(
+        "--step-up", action=argparse.BooleanOptionalAction, default=True,
+        help="step sipguard up through --step-rates until a step is not carried (default on)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--step-rates", type=rates, default=list(DEFAULT_STEP_RATES), metavar="R1,R2",
+        help=f"the step-up ladder (default {','.join(map(str, DEFAULT_STEP_RATES))}); "
+        "rates already run above are reused",
+    )  # fmt: skip
+    parser.add_argument(
+        "--keep", action="store_true", help="keep every run's SIPp files (failed runs' always)"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.hold_ms < 0:
+        parser.error("--repeats must be >= 1 and --hold-ms >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if shutil.which("sipp") is None:
+        print("bench_proxy needs SIPp: run `bash .ci/setup` (installs Debian's sip-tester)", file=sys.stderr)
+        return 2
+    try:
+        report = run_benchmark(args)
+    except BenchmarkError as error:
+        print(f"bench_proxy: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_table(report)
+    return 0 if all(target["met"] is not False for target in report["targets"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
