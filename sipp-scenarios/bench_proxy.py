@@ -94,7 +94,8 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-RELAY_SCRIPT = Path(__file__).resolve().parent / "udp_relay.py"
+HERE = Path(__file__).resolve().parent
+RELAY_SCRIPT = HERE / "udp_relay.py"
 HOST = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -113,7 +114,25 @@ UAS_EXIT_GRACE_S = 10.0  # the built-in uas keeps each call 4 s in timewait befo
 PROXY_EXIT_TIMEOUT_S = 20.0  # sipguard drains for at most 10 s (shutdown_grace)
 
 SYSTEMS = ("sipguard", "relay")
-QUIET_EVENTS = frozenset({"proxy.started", "relay.started", "relay.stopped"})
+QUIET_EVENTS = frozenset(
+    {"proxy.started", "relay.started", "relay.stopped", "policy.loaded", "proxy.stopping", "proxy.stopped",
+     "call.ended"}
+)  # fmt: skip
+
+# --with-policies: a third system, sipguard enforcing bench_policy.yaml, on an allowed-traffic mix
+POLICIES = "sipguard+pol"
+POLICY_SYSTEMS = ("relay", "sipguard", POLICIES)
+BENCH_POLICY = HERE / "bench_policy.yaml"
+MIX_SCENARIO = HERE / "uac_mix.xml"  # caller numbers from -inf callers.csv
+SPOOFED_SCENARIO = HERE / "uac_spoofed.xml"  # the check's positive control: must get 403
+BENCH_POLICIES_SCRIPT = HERE / "bench_policies.py"
+POLICY_RULES = ["caller_id", "concurrency", "call_rate"]  # what bench_policy.yaml must load, in order
+POLICY_UAC_HOST = "127.0.0.2"  # the account's source in bench_policy.yaml
+POLICY_CALLEE = "+12125551234"
+POLICY_CALLERS = (14155500000, 20_000)  # first number and count of the account's range (the yaml)
+POLICY_BURST = 3  # call_rate.per_number burst: a number used at most this often per run never waits
+SPOOFED_CALLER = "+16505550100"  # a valid number the account does not own
+TARGET_POLICY_RATIO = 2.5
 
 
 class BenchmarkError(RuntimeError):
@@ -256,6 +275,8 @@ class LogReader(threading.Thread):
         self.levels: Counter[str] = Counter()
         self.first_lines: list[str] = []
         self.last_lines: list[str] = []
+        self.decisions: Counter[tuple[str, str, str]] = Counter()  # (verdict, rule, caller_e164)
+        self.fields: dict[str, dict[str, Any]] = {}  # the last line of a few events, whole
 
     def run(self) -> None:
         for raw in self._stream:
@@ -270,8 +291,14 @@ class LogReader(threading.Thread):
                 continue
             if not isinstance(entry, dict):
                 continue
-            self.events[str(entry.get("event"))] += 1
+            event = str(entry.get("event"))
+            self.events[event] += 1
             self.levels[str(entry.get("level", "-"))] += 1
+            if event == "call.decision":
+                key = (str(entry.get("verdict")), str(entry.get("rule")), str(entry.get("caller_e164")))
+                self.decisions[key] += 1
+            elif event in ("policy.loaded", "proxy.stopped"):
+                self.fields[event] = entry
             if entry.get("event") == self._start_event:
                 self.started_line.set()
 
@@ -443,6 +470,17 @@ class RunResult:
     uas_failure_causes: dict[str, int] = field(default_factory=dict)
     sipp_errors: dict[str, dict[str, int]] = field(default_factory=dict)
     workdir: str | None = None
+    uac: str = "sipp built-in uac"
+    log_level: str | None = None  # sipguard's --log-level; None for the relay
+    policy_file: str | None = None
+    # from sipguard's info-level lines (the policy check run only): policy.loaded's rules,
+    # call.decision rejections of the load by (rule, caller), proxy.stopped's counters
+    policy_rules: list[str] | None = None
+    policy_rejections: dict[str, int] = field(default_factory=dict)
+    proxy_counters: dict[str, int] = field(default_factory=dict)
+    # the positive control of the check: one call from an unowned caller, which must get 403
+    control_refused_403: bool | None = None
+    control_rejections: dict[str, int] = field(default_factory=dict)
 
     @property
     def clean(self) -> bool:
@@ -453,13 +491,14 @@ class RunResult:
         return self.clean and (self.achieved_cps or 0.0) >= CARRIED_RATE_SHARE * self.rate
 
 
-def proxy_command(system: str, port: int, upstream: int) -> list[str]:
-    if system == "sipguard":
+def proxy_command(system: str, port: int, upstream: int, log_level: str = "warning") -> list[str]:
+    if system in ("sipguard", POLICIES):
         sipguard = REPO_ROOT / ".venv" / "bin" / "sipguard"
         exe = str(sipguard) if sipguard.exists() else (shutil.which("sipguard") or "sipguard")
+        config = ["--config", str(BENCH_POLICY)] if system == POLICIES else []
         return [
-            exe, "run", "--listen", f"udp:{HOST}:{port}", "--upstream", f"udp:{HOST}:{upstream}",
-            "--log-level", "warning", "--log-format", "json",
+            exe, "run", *config, "--listen", f"udp:{HOST}:{port}", "--upstream", f"udp:{HOST}:{upstream}",
+            "--log-level", log_level, "--log-format", "json",
         ]  # fmt: skip
     return [
         sys.executable,
@@ -484,12 +523,60 @@ def sipp_stats_args(name: str) -> list[str]:
     ]
 
 
-def run_once(system: str, rate: int, duration: float, hold_ms: int, keep: bool) -> RunResult:
+def write_callers(path: Path) -> None:
+    """The injection file of uac_mix.xml: every number of bench_policy.yaml's account, in turn."""
+    first, count = POLICY_CALLERS
+    path.write_text("SEQUENTIAL\n" + "".join(f"+{first + n};\n" for n in range(count)))
+
+
+def uac_scenario_args(mix: bool, workdir: Path) -> list[str]:
+    """The UAC's scenario: SIPp's built-in uac, or (--with-policies) uac_mix.xml from the
+    account's source address, presenting its numbers in turn."""
+    if not mix:
+        return ["-sn", "uac", "-i", HOST]
+    write_callers(workdir / "callers.csv")
+    return ["-sf", str(MIX_SCENARIO), "-inf", "callers.csv", "-s", POLICY_CALLEE, "-i", POLICY_UAC_HOST]
+
+
+def run_control(workdir: Path, proxy_port: int, local_port: int) -> bool:
+    """One call from the account's source with a caller it does not own: True when it got 403
+    (uac_spoofed.xml succeeds exactly then). Bounded by -timeout and a subprocess timeout."""
+    with open(workdir / "control_screen.txt", "wb") as screen:
+        subprocess.run(
+            ["sipp", "-sf", str(SPOOFED_SCENARIO), f"{HOST}:{proxy_port}", "-i", POLICY_UAC_HOST,
+             "-p", str(local_port), "-key", "caller", SPOOFED_CALLER, "-s", POLICY_CALLEE, "-m", "1",
+             "-timeout", "10", "-nostdin", "-trace_stat", "-stf", "control_stat.csv", "-fd", "1"],
+            cwd=workdir, stdin=subprocess.DEVNULL, stdout=screen, stderr=subprocess.STDOUT, timeout=30,
+            check=False,
+        )  # fmt: skip
+    return stat_int(read_stat_csv(workdir / "control_stat.csv"), "SuccessfulCall(C)") == 1
+
+
+def run_once(
+    system: str,
+    rate: int,
+    duration: float,
+    hold_ms: int,
+    keep: bool,
+    *,
+    mix: bool = False,
+    log_level: str = "warning",
+    control: bool = False,
+) -> RunResult:
+    """One run through ``system``. ``mix``: the --with-policies UAC (uac_mix.xml from the
+    account's address, owned callers in turn) instead of the built-in uac; ``control``
+    (sipguard+pol only): once the load is done, one spoofed call that must be refused."""
     calls = max(1, round(rate * duration))
     result = RunResult(system=system, rate=rate, duration_s=duration, hold_ms=hold_ms, calls=calls)
     result.loadavg_1m = os.getloadavg()[0]
-    workdir = Path(tempfile.mkdtemp(prefix=f"bench_proxy-{system}-{rate}-"))
-    uas_port, proxy_port, uac_port = free_udp_ports(3)
+    workdir = Path(tempfile.mkdtemp(prefix=f"bench_proxy-{system.replace('+', '_')}-{rate}-"))
+    uas_port, proxy_port, uac_port, control_port = free_udp_ports(4)
+    if mix:
+        result.uac = f"{MIX_SCENARIO.name}, -i {POLICY_UAC_HOST}, {POLICY_CALLERS[1]} callers in turn"
+    if system != "relay":
+        result.log_level = log_level
+    if system == POLICIES:
+        result.policy_file = str(BENCH_POLICY.relative_to(REPO_ROOT))
     sipp_timeout = str(math.ceil(1.5 * duration + hold_ms / 1000.0 + SIPP_TAIL_S))
     processes: list[subprocess.Popen[bytes]] = []
     try:
@@ -503,13 +590,13 @@ def run_once(system: str, rate: int, duration: float, hold_ms: int, keep: bool) 
         wait_until(lambda: udp_socket_of(uas.pid, uas_port) is not None, uas, "SIPp UAS")
 
         proxy = subprocess.Popen(
-            proxy_command(system, proxy_port, uas_port),
+            proxy_command(system, proxy_port, uas_port, log_level),
             cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
         processes.append(proxy)
-        reader = LogReader(proxy.stderr, "proxy.started" if system == "sipguard" else "relay.started")
+        reader = LogReader(proxy.stderr, "relay.started" if system == "relay" else "proxy.started")
         reader.start()
-        if system == "sipguard":
+        if system != "relay":
             result.proxy_ready_by = wait_sipguard_ready(proxy, reader, proxy_port)
         else:
             wait_until(reader.started_line.is_set, proxy, "relay")
@@ -524,7 +611,8 @@ def run_once(system: str, rate: int, duration: float, hold_ms: int, keep: bool) 
         started = time.monotonic()
         with open(workdir / "uac_screen.txt", "wb") as screen:
             uac = subprocess.Popen(
-                ["sipp", "-sn", "uac", f"{HOST}:{proxy_port}", "-i", HOST, "-p", str(uac_port), "-nostdin",
+                ["sipp", *uac_scenario_args(mix, workdir), f"{HOST}:{proxy_port}", "-p", str(uac_port),
+                 "-nostdin",
                  "-r", str(rate), "-rp", "1000", "-m", str(calls), "-l", str(max(100, 2 * rate)),
                  "-d", str(hold_ms), "-timeout", sipp_timeout, "-trace_rtt", "-rtt_freq", "100",
                  *sipp_stats_args("uac")],
@@ -548,6 +636,8 @@ def run_once(system: str, rate: int, duration: float, hold_ms: int, keep: bool) 
         result.proxy_rss_start_mib = round(rss_start / 1024.0, 1)
         proxy_socket = udp_socket_of(proxy.pid, proxy_port)
         result.proxy_socket_drops = proxy_socket["drops"] if proxy_socket else None
+        if control:  # after every figure above was taken: it is no part of the load
+            result.control_refused_403 = run_control(workdir, proxy_port, control_port)
 
         result.uas_cpu_s = wait4(uas, UAS_EXIT_GRACE_S)
         if result.uas_cpu_s is None:  # some calls never reached it: it would wait for -timeout
@@ -561,6 +651,15 @@ def run_once(system: str, rate: int, duration: float, hold_ms: int, keep: bool) 
         result.proxy_exit_status = proxy.returncode
         reader.join(timeout=5)
         result.proxy_log_events = dict(reader.events)
+        if system == POLICIES:
+            loaded = reader.fields.get("policy.loaded")
+            result.policy_rules = list(loaded["rules"]) if loaded and "rules" in loaded else None
+            stopped = reader.fields.get("proxy.stopped", {})
+            result.proxy_counters = {k: v for k, v in stopped.items() if isinstance(v, int)}
+            for (verdict, rule, caller), count in reader.decisions.items():
+                if verdict == "reject":
+                    side = result.control_rejections if caller == SPOOFED_CALLER else result.policy_rejections
+                    side[rule] = side.get(rule, 0) + count
         if reader.levels.get("warning") or reader.levels.get("error"):
             (workdir / "proxy_stderr_head.txt").write_text("\n".join(reader.first_lines) + "\n")
             (workdir / "proxy_stderr_tail.txt").write_text("\n".join(reader.last_lines) + "\n")
@@ -686,54 +785,160 @@ def progress(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def measure(system: str, rate: int, args: argparse.Namespace) -> RunResult:
-    progress(f"  {system:<8} {rate:>5} CPS x {args.duration:g} s ...")
-    result = run_once(system, rate, args.duration, args.hold_ms, args.keep)
+def measure(
+    system: str, rate: int, args: argparse.Namespace, *, log_level: str = "warning", control: bool = False
+) -> RunResult:
+    label = system if log_level == "warning" or system == "relay" else f"{system} ({log_level})"
+    progress(f"  {label:<8} {rate:>5} CPS x {args.duration:g} s ...")
+    result = run_once(
+        system, rate, args.duration, args.hold_ms, args.keep,
+        mix=args.with_policies, log_level=log_level, control=control,
+    )  # fmt: skip
     cpu = f"{result.proxy_cpu_us_per_call:.0f} us/call" if result.proxy_cpu_us_per_call else "n/a"
     progress(f"  {'':<8} ok {result.ok}/{result.calls}, failed {result.failed}, {cpu}")
     return result
 
 
+def _median_cpu(runs: list[RunResult], system: str, rate: int) -> float | None:
+    values = [r.proxy_cpu_us_per_call for r in runs if r.system == system and r.rate == rate]
+    measured = [value for value in values if value]
+    return statistics.median(measured) if measured else None
+
+
 def compare(runs: list[RunResult]) -> list[dict[str, Any]]:
+    """Each proxy's CPU per call over the relay's at the same rate (medians of the repeats)."""
     rows = []
     for rate in sorted({run.rate for run in runs}):
-        guard = [r for r in runs if r.rate == rate and r.system == "sipguard" and r.proxy_cpu_us_per_call]
-        relay = [r for r in runs if r.rate == rate and r.system == "relay" and r.proxy_cpu_us_per_call]
-        if guard and relay:
-            g = statistics.median(r.proxy_cpu_us_per_call or 0.0 for r in guard)
-            b = statistics.median(r.proxy_cpu_us_per_call or 0.0 for r in relay)
+        b = _median_cpu(runs, "relay", rate)
+        if b is None:
+            continue
+        for system in ("sipguard", POLICIES):
+            g = _median_cpu(runs, system, rate)
+            if g is None:
+                continue
             ratio = round(g / b, 2) if b else None
+            target = TARGET_POLICY_RATIO if system == POLICIES else TARGET_RATIO
+            row = {"rate": rate, "system": system}
+            if system == "sipguard":
+                row["sipguard_us_per_call"] = g
             rows.append(
-                {
-                    "rate": rate,
-                    "sipguard_us_per_call": g,
+                row
+                | {
+                    "us_per_call": g,
                     "relay_us_per_call": b,
                     "ratio": ratio,
-                    "target_max": TARGET_RATIO,
-                    "met": ratio is not None and ratio <= TARGET_RATIO,
+                    "target_max": target,
+                    "met": ratio is not None and ratio <= target,
                 }
             )
     return rows
+
+
+def policy_costs(runs: list[RunResult]) -> list[dict[str, Any]]:
+    """What the policies add per call under load: sipguard+pol's CPU per call less sipguard's."""
+    rows = []
+    for rate in sorted({run.rate for run in runs}):
+        plain, with_policies = _median_cpu(runs, "sipguard", rate), _median_cpu(runs, POLICIES, rate)
+        relay = _median_cpu(runs, "relay", rate)
+        if plain is None or with_policies is None:
+            continue
+        cost = round(with_policies - plain, 1)
+        rows.append(
+            {
+                "rate": rate,
+                "sipguard_us_per_call": plain,
+                "with_policies_us_per_call": with_policies,
+                "policies_us_per_call": cost,
+                "policies_share_of_sipguard": round(cost / plain, 3) if plain else None,
+                "policies_in_relays": round(cost / relay, 2) if relay else None,
+            }
+        )
+    return rows
+
+
+def micro_benchmark() -> dict[str, Any]:
+    """bench_policies.py --json in a subprocess, alone on the machine (after the load runs)."""
+    try:
+        done = subprocess.run(
+            [sys.executable, str(BENCH_POLICIES_SCRIPT), "--json"],
+            cwd=REPO_ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as error:
+        return {"error": f"{BENCH_POLICIES_SCRIPT.name}: {error}"}
+    if done.returncode != 0:
+        tail = (done.stderr.strip() or done.stdout.strip())[-300:]
+        return {"error": f"{BENCH_POLICIES_SCRIPT.name} exited {done.returncode}: {tail}"}
+    try:
+        report: dict[str, Any] = json.loads(done.stdout)
+    except ValueError:
+        return {"error": f"{BENCH_POLICIES_SCRIPT.name} printed no JSON: {done.stdout.strip()[-300:]}"}
+    return report
+
+
+def zero_failed_target(
+    runs: list[RunResult], system: str, rate: int, stepped: bool, label: str = ""
+) -> dict[str, Any]:
+    """0 failed calls at ``rate`` through ``system``; when the step-up stopped below it, not met."""
+    name = f"0 failed calls at {rate} CPS{label}"
+    guard = [r for r in runs if r.system == system and r.rate == rate]
+    lower = [r for r in runs if r.system == system and r.rate < rate and not r.clean]
+    if guard:
+        bad = sum(r.failed + r.unfinished for r in guard)
+        return {"target": name, "met": bad == 0, "measured": f"{bad} failed"}
+    if lower and stepped:
+        first = min(lower, key=lambda r: r.rate)
+        bad = first.failed + first.unfinished
+        return {
+            "target": name,
+            "met": False,
+            "measured": f"not run: {bad} failed already at {first.rate} CPS",
+        }
+    return {"target": name, "met": None, "measured": "not run"}
+
+
+def policy_check_target(check: RunResult) -> dict[str, Any]:
+    """The allowed mix met no limit: no call.decision reject in the info-level check run, which
+    did load the three rules and did refuse its spoofed control call (so rejections would show)."""
+    rejected = sum(check.policy_rejections.values())
+    problems = []
+    if check.policy_rules != POLICY_RULES:
+        problems.append(f"rules loaded {check.policy_rules}, expected {POLICY_RULES}")
+    if not check.control_refused_403 or check.control_rejections != {"caller_id": 1}:
+        problems.append(
+            f"control call: 403 {'yes' if check.control_refused_403 else 'no'}, "
+            f"decision log {check.control_rejections or 'no reject'} (expected caller_id x1)"
+        )
+    by_rule = ", ".join(f"{rule} {n}" for rule, n in sorted(check.policy_rejections.items()))
+    measured = f"{rejected} rejected" + (f" ({by_rule})" if by_rule else "") + f" of {check.calls} calls"
+    if problems:
+        measured += "; check invalid: " + "; ".join(problems)
+    return {
+        "target": f"0 policy rejections of the allowed mix at {check.rate} CPS (decision log)",
+        "met": rejected == 0 and not problems,
+        "measured": measured,
+    }
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     env = environment()
     wall = time.monotonic()
     runs: list[RunResult] = []
-    progress(f"main runs: {', '.join(map(str, args.rates))} CPS, sipguard and relay alternated")
+    systems = POLICY_SYSTEMS if args.with_policies else SYSTEMS
+    stepped = POLICIES if args.with_policies else "sipguard"  # the system the step-up drives
+    progress(f"main runs: {', '.join(map(str, args.rates))} CPS, {', '.join(systems)} (order alternated)")
     for index, rate in enumerate(args.rates):
-        order = SYSTEMS if index % 2 == 0 else tuple(reversed(SYSTEMS))
+        order = systems if index % 2 == 0 else tuple(reversed(systems))
         for _ in range(args.repeats):
             for system in order:
                 runs.append(measure(system, rate, args))
 
     step_up: dict[str, Any] | None = None
     if args.step_up:
-        progress(f"step-up for sipguard: {', '.join(map(str, args.step_rates))} CPS")
+        progress(f"step-up for {stepped}: {', '.join(map(str, args.step_rates))} CPS")
         steps: list[RunResult] = []
         for rate in sorted(set(args.step_rates)):
-            earlier = [r for r in runs if r.system == "sipguard" and r.rate == rate]
-            step = earlier[0] if earlier else measure("sipguard", rate, args)
+            earlier = [r for r in runs if r.system == stepped and r.rate == rate]
+            step = earlier[0] if earlier else measure(stepped, rate, args)
             if not earlier:
                 runs.append(step)
             steps.append(step)
@@ -746,6 +951,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             runs.append(control)
         carried = [s.rate for s in steps if s.carried]
         step_up = {
+            "system": stepped,
             "steps": [
                 {
                     "rate": s.rate,
@@ -769,32 +975,41 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             },
         }
 
+    check: RunResult | None = None
+    micro: dict[str, Any] | None = None
+    if args.with_policies:
+        rate = max(args.rates)
+        progress(f"policy check: {POLICIES} at {rate} CPS, --log-level info, then one spoofed call (403)")
+        check = measure(POLICIES, rate, args, log_level="info", control=True)
+        progress(f"micro-benchmark: {BENCH_POLICIES_SCRIPT.name} --json")
+        micro = micro_benchmark()
+
     comparisons = compare(runs)
     targets = []
-    for rate in TARGET_ZERO_FAILED_AT:
-        name = f"0 failed calls at {rate} CPS"
-        guard = [r for r in runs if r.system == "sipguard" and r.rate == rate]
-        lower = [r for r in runs if r.system == "sipguard" and r.rate < rate and not r.clean]
-        if guard:
-            bad = sum(r.failed + r.unfinished for r in guard)
-            targets.append({"target": name, "met": bad == 0, "measured": f"{bad} failed"})
-        elif lower and step_up is not None:
-            first = min(lower, key=lambda r: r.rate)
-            bad = first.failed + first.unfinished
-            measured = f"not run: {bad} failed already at {first.rate} CPS"
-            targets.append({"target": name, "met": False, "measured": measured})
-        else:
-            targets.append({"target": name, "met": None, "measured": "not run"})
+    if args.with_policies:
+        for rate in args.rates:
+            for system in ("sipguard", POLICIES):
+                targets.append(zero_failed_target(runs, system, rate, args.step_up, f", {system}"))
+        if args.step_up:
+            for rate in TARGET_ZERO_FAILED_AT:
+                if rate not in args.rates:
+                    targets.append(zero_failed_target(runs, POLICIES, rate, True, f", {POLICIES}"))
+    else:
+        for rate in TARGET_ZERO_FAILED_AT:
+            targets.append(zero_failed_target(runs, "sipguard", rate, step_up is not None))
     for row in comparisons:
+        label = f"{row['system']} " if args.with_policies else ""
         targets.append(
             {
-                "target": f"CPU/call <= {TARGET_RATIO:g}x relay at {row['rate']} CPS",
+                "target": f"{label}CPU/call <= {row['target_max']:g}x relay at {row['rate']} CPS",
                 "met": row["met"],
                 "measured": f"{row['ratio']}x",
             }
         )
+    if check is not None:
+        targets.append(policy_check_target(check))
     env["loadavg_end"] = [round(value, 2) for value in os.getloadavg()]
-    return {
+    report: dict[str, Any] = {
         "environment": env,
         "settings": {
             "rates": args.rates,
@@ -803,13 +1018,24 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "repeats": args.repeats,
             "step_up": args.step_up,
             "step_rates": args.step_rates,
+            "with_policies": args.with_policies,
         },
         "runs": [asdict(run) | {"clean": run.clean, "carried": run.carried} for run in runs],
         "comparisons": comparisons,
         "step_up": step_up,
-        "targets": targets,
-        "wall_seconds": round(time.monotonic() - wall, 1),
     }
+    if args.with_policies:
+        report["settings"] |= {
+            "policy_file": str(BENCH_POLICY.relative_to(REPO_ROOT)),
+            "uac": f"{MIX_SCENARIO.name} from {POLICY_UAC_HOST}, -s {POLICY_CALLEE}",
+            "callers": {"first": f"+{POLICY_CALLERS[0]}", "count": POLICY_CALLERS[1]},
+        }
+        report["policy_costs"] = policy_costs(runs)
+        report["policy_micro"] = micro
+        report["policy_check"] = None if check is None else asdict(check) | {"clean": check.clean}
+    report["targets"] = targets
+    report["wall_seconds"] = round(time.monotonic() - wall, 1)
+    return report
 
 
 # -- reporting -----------------------------------------------------------------------------------
@@ -833,37 +1059,54 @@ def print_table(report: dict[str, Any]) -> None:
         f"SIPp uac -> proxy -> SIPp uas on {HOST}, UDP; {settings['duration_s']:g} s per run, "
         f"hold {settings['hold_ms']} ms; sipguard with no policy rules (no-op decision), --log-level warning"
     )
+    check = report.get("policy_check")
+    if settings.get("with_policies"):
+        print(
+            f"{POLICIES}: sipguard --config {settings['policy_file']} ({', '.join(POLICY_RULES)} enforcing), "
+            f"--log-level warning;\nUAC for all systems: {settings['uac']}, owned callers "
+            f"{settings['callers']['first']}.. ({settings['callers']['count']}) in turn, each at most "
+            f"{POLICY_BURST}x a run"
+        )
+    # the check run is listed with the others, marked: it logs at info and is in no ratio
+    shown = report["runs"] + ([check | {"system": f"{POLICIES}*"}] if check else [])
+    width = max(8, *(len(run["system"]) for run in shown))
     print()
     print("calls (SIPp's view)")
     header = (
-        f"{'system':<8} {'CPS':>5} {'got':>6} {'calls':>6} {'ok':>6} {'failed':>6} {'unfin':>5} "
+        f"{'system':<{width}} {'CPS':>5} {'got':>6} {'calls':>6} {'ok':>6} {'failed':>6} {'unfin':>5} "
         f"{'retrans':>11}  {'INVITE->200 ms mean/p50/p99/max':>31}"
     )
     print(header)
     print("-" * len(header))
-    for run in report["runs"]:
+    for run in shown:
         rt = (
             f"{_fmt(run['rt_mean_ms'], '.1f')} / {_fmt(run['rt_p50_ms'])} / {_fmt(run['rt_p99_ms'])} / "
             f"{_fmt(run['rt_max_ms'])}"
         )
         retrans = f"{run['retrans_uac']}/{run['retrans_uas']}"
         print(
-            f"{run['system']:<8} {run['rate']:>5} {_fmt(run['achieved_cps']):>6} {run['calls']:>6} "
+            f"{run['system']:<{width}} {run['rate']:>5} {_fmt(run['achieved_cps']):>6} {run['calls']:>6} "
             f"{run['ok']:>6} {run['failed']:>6} {run['unfinished']:>5} {retrans:>11}  {rt:>31}"
         )
     print(
         "got: achieved CPS (answered calls over the span of their 200 OKs); unfin: calls neither ok nor\n"
         "failed when SIPp stopped; retrans: SIPp retransmissions, UAC (INVITE, BYE) / UAS (200 OK);\n"
         "INVITE->200: SIPp response time 1, every sample, 1 ms resolution."
+        + (
+            f"\n{POLICIES}*: the policy check run, sipguard at --log-level info (in no ratio below)."
+            if check
+            else ""
+        )
     )
     print("\nproxy cost (the proxy process) and noise")
     header = (
-        f"{'system':<8} {'CPS':>5} {'us/call':>8} {'core%':>6} {'peak%':>6} {'peak RSS':>9} {'KiB/call':>8} "
+        f"{'system':<{width}} {'CPS':>5} {'us/call':>8} {'core%':>6} {'peak%':>6} {'peak RSS':>9} "
+        f"{'KiB/call':>8} "
         f"{'uac%':>5} {'uas%':>5} {'others':>6} {'drops':>6} {'load1':>6}"
     )
     print(header)
     print("-" * len(header))
-    for run in report["runs"]:
+    for run in shown:
         window = run["window_s"] or None
         uac = 100.0 * run["uac_cpu_s"] / window if window and run["uac_cpu_s"] is not None else None
         uas = 100.0 * run["uas_cpu_s"] / window if window and run["uas_cpu_s"] is not None else None
@@ -871,7 +1114,8 @@ def print_table(report: dict[str, Any]) -> None:
         peak = 100.0 * run["proxy_peak_share"] if run["proxy_peak_share"] is not None else None
         rss = f"{_fmt(run['proxy_peak_rss_mib'], '.0f')} MiB"
         print(
-            f"{run['system']:<8} {run['rate']:>5} {_fmt(run['proxy_cpu_us_per_call']):>8} {_fmt(share):>6} "
+            f"{run['system']:<{width}} {run['rate']:>5} {_fmt(run['proxy_cpu_us_per_call']):>8} "
+            f"{_fmt(share):>6} "
             f"{_fmt(peak):>6} "
             f"{rss:>9} {_fmt(run['proxy_rss_kib_per_call'], '.1f'):>8} {_fmt(uac):>5} {_fmt(uas):>5} "
             f"{_fmt(run['others_cores'], '.2f'):>6} {run['udp_rcvbuf_errors']:>6} {run['loadavg_1m']:>6.2f}"
@@ -886,7 +1130,7 @@ def print_table(report: dict[str, Any]) -> None:
     )
 
     notes = []
-    for run in report["runs"]:
+    for run in shown:
         flags = []
         if run["failure_causes"]:
             flags.append("UAC failures: " + ", ".join(f"{k} {v}" for k, v in run["failure_causes"].items()))
@@ -923,17 +1167,21 @@ def print_table(report: dict[str, Any]) -> None:
         print("".join(notes), end="")
 
     if report["comparisons"]:
-        print("\nsipguard / relay, proxy CPU per call at the same rate:")
+        several = len({row["system"] for row in report["comparisons"]}) > 1
+        print(f"\n{'proxy' if several else 'sipguard'} / relay, proxy CPU per call at the same rate:")
         for row in report["comparisons"]:
             verdict = "met" if row["met"] else "NOT met"
-            guard, relay = row["sipguard_us_per_call"], row["relay_us_per_call"]
+            guard, relay = row["us_per_call"], row["relay_us_per_call"]
+            system = f" {row['system']:<12}" if several else ""
             print(
-                f"  {row['rate']:>5} CPS: {guard:.0f} / {relay:.0f} us = {row['ratio']}x "
+                f"  {row['rate']:>5} CPS{system}: {guard:.0f} / {relay:.0f} us = {row['ratio']}x "
                 f"(target <= {row['target_max']:g}x: {verdict})"
             )
+    if "policy_costs" in report:
+        print_policy_costs(report)
     step = report["step_up"]
     if step:
-        print("\nstep-up (sipguard):")
+        print(f"\nstep-up ({step.get('system', 'sipguard')}):")
         for s in step["steps"]:
             print(
                 f"  {s['rate']:>5} CPS: {'carried' if s['carried'] else 'NOT carried':<11} {s['ok']} ok, "
@@ -952,10 +1200,78 @@ def print_table(report: dict[str, Any]) -> None:
             f"({'carried' if control['carried'] else 'NOT carried: the rig itself is at its limit'})"
         )
     print("\ntargets:")
+    name_width = max(36, *(len(target["target"]) for target in report["targets"]))
     for target in report["targets"]:
         verdict = {True: "met", False: "NOT met", None: "not measured"}[target["met"]]
-        print(f"  {target['target']:<36} {verdict:<13} ({target['measured']})")
+        print(f"  {target['target']:<{name_width}} {verdict:<13} ({target['measured']})")
     print(f"\nwall time {report['wall_seconds']} s")
+
+
+def print_policy_costs(report: dict[str, Any]) -> None:
+    """--with-policies: the policies' cost per call under load, on their own per INVITE, and the check."""
+    print(f"\nthe policies' cost, under load: {POLICIES} less sipguard, proxy CPU per call")
+    for row in report["policy_costs"]:
+        share = row["policies_share_of_sipguard"]
+        print(
+            f"  {row['rate']:>5} CPS: {row['with_policies_us_per_call']:.0f} - "
+            f"{row['sipguard_us_per_call']:.0f} us"
+            f" = {row['policies_us_per_call']:+.0f} us/call"
+            f" ({_fmt(None if share is None else 100 * share, '+.0f')}% on sipguard;"
+            f" {_fmt(row['policies_in_relays'], '+.2f')}x the relay's CPU per call)"
+        )
+    print(
+        "  (CPU is read in 10 ms ticks: 1 us/call at 10,000 calls; run-to-run noise on this shared\n"
+        "  machine is larger: compare with the same difference at the other rate)"
+    )
+    micro = report.get("policy_micro") or {}
+    print(
+        f"\nthe policies' cost on their own, per INVITE ({BENCH_POLICIES_SCRIPT.name}, in process, no I/O):"
+    )
+    if "error" in micro or "us_per_invite" not in micro:
+        print(f"  not measured: {micro.get('error', 'no result')}")
+    else:
+        per = micro["us_per_invite"]
+        print(
+            f"  policies/example.yaml (3 rules enforcing), {micro['iterations']} INVITEs "
+            f"x {micro['repeats']} repeats, Python {micro['python']}"
+        )
+        print(f"  {'us per INVITE':<36} {'min':>7} {'median':>7}")
+        for name, figures in per.items():
+            print(f"  {name:<36} {figures['min']:7.1f} {figures['median']:7.1f}")
+        print(
+            "  policies: parse + policies + release less parse + core accessors, callers already\n"
+            "  normalised (the E.164 cache warm); cold: the cache emptied before each INVITE, a caller\n"
+            f"  new to the process, which is every call of the load runs above ({POLICY_CALLERS[1]} callers, "
+            "each\n  at most once a run at these rates and 10 s). min is the closest to the code's own cost."
+        )
+    check = report.get("policy_check")
+    if check:
+        counters = check["proxy_counters"]
+        rejected = sum(check["policy_rejections"].values())
+        print(
+            f"\npolicy check ({POLICIES}* above: {check['rate']} CPS, --log-level info, call.decision lines):"
+        )
+        print(
+            f"  rules loaded: {', '.join(check['policy_rules'] or ['none seen'])}; "
+            f"load: {check['ok']} ok / {check['failed']} failed of {check['calls']} calls, "
+            f"{rejected} rejected by a rule"
+            + (
+                ""
+                if not rejected
+                else " (" + ", ".join(f"{k} {v}" for k, v in check["policy_rejections"].items()) + ")"
+            )
+        )
+        print(
+            f"  proxy.stopped: calls_answered {counters.get('calls_answered', 'n/a')}, "
+            f"calls_ended {counters.get('calls_ended', 'n/a')}, "
+            f"live_calls {counters.get('live_calls', 'n/a')}"
+        )
+        control = check["control_rejections"]
+        print(
+            f"  control, one call from {SPOOFED_CALLER} (not owned): "
+            f"{'refused 403' if check['control_refused_403'] else 'NOT refused with 403'}, decision log "
+            + (", ".join(f"reject by {k} x{v}" for k, v in control.items()) or "no reject")
+        )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -996,8 +1312,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--repeats", type=int, default=1, metavar="N", help="sipguard/relay pairs per rate (default 1)"
     )
     parser.add_argument(
-        "--step-up", action=argparse.BooleanOptionalAction, default=True,
-        help="step sipguard up through --step-rates until a step is not carried (default on)",
+        "--with-policies", action="store_true",
+        help=f"a third system at each rate, {POLICIES}: sipguard enforcing {BENCH_POLICY.name} (caller_id, "
+        f"concurrency, call_rate), all systems driven by {MIX_SCENARIO.name} (owned callers in turn); "
+        f"then an info-level check run for 0 rejections and {BENCH_POLICIES_SCRIPT.name}'s per-INVITE "
+        "figure. "
+        "Turns the step-up off unless --step-up is given (it then steps sipguard+pol)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--step-up", action=argparse.BooleanOptionalAction, default=None,
+        help="step sipguard up through --step-rates until a step is not carried (default on, off with "
+        "--with-policies)",
     )  # fmt: skip
     parser.add_argument(
         "--step-rates", type=rates, default=list(DEFAULT_STEP_RATES), metavar="R1,R2",
@@ -1011,6 +1336,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.hold_ms < 0:
         parser.error("--repeats must be >= 1 and --hold-ms >= 0")
+    if args.step_up is None:
+        args.step_up = not args.with_policies
+    if args.with_policies:
+        highest = max(args.rates + (args.step_rates if args.step_up else []))
+        if highest * args.duration > POLICY_BURST * POLICY_CALLERS[1]:
+            parser.error(
+                f"--with-policies: {highest} CPS x {args.duration:g} s would present a caller number more "
+                f"than {POLICY_BURST} times in a run (the per-number burst of {BENCH_POLICY.name}); "
+                "shorten --duration"
+            )
     return args
 
 

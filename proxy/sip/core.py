@@ -252,7 +252,7 @@ class ProxyCore:
     def _on_request(
         self, request: Request, source: Address, local: Address, now: float, actions: list[Action]
     ) -> None:
-        top_via = request.vias[0]
+        top_via = request.top_via
         # Parse now what forwarding reads later: a malformed one is a 400 here, not a
         # transaction left behind (answered 408 later) or an error out of ``decided``.
         _ = (request.from_, request.to, request.max_forwards, request.routes)
@@ -487,7 +487,7 @@ class ProxyCore:
 
     def _stamp_source(self, request: Request, source: Address, editor: MessageEditor) -> None:
         """RFC 3261 §18.2.1 received, RFC 3581 rport: so responses can find the sender."""
-        via = request.vias[0]
+        via = request.top_via
         # RFC 3581 §4: with rport, received is added "even if it is identical to the sent-by"
         add_received = via.wants_rport or normal_host(via.host) != normal_host(source.host)
         if not add_received:
@@ -504,12 +504,12 @@ class ProxyCore:
 
     # -- responses ----------------------------------------------------------------------------
     def _on_response(self, response: Response, source: Address, now: float, actions: list[Action]) -> None:
-        vias = response.vias
+        vias = response.vias  # all of them: a response whose next Via is malformed is dropped
         branch = vias[0].branch or ""
-        tx = self._client_tx.get((branch, response.cseq.method))
         if not branch.startswith(OUR_BRANCH_PREFIX) or len(vias) < 2:
             actions.append(Discarded(reason="response not for us", source=source, call_id=response.call_id))
             return
+        tx = self._client_tx.get((branch, response.cseq.method))
         editor = MessageEditor(response)
         editor.pop_via()
         data = editor.render()
@@ -738,7 +738,7 @@ class ProxyCore:
         """Our own Via already in the request with the branch we would give it: a loop (§16.3)."""
         if len(request.fields_named("via")) < 2 and "," not in (request.get("via") or ""):
             return False
-        ours = self._branch(self._server_key(request, request.vias[0]))
+        ours = self._branch(self._server_key(request, request.top_via))
         return any(via.branch == ours for via in request.vias[1:])
 
     def _is_upstream(self, source: Address) -> bool:

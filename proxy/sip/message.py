@@ -162,12 +162,20 @@ class Message:
     def vias(self) -> tuple[Via, ...]:
         return tuple(parse_via(value) for value in self.list_values("via"))
 
-    @property
+    @cached
     def top_via(self) -> Via:
-        vias = self.vias
-        if not vias:  # only a ParseError.partial can lack a Via
+        """The topmost Via alone: what a proxy reads on every message, without parsing
+        the rest of the list (``vias`` parses and checks them all)."""
+        fields = self.fields_named("via")
+        if not fields:  # only a ParseError.partial can lack a Via
             raise ParseError(400, "Missing via header")
-        return vias[0]
+        if "vias" in self.__dict__:
+            return self.vias[0]
+        first = self.value_of(fields[0])
+        value = split_values(first)[0] if "," in first else first
+        if not value:
+            raise ParseError(400, "Empty element in via list")
+        return parse_via(value)
 
     @cached
     def from_(self) -> NameAddr:
