@@ -6,6 +6,7 @@ fail: a failed call takes SIPp ~32 s of retransmissions to give up on):
     .venv/bin/python sipp-scenarios/bench_proxy.py                    # tables
     .venv/bin/python sipp-scenarios/bench_proxy.py --json             # one JSON object on stdout
     .venv/bin/python sipp-scenarios/bench_proxy.py --rates 100 --duration 2 --no-step-up   # quick look
+    .venv/bin/python sipp-scenarios/bench_proxy.py --with-policies    # + sipguard enforcing policies
 
 What runs: for each rate in --rates, one SIPp run through (a) sipguard (``sipguard run``
 without --config: no accounts and no rules, so every INVITE is accepted at once on the
@@ -55,6 +56,28 @@ and the targets: 0 failed calls at 500 and 1000 CPS, CPU per call <= 2.0x the re
 0 failed calls at 2500 CPS (not met without a run when the step-up already failed
 calls at a lower rate). A step counts as carried when every call succeeded and the
 achieved rate is within 5% of the target rate.
+
+With --with-policies (about 3 minutes): three systems at each rate, in an order that
+alternates: the relay, sipguard without policies, and sipguard+pol, that is ``sipguard run
+--config bench_policy.yaml`` (beside this file): caller_id, concurrency (2 per number) and
+call_rate (10/min burst 3 per number) all enforcing, one account with 20,000 numbers and
+per-account limits far above the offered load, --log-level warning. All three are driven
+by the same UAC, uac_mix.xml from 127.0.0.2 (the account's source): each call presents
+the next number of the account's range (``-inf callers.csv``, SEQUENTIAL, written into
+each run's directory), so at these rates a number appears once a run and no limit is
+reached. Reported besides the tables: each proxy's CPU per call over the relay's (targets
+<= 2.0x for sipguard, <= 2.5x for sipguard+pol), the policies' cost under load (sipguard+pol
+less sipguard, CPU per call), and bench_policies.py's figure for the policies alone per
+INVITE (run as a subprocess after the load runs, nothing else running beside it). Then a
+check that the allowed mix hit no limit: one more sipguard+pol run at the highest rate,
+this one at --log-level info, where every rejection writes a ``call.decision`` line (the
+measured runs stay at warning); it must load the three rules, show 0 rejections, and,
+as a positive control after the load, refuse one call from an unowned number (uac_spoofed.xml,
+403) with exactly one caller_id rejection in the log. Every caller being new to the
+process, the load runs pay the policies' cold E.164 normalisation on each call, which is
+the ``cold`` row of bench_policies.py. The step-up is off unless --step-up is given (it then
+steps sipguard+pol). Targets: 0 failed calls at each rate for sipguard and sipguard+pol, the
+two ratios, and 0 rejections in the check.
 
 Caveats, for reading the numbers: a run of D seconds does not reach sipguard's steady
 state for memory and timers: it remembers each transaction for 32 s (Timer B/F/H/J)
@@ -1150,6 +1173,12 @@ def print_table(report: dict[str, Any]) -> None:
         if run["uas_stopped_by_us"]:
             flags.append(f"UAS had to be stopped (it saw {run['uas_ok']} ok, {run['uas_failed']} failed)")
         noisy = {k: v for k, v in run["proxy_log_events"].items() if k not in QUIET_EVENTS}
+        if run.get("control_refused_403"):  # the check's control call: its refusal is expected
+            for event in ("call.decision", "message.refused"):
+                if noisy.get(event, 0) <= 1:
+                    noisy.pop(event, None)
+                else:
+                    noisy[event] -= 1
         if noisy:
             flags.append("proxy log: " + ", ".join(f"{k} x{v}" for k, v in sorted(noisy.items())))
         if run["dead_call_msgs"] or run["out_of_call_msgs"]:
@@ -1172,9 +1201,9 @@ def print_table(report: dict[str, Any]) -> None:
         for row in report["comparisons"]:
             verdict = "met" if row["met"] else "NOT met"
             guard, relay = row["us_per_call"], row["relay_us_per_call"]
-            system = f" {row['system']:<12}" if several else ""
+            system = f" {row['system'] + ':':<13}" if several else ":"
             print(
-                f"  {row['rate']:>5} CPS{system}: {guard:.0f} / {relay:.0f} us = {row['ratio']}x "
+                f"  {row['rate']:>5} CPS{system} {guard:.0f} / {relay:.0f} us = {row['ratio']}x "
                 f"(target <= {row['target_max']:g}x: {verdict})"
             )
     if "policy_costs" in report:
