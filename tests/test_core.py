@@ -79,7 +79,7 @@ def test_accept_forwards_upstream_with_only_the_proxy_edits() -> None:
     send = only_send(sim.decide(decide.attempt.attempt_id, Accept()))
     assert send.destination == UPSTREAM and send.local == LOCAL_UDP
     branch = our_branch(send.data)
-    assert branch == decide.attempt.attempt_id
+    assert decide.attempt.attempt_id.startswith(branch + ".")  # unique per attempt, see below
     expected = original.replace(
         f"Via: {CUSTOMER_VIA}\r\n".encode(),
         f"Via: SIP/2.0/UDP 127.0.0.1:5060;branch={branch}\r\n"
@@ -88,6 +88,18 @@ def test_accept_forwards_upstream_with_only_the_proxy_edits() -> None:
     ).replace(b"Max-Forwards: 70\r\n", b"Max-Forwards: 69\r\n")
     assert send.data == expected  # Request-URI, other headers and the body byte-identical
     assert sim.core.calls.live == 1 and sim.core.pending == 1
+
+
+def test_a_reused_branch_never_makes_two_calls_share_an_attempt_id() -> None:
+    """Policies key their slots by attempt id: a dialer that reuses one Via branch for
+    every INVITE (each after the previous transaction is forgotten) must get a new id
+    each time, or all its calls would share one concurrency slot."""
+    sim = Sim.make()
+    first = sim.offer(invite(call_id="first@dialer"))
+    sim.decide(first.attempt.attempt_id, Accept())
+    sim.run_until(sim.now + 100.0)  # Timer B, then the 32 s linger: the transaction is forgotten
+    second = sim.offer(invite(call_id="second@dialer"))
+    assert second.attempt.attempt_id != first.attempt.attempt_id
 
 
 def test_accept_adds_max_forwards_70_when_absent() -> None:

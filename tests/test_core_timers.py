@@ -153,6 +153,21 @@ def test_a_refresh_2xx_without_session_expires_stops_the_session_timer() -> None
     assert end.reason is EndReason.MAX_LIFETIME
 
 
+def test_a_re_invite_nobody_answers_does_not_end_the_call() -> None:
+    """RFC 3261 §12.2.1.2: what to do about a refresh that timed out is its UAC's call (it
+    may send BYE). The proxy answers 408 and keeps the call and its slots."""
+    sim = Sim.make(max_call_lifetime=3600.0)
+    forwarded = sim.forward()
+    sim.answer(forwarded.data)
+    sim.now = 40.0
+    only_send(sim.customer(in_dialog_from_customer("INVITE")))
+    timeouts = sim.run_until(200.0)
+    assert [parse_response(send.data).status_code for send in of_type(timeouts, Send)] == [408]
+    assert ended(timeouts) == [] and sim.core.calls.live == 1
+    [end] = ended(sim.run_until(3600.0))
+    assert end.reason is EndReason.MAX_LIFETIME
+
+
 # -- transaction lifetimes ------------------------------------------------------------------------
 def test_a_transaction_is_forgotten_32_seconds_after_its_final_response() -> None:
     sim = Sim.make()

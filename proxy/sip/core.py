@@ -157,6 +157,7 @@ class ProxyCore:
         self._deciding: dict[str, Transaction] = {}
         self._timers: list[tuple[float, int, str, Transaction | Call]] = []
         self._timer_seq = itertools.count()
+        self._attempt_seq = itertools.count(1)
         self._upstream_host_port = _normal_host_port(config.upstream.host, config.upstream.port)
         self._trusted: dict[str, bool] = {}  # source host -> inside a trusted network (bounded cache)
         self._our_host_ports = {
@@ -316,10 +317,14 @@ class ProxyCore:
         if self.calls.live + len(self._deciding) >= self.config.max_calls:
             self._reply(tx, 503, "Call Limit Reached", now, actions, headers=(("Retry-After", "5"),))
             return
+        # Unique per call attempt, not just per branch: a client that reuses a Via branch
+        # for a new INVITE (after the old transaction is forgotten) must not make two calls
+        # share one attempt id, since policies key their slots by it.
+        attempt_id = f"{tx.out_branch}.{next(self._attempt_seq)}"
         tx.attempt = CallInfo(
             call_id=request.call_id,
             from_tag=request.from_.tag or "",
-            attempt_id=tx.out_branch,
+            attempt_id=attempt_id,
             source=tx.source,
             from_customer=from_customer,
             started_at=now,
@@ -330,10 +335,10 @@ class ProxyCore:
             self._forward(tx, now, actions)
             return
         tx.state = TxState.DECIDING
-        self._deciding[tx.out_branch] = tx
+        self._deciding[attempt_id] = tx
         self._set_expiry(tx, now + self.config.decision_timeout)
         actions.append(
-            Decide(attempt=CallAttempt(attempt_id=tx.out_branch, request=request, source=tx.source, now=now))
+            Decide(attempt=CallAttempt(attempt_id=attempt_id, request=request, source=tx.source, now=now))
         )
 
     def _on_retransmission(self, tx: Transaction, source: Address, actions: list[Action]) -> None:
@@ -657,7 +662,8 @@ class ProxyCore:
 
     def _expire_transaction(self, tx: Transaction, now: float, actions: list[Action]) -> None:
         if tx.state is TxState.DECIDING:
-            self._deciding.pop(tx.out_branch, None)
+            if tx.attempt is not None:
+                self._deciding.pop(tx.attempt.attempt_id, None)
             self._reply(tx, 503, "Policy Decision Timeout", now, actions, headers=(("Retry-After", "5"),))
             return
         if tx.state is TxState.FORWARDED and tx.method == "INVITE":
@@ -665,7 +671,8 @@ class ProxyCore:
             if tx.forwarded is not None and tx.destination is not None and tx.has_response:
                 cancel = build_cancel(parse_message(tx.forwarded))
                 actions.append(Send(data=cancel, destination=tx.destination, local=tx.out_local))
-            if tx.call is not None:
+            if tx.call is not None and not tx.is_session_refresh:
+                # a re-INVITE nobody answered does not end the call: its UAC decides (§12.2.1.2)
                 self._end_call(tx.call, EndReason.NO_ANSWER, now, actions)
             self._reply(tx, 408, "Request Timeout", now, actions)
             return
