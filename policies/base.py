@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -49,6 +49,9 @@ class RuleConfig(BaseModel):
 
     mode: Mode = Mode.ENFORCE
     reply: Reply
+    # When the shared state store (Redis) is unreachable: "open" counts on this instance
+    # alone and lets calls through within local limits; "closed" refuses them with 503.
+    fail_mode: Literal["open", "closed"] = "open"
 
     @property
     def enforced(self) -> bool:

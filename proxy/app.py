@@ -168,7 +168,7 @@ class SipGuard:
             elif isinstance(action, CallEnded):
                 self.counters["calls_ended"] += 1
                 self.counters[f"calls_ended_{action.reason.value}"] += 1
-                log.info(
+                log.debug(  # per call: debug, or the log costs more CPU than the call
                     "call.ended",
                     call_id=action.call.call_id,
                     reason=action.reason.value,

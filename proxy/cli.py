@@ -14,6 +14,8 @@ from .engine import PolicyEngine
 from .logs import configure_logging
 from .policyfile import CompiledPolicy, PolicyFileError, default_policy, load_policy
 from .sip.events import parse_address
+from .state import MemoryStore, StateStore
+from .state.redis_store import RedisStore
 
 log = structlog.get_logger("sipguard")
 
@@ -30,8 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
     _logging_flags(run, "info")
     check = commands.add_parser("check", help="validate a policy file and summarise it")
     check.add_argument("file", metavar="FILE")
-    demo = commands.add_parser("demo", help="sipguard in front of a stand-in PBX, driven by SIPp (loopback)")
-    _logging_flags(demo, "warning")
+    demo = commands.add_parser(
+        "demo",
+        help="the policy at work: SIPp callers, sipguard, a stand-in PBX (loopback)",
+        description="sipguard with its demo policy in front of a stand-in PBX (SIPp), on loopback: "
+        "legitimate calls, a spoofed caller ID, a trunking burst, a dialer burst and emergency calls, "
+        "each set beside what the policy should do. Exits 1 when a scenario differs. The decision log "
+        "is written as JSON lines to a file in a temporary directory (its path is printed); "
+        "--log-format console also shows it on stderr.",
+    )
+    _logging_flags(demo, "debug")
     return parser
 
 
@@ -44,11 +54,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "check":
         return check_command(args.file)
-    configure_logging(args.log_level, args.log_format)
     if args.command == "demo":
         from .demo import run_demo
 
-        return uvloop.run(run_demo())
+        try:
+            return uvloop.run(run_demo(args.log_level, args.log_format))
+        except KeyboardInterrupt:  # its SIPp processes are ended on the way out
+            return 130
+    configure_logging(args.log_level, args.log_format)
     try:
         policy = load_policy(args.config) if args.config else default_policy()
         settings = ProxySettings.from_policy(
@@ -65,8 +78,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return uvloop.run(_serve(settings, policy, args.config))
 
 
+def build_store(policy: CompiledPolicy) -> StateStore:
+    """The state store the policy file names: this process's memory, or a shared Redis."""
+    state = policy.state
+    if state.url == "memory":
+        return MemoryStore(slot_lease=policy.proxy.max_call_lifetime + 300.0)
+    return RedisStore(state.url, slot_lease=state.lease, timeout=state.timeout)
+
+
 async def _serve(settings: ProxySettings, policy: CompiledPolicy, path: str | None) -> int:
-    engine = PolicyEngine(policy)
+    engine = PolicyEngine(policy, build_store(policy))
     for warning in policy.warnings:
         log.warning("policy.warning", detail=warning)
 
@@ -79,8 +100,8 @@ async def _serve(settings: ProxySettings, policy: CompiledPolicy, path: str | No
         except PolicyFileError as error:
             log.error("policy.reload_failed", path=path, errors=error.errors, kept=engine.policy.path)
             return
-        if new.proxy != engine.policy.proxy:
-            log.warning("policy.proxy_section_changed", detail="listen/upstream changes need a restart")
+        if new.proxy != engine.policy.proxy or new.state != engine.policy.state:
+            log.warning("policy.restart_needed", detail="proxy: and state: changes apply after a restart")
         engine.replace(new)
         log.info(
             "policy.reloaded", path=path, accounts=len(new.accounts), rules=[r.name for r, _ in new.rules]

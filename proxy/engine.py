@@ -13,6 +13,7 @@ but keeps those, so live calls keep their slots and counters survive.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import math
@@ -31,6 +32,7 @@ from .policyfile import CompiledPolicy
 from .sip import NameAddr, ParseError, Request
 from .sip.events import Accept, CallAnswered, CallAttempt, CallEnded, Reject, Verdict
 from .state import MemoryStore, Operation, OpResult, StateStore, TakeSlot
+from .state.redis_store import StoreUnavailableError
 
 log = structlog.get_logger("sipguard.policy")
 TAG_HEADER = "X-Sipguard-Tag"
@@ -61,6 +63,15 @@ class PolicyEngine:
         self.held: dict[str, tuple[str, ...]] = {}
         self.counters: Counter[str] = Counter()
         self._accounts_by_host: dict[str, Account | None] = {}
+        self._background: set[asyncio.Future[None]] = set()
+        # where calls are counted while a shared store is unreachable (fail_mode: open)
+        self.local: MemoryStore = (
+            self.store if isinstance(self.store, MemoryStore) else MemoryStore(slot_lease=self._local_lease())
+        )
+        self.held_locally: set[str] = set()
+
+    def _local_lease(self) -> float:
+        return self.policy.proxy.max_call_lifetime + 300.0
 
     def replace(self, policy: CompiledPolicy) -> None:
         """Apply a reloaded policy to new INVITEs; held slots and counters stay."""
@@ -81,10 +92,33 @@ class PolicyEngine:
         plan = self._plan(attempt)
         if plan.final is not None:
             return plan.final
-        results = await self.store.check_and_take(
-            attempt.attempt_id, plan.operations, attempt.now, blocked=plan.blocked
-        )
+        try:
+            results = await self.store.check_and_take(
+                attempt.attempt_id, plan.operations, attempt.now, blocked=plan.blocked
+            )
+        except StoreUnavailableError as error:
+            return self._degraded(plan, str(error))
         return self._finish(plan, results)
+
+    def _degraded(self, plan: _Plan, error: str) -> Verdict:
+        """The shared store is away: rules that fail closed refuse the call; the others
+        count on this instance alone (a local store), so limits still hold per instance."""
+        self.counters["state_unavailable"] += 1
+        closed = sorted({op.rule for op in plan.operations if plan.configs[op.rule].fail_mode == "closed"})
+        if closed:
+            self.counters["failed_closed"] += 1
+            log.warning(
+                "state.unavailable", call_id=plan.attempt.request.call_id, error=error, refused_by=closed
+            )
+            return Reject(status=503, reason="Service Unavailable", headers=(("Retry-After", "5"),))
+        log.warning("state.unavailable", call_id=plan.attempt.request.call_id, error=error, counted="locally")
+        results = self.local.check_and_take_now(
+            plan.attempt.attempt_id, plan.operations, plan.attempt.now, blocked=plan.blocked
+        )
+        verdict = self._finish(plan, results)
+        if plan.attempt.attempt_id in self.held:
+            self.held_locally.add(plan.attempt.attempt_id)
+        return verdict
 
     def call_answered(self, event: CallAnswered) -> None:
         pass
@@ -92,7 +126,15 @@ class PolicyEngine:
     def call_ended(self, event: CallEnded) -> None:
         keys = self.held.pop(event.call.attempt_id, None)
         if keys:
-            self.store.release(event.call.attempt_id, keys, event.now)
+            store: StateStore = self.store
+            if event.call.attempt_id in self.held_locally:  # taken while the shared store was away
+                self.held_locally.discard(event.call.attempt_id)
+                store = self.local
+            pending = store.release(event.call.attempt_id, keys, event.now)
+            if pending is not None:  # a remote store: release in the background
+                task = asyncio.ensure_future(pending)
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
 
     # -- judging --------------------------------------------------------------------------------
     def _plan(self, attempt: CallAttempt) -> _Plan:

@@ -22,7 +22,7 @@ from typing import Any
 
 import phonenumbers
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from policies.base import Account, Mode, Policy, RuleConfig
 from policies.numbering import EmergencyNumbers, NumberSet
@@ -31,6 +31,7 @@ from policies.registry import available_policies
 from .sip.events import Address, parse_address
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://")
 DEFAULT_EMERGENCY_NUMBERS = ["911", "112", "999", "000", "110", "119", "933", "988"]
 
 
@@ -118,8 +119,30 @@ class AccountSection(_Strict):
     _sources = field_validator("sources")(_networks)
 
 
+class StateSection(_Strict):
+    """Where counters live: ``memory`` (this process) or a Redis URL shared by instances."""
+
+    url: str = Field(default="memory", description="memory, redis://, rediss://, unix://, redis+sentinel://")
+    lease: float = Field(default=60.0, gt=0, description="seconds a dead instance's slots stay taken")
+    timeout: float = Field(default=0.25, gt=0, description="seconds to wait for Redis per INVITE")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _url_shorthand(cls, value: Any) -> Any:
+        """``state: redis://10.0.0.5:6379/0`` is short for ``state: {url: ...}``."""
+        return {"url": value} if isinstance(value, str) else value
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if value != "memory" and not value.startswith(REDIS_SCHEMES):
+            raise ValueError(f"expected memory or a Redis URL ({', '.join(REDIS_SCHEMES)}...)")
+        return value
+
+
 class PolicyFileModel(_Strict):
     proxy: ProxySection = ProxySection()
+    state: StateSection = StateSection()
     numbering: NumberingSection = NumberingSection()
     emergency_numbers: list[str] = Field(default=DEFAULT_EMERGENCY_NUMBERS)
     mode_override: Mode | None = Field(default=None, description="run every rule in this mode")
@@ -142,6 +165,7 @@ class CompiledPolicy:
     path: str
     loaded_at: float  # wall-clock time of loading, for operators
     proxy: ProxySection
+    state: StateSection
     region: str
     emergency: EmergencyNumbers
     rules: RuleSet  # in file order, as configured for callers of no account
@@ -246,6 +270,7 @@ def compile_policy(data: Any, lines: dict[tuple[Any, ...], int], name: str) -> C
         path=name,
         loaded_at=time.time(),
         proxy=model.proxy,
+        state=model.state,
         region=region,
         emergency=EmergencyNumbers(model.emergency_numbers),
         rules=tuple(rules),

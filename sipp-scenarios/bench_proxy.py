@@ -866,9 +866,11 @@ def policy_costs(runs: list[RunResult]) -> list[dict[str, Any]]:
         if plain is None or with_policies is None:
             continue
         cost = round(with_policies - plain, 1)
+        clean = all(r.clean for r in runs if r.rate == rate and r.system in ("sipguard", POLICIES))
         rows.append(
             {
                 "rate": rate,
+                "clean": clean,  # False: calls failed, retransmissions are in the CPU, not only policies
                 "sipguard_us_per_call": plain,
                 "with_policies_us_per_call": with_policies,
                 "policies_us_per_call": cost,
@@ -1247,6 +1249,12 @@ def print_policy_costs(report: dict[str, Any]) -> None:
             f" = {row['policies_us_per_call']:+.0f} us/call"
             f" ({_fmt(None if share is None else 100 * share, '+.0f')}% on sipguard;"
             f" {_fmt(row['policies_in_relays'], '+.2f')}x the relay's CPU per call)"
+            + (
+                ""
+                if row.get("clean", True)
+                else "\n             NOT the policies' cost alone: calls failed in one of the two runs, "
+                "so its CPU includes retransmissions"
+            )
         )
     print(
         "  (CPU is read in 10 ms ticks: 1 us/call at 10,000 calls; run-to-run noise on this shared\n"

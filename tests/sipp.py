@@ -107,11 +107,11 @@ class GuardLog:
 
 
 def guard_command(listen: Sequence[str], upstream: str) -> list[str]:
-    """``python -m proxy.cli run ...`` with JSON logs, as the tests run sipguard."""
+    """``python -m proxy.cli run ...`` with JSON logs at debug, where every ``call.ended`` is."""
     argv = [sys.executable, "-m", "proxy.cli", "run"]
     for address in listen:
         argv += ["--listen", address]
-    return [*argv, "--upstream", upstream, "--log-format", "json"]
+    return [*argv, "--upstream", upstream, "--log-format", "json", "--log-level", "debug"]
 
 
 def installed_sipguard() -> str:

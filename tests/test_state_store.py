@@ -19,6 +19,7 @@ import pytest
 
 from proxy.state import HitRate, MemoryStore, Operation, OpResult, StateStore, TakeSlot
 from proxy.state import memory as memory_module
+from proxy.state.redis_store import RedisStore
 
 LEASE = 600.0
 T0 = 1_000_000.0
@@ -30,7 +31,7 @@ async def memory_store(lease: float) -> StateStore:
     return MemoryStore(slot_lease=lease)
 
 
-BACKENDS: dict[str, Factory] = {"memory": memory_store}
+BACKENDS: dict[str, Factory] = {"memory": memory_store, "redis": memory_store}  # redis: see store()
 
 
 class Store:
@@ -48,7 +49,9 @@ class Store:
         return results
 
     def release(self, member: str, keys: Sequence[str], now: float) -> None:
-        self.backend.release(member, keys, now)
+        pending = self.backend.release(member, keys, now)
+        if pending is not None:  # a remote store releases asynchronously: wait for it here
+            self._runner.run(_awaited(pending))
 
     def held(self, key: str, now: float) -> int:
         """Slots held under ``key``, asked with a probe that commits nothing."""
@@ -63,10 +66,26 @@ class Store:
         return result
 
 
+async def _awaited(pending: Awaitable[None]) -> None:
+    await pending
+
+
 @pytest.fixture(params=sorted(BACKENDS))
 def store(request: pytest.FixtureRequest) -> Iterator[Store]:
     with asyncio.Runner() as runner:
-        yield Store(runner.run(BACKENDS[request.param](LEASE)), runner)
+        if request.param == "redis":  # a real redis-server, emptied for each test
+            server = request.getfixturevalue("redis_server")
+            server.command("FLUSHALL")
+
+            async def redis_store(lease: float) -> StateStore:
+                # clock=None: the store uses the ``now`` the test passes, as the memory store does
+                return RedisStore(server.url, slot_lease=lease, clock=None, timeout=2.0)
+
+            backend = runner.run(redis_store(LEASE))
+            yield Store(backend, runner)
+            runner.run(backend.close())  # type: ignore[attr-defined]
+        else:
+            yield Store(runner.run(BACKENDS[request.param](LEASE)), runner)
 
 
 def slot(key: str = "conc:num:+14155550100", limit: int = 2, *, enforced: bool = True) -> TakeSlot:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -62,6 +62,7 @@ class StateStore(Protocol):
         rate hits as their ``count_if_blocked`` says."""
         ...
 
-    def release(self, member: str, slot_keys: Sequence[str], now: float) -> None:
-        """Give back the call's slots (idempotent)."""
+    def release(self, member: str, slot_keys: Sequence[str], now: float) -> Awaitable[None] | None:
+        """Give back the call's slots (idempotent). A remote store returns the awaitable
+        doing it, for the caller to schedule; a local one has done it already (None)."""
         ...

@@ -1,0 +1,264 @@
+"""The Redis state store: the same operations as the memory store, shared by every
+sipguard instance that points at one Redis (or Sentinel / Cluster).
+
+Strategy:
+- One round trip per INVITE: a Lua script evaluates every operation, then commits them
+  by the same rules as the memory store (slots all-or-nothing; rate hits per their
+  flags), atomically. Slots are sorted-set members scored by lease end, never bare
+  counters; rate buckets are one GCRA arrival time per hash. Every key has a TTL.
+- Leases: an instance renews the slots of its live calls every ``lease / 3`` in one
+  batched script call; a dead instance stops renewing and its slots lapse within one
+  lease. Times are wall-clock milliseconds (instances agree through NTP), except when
+  the store is built with ``clock=None`` for tests, which then pass ``now`` themselves.
+- Keys: ``sg:{sg}:<operation key>``. The one hash tag puts every key on one Cluster
+  shard, so a script never spans slots; ``shard_by_account`` (not yet exposed) would
+  split by account at the price of per-account destination counts.
+- Failure: a call that times out or errors raises StoreUnavailableError after at most
+  ``timeout``; after ``breaker_failures`` in a row the breaker opens and calls fail at
+  once for ``breaker_reset`` seconds, then one probe is let through. The engine turns
+  StoreUnavailableError into each rule's fail mode. Nothing here blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import redis.asyncio as redis_asyncio
+import structlog
+from redis.exceptions import RedisError
+
+from .ops import Operation, OpResult, TakeSlot
+
+log = structlog.get_logger("sipguard.state")
+
+_CHECK_AND_TAKE = """
+-- KEYS: one per operation. ARGV: now_ms, member, blocked (0/1), lease_ms, then five
+-- fields per operation: kind (S slot | R rate), limit or interval_ms, burst, enforced,
+-- count_if_blocked. Returns four fields per operation: allowed, count, limit, retry_ms.
+local now = tonumber(ARGV[1])
+-- arrivals within 1 ms are one instant, as in the memory store (floats cannot hold every
+-- emission interval exactly)
+local EPSILON = 1
+local member = ARGV[2]
+local blocked = ARGV[3] == '1'
+local lease = tonumber(ARGV[4])
+local allowed, count, limit, retry = {}, {}, {}, {}
+for i = 1, #KEYS do
+  local at = 4 + (i - 1) * 5
+  if ARGV[at + 1] == 'S' then
+    local cap = tonumber(ARGV[at + 2])
+    redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+    local live = redis.call('ZCARD', KEYS[i])
+    if redis.call('ZSCORE', KEYS[i], member) then
+      allowed[i], count[i] = 1, live
+    else
+      allowed[i], count[i] = (live < cap) and 1 or 0, live + 1
+    end
+    limit[i], retry[i] = cap, -1
+  else
+    local interval, burst = tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3])
+    local state = redis.call('HMGET', KEYS[i], 'tat', 'm')
+    local tat = math.max(tonumber(state[1]) or now, now)
+    limit[i], retry[i] = burst, -1
+    if state[2] == member then
+      allowed[i], count[i] = 1, math.max(0, math.ceil((tat - now - EPSILON) / interval))
+    else
+      local tolerance = (burst - 1) * interval
+      if tat - tolerance <= now + EPSILON then allowed[i] = 1 else
+        allowed[i], retry[i] = 0, tat - tolerance - now
+      end
+      count[i] = math.max(0, math.ceil((tat + interval - now - EPSILON) / interval))
+    end
+  end
+  if allowed[i] == 0 and ARGV[at + 4] == '1' then blocked = true end
+end
+for i = 1, #KEYS do
+  local at = 4 + (i - 1) * 5
+  if ARGV[at + 1] == 'S' then
+    if not blocked then
+      redis.call('ZADD', KEYS[i], now + lease, member)
+      redis.call('PEXPIRE', KEYS[i], lease)
+    end
+  elseif (allowed[i] == 1 or ARGV[at + 4] == '0') and (not blocked or ARGV[at + 5] == '1') then
+    local state = redis.call('HMGET', KEYS[i], 'tat', 'm')
+    if state[2] ~= member then
+      local interval = tonumber(ARGV[at + 2])
+      local tat = math.max(tonumber(state[1]) or now, now) + interval
+      redis.call('HSET', KEYS[i], 'tat', string.format('%.17g', tat), 'm', member)
+      redis.call('PEXPIRE', KEYS[i], math.ceil(tat - now + interval))
+    end
+  end
+end
+local out = {}
+for i = 1, #KEYS do
+  out[#out + 1] = allowed[i]
+  out[#out + 1] = count[i]
+  out[#out + 1] = limit[i]
+  out[#out + 1] = string.format('%.17g', retry[i])
+end
+return out
+"""
+
+_RELEASE = """
+for i = 1, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
+return 0
+"""
+
+_RENEW = """
+-- ARGV: now_ms, lease_ms, then per key: its member count and the members.
+local now, lease = tonumber(ARGV[1]), tonumber(ARGV[2])
+local at = 3
+for i = 1, #KEYS do
+  local n = tonumber(ARGV[at]); at = at + 1
+  for j = 1, n do
+    redis.call('ZADD', KEYS[i], 'XX', now + lease, ARGV[at]); at = at + 1
+  end
+  redis.call('PEXPIRE', KEYS[i], lease)
+end
+return 0
+"""
+
+
+class StoreUnavailableError(Exception):
+    """The shared store did not answer in time (or the breaker is open)."""
+
+
+class RedisStore:
+    def __init__(
+        self,
+        url: str,
+        *,
+        slot_lease: float = 60.0,
+        timeout: float = 0.25,
+        breaker_failures: int = 3,
+        breaker_reset: float = 5.0,
+        clock: Callable[[], float] | None = time.time,
+        client: Any = None,
+    ) -> None:
+        self.url = url
+        self.slot_lease = slot_lease
+        self.timeout = timeout
+        self.breaker_failures = breaker_failures
+        self.breaker_reset = breaker_reset
+        self._clock = clock
+        self.client = client or redis_asyncio.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False
+        )
+        self._check_and_take = self.client.register_script(_CHECK_AND_TAKE)
+        self._release = self.client.register_script(_RELEASE)
+        self._renew = self.client.register_script(_RENEW)
+        self.held: dict[str, set[str]] = {}  # slot key -> our calls' members, for renewal
+        self._failures = 0
+        self._open_until = 0.0
+        self._renewer: asyncio.Task[None] | None = None
+        self.latency_ms = 0.0  # of the last round trip, for metrics
+
+    # -- the StateStore protocol ---------------------------------------------------------------
+    def check_and_take_now(
+        self, member: str, operations: Sequence[Operation], now: float, *, blocked: bool = False
+    ) -> list[OpResult] | None:
+        return None  # always a round trip
+
+    async def check_and_take(
+        self, member: str, operations: Sequence[Operation], now: float, *, blocked: bool = False
+    ) -> list[OpResult]:
+        if not operations:
+            return []
+        args: list[Any] = [self._now_ms(now), member, int(blocked), int(self.slot_lease * 1000)]
+        for op in operations:
+            if isinstance(op, TakeSlot):
+                args += ["S", op.limit, 0, int(op.enforced), 0]
+            else:
+                args += ["R", 60_000.0 / op.per_minute, op.burst, int(op.enforced), int(op.count_if_blocked)]
+        raw = await self._call(self._check_and_take, [_key(op.key) for op in operations], args)
+        results = []
+        for index in range(len(operations)):
+            allowed, count, limit, retry_ms = raw[index * 4 : index * 4 + 4]
+            retry = float(retry_ms)
+            results.append(
+                OpResult(bool(allowed), int(count), int(limit), None if retry < 0 else retry / 1000)
+            )
+        committed = not blocked and not any(
+            op.enforced and not result.allowed for op, result in zip(operations, results, strict=True)
+        )
+        if committed:  # remember our slots, to renew their leases while the call lives
+            for op in operations:
+                if isinstance(op, TakeSlot):
+                    self.held.setdefault(op.key, set()).add(member)
+        self._ensure_renewer()
+        return results
+
+    def release(self, member: str, slot_keys: Sequence[str], now: float) -> Awaitable[None]:
+        for key in slot_keys:
+            members = self.held.get(key)
+            if members is not None:
+                members.discard(member)
+                if not members:
+                    del self.held[key]
+        return self._release_remote(member, list(slot_keys))
+
+    # -- internals ---------------------------------------------------------------------------------
+    async def _release_remote(self, member: str, slot_keys: list[str]) -> None:
+        # if Redis is away the lease frees the slot: nobody renews a released call
+        with contextlib.suppress(StoreUnavailableError):
+            await self._call(self._release, [_key(key) for key in slot_keys], [member])
+
+    async def renew_now(self, now: float | None = None) -> None:
+        """Push our live calls' leases forward (batched: one script call)."""
+        if not self.held:
+            return
+        keys = list(self.held)
+        args: list[Any] = [self._now_ms(now or 0.0), int(self.slot_lease * 1000)]
+        for key in keys:
+            members = sorted(self.held[key])
+            args += [len(members), *members]
+        await self._call(self._renew, [_key(key) for key in keys], args)
+
+    def _ensure_renewer(self) -> None:
+        if self._renewer is None and self._clock is not None:
+            self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.slot_lease / 3)
+            try:
+                await self.renew_now()
+            except StoreUnavailableError as error:
+                log.warning("state.renew_failed", error=str(error))
+
+    async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        wall = time.monotonic()
+        if self._open_until > wall:
+            raise StoreUnavailableError("circuit breaker open")
+        started = time.perf_counter()
+        try:
+            result = await asyncio.wait_for(script(keys=keys, args=args), self.timeout)
+        except (RedisError, OSError, TimeoutError) as error:
+            self._failures += 1
+            if self._failures >= self.breaker_failures:
+                self._open_until = wall + self.breaker_reset  # the next call after this is the probe
+                log.warning(
+                    "state.breaker_open", failures=self._failures, error=str(error) or type(error).__name__
+                )
+            raise StoreUnavailableError(str(error) or type(error).__name__) from error
+        if self._failures:
+            log.info("state.recovered", after_failures=self._failures)
+        self._failures = 0
+        self.latency_ms = (time.perf_counter() - started) * 1000
+        return result
+
+    def _now_ms(self, now: float) -> float:
+        return (self._clock() if self._clock is not None else now) * 1000.0
+
+    async def close(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+        await self.client.aclose()
+
+
+def _key(operation_key: str) -> str:
+    return f"sg:{{sg}}:{operation_key}"

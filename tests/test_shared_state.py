@@ -1,0 +1,87 @@
+"""The engine with a shared (Redis) store: its fail modes when Redis is away, and two
+engines sharing one real redis-server as two sipguard instances would.
+
+Redis being away is caused for real: a RedisStore pointed at a loopback port where
+nothing listens (connection refused), and a real redis-server stopped mid-test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+from redis_server import RedisServer
+from test_engine import OWNED, attempt, end, policy
+
+from proxy.engine import PolicyEngine
+from proxy.sip.events import Accept, CallAttempt, Reject, Verdict
+from proxy.state.redis_store import RedisStore
+
+TIGHT = {"concurrency": {"per_number": 1, "per_account": None}}
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])  # nothing listens once the probe closes
+
+
+def engine_on(url: str, rules: dict[str, Any]) -> PolicyEngine:
+    return PolicyEngine(policy(rules), RedisStore(url, timeout=0.5, clock=None, breaker_failures=100))
+
+
+def decide(engine: PolicyEngine, call: CallAttempt) -> Verdict:
+    assert engine.decide_now(call) is None  # a shared store always takes a round trip
+    return asyncio.run(engine.decide(call))
+
+
+def test_fail_closed_refuses_with_503_when_redis_is_away() -> None:
+    rules = {"concurrency": {**TIGHT["concurrency"], "fail_mode": "closed"}}
+    engine = engine_on(f"redis://127.0.0.1:{closed_port()}/0", rules)
+    verdict = decide(engine, attempt("a"))
+    assert isinstance(verdict, Reject) and verdict.status == 503
+    assert ("Retry-After", "5") in verdict.headers
+    assert engine.counters["failed_closed"] == 1 and engine.held == {}
+
+
+def test_fail_open_counts_on_this_instance_alone() -> None:
+    engine = engine_on(f"redis://127.0.0.1:{closed_port()}/0", TIGHT)  # fail_mode: open by default
+    first = attempt("a")
+    assert isinstance(decide(engine, first), Accept)
+    refused = decide(engine, attempt("b"))  # the local count still enforces per_number: 1
+    assert isinstance(refused, Reject) and refused.status == 486
+    end(engine, first)  # released in the local store, where it was taken
+    assert isinstance(decide(engine, attempt("c")), Accept)
+    assert engine.counters["state_unavailable"] == 3
+
+
+def test_emergency_calls_never_touch_the_store() -> None:
+    rules = {"concurrency": {**TIGHT["concurrency"], "fail_mode": "closed"}}
+    engine = engine_on(f"redis://127.0.0.1:{closed_port()}/0", rules)
+    verdict = engine.decide_now(attempt("sos", uri="sip:911@pbx.example.com"))
+    assert isinstance(verdict, Accept) and engine.counters["state_unavailable"] == 0
+
+
+def test_two_engines_sharing_redis_enforce_one_cap(redis_server: RedisServer) -> None:
+    """Two sipguard instances (two engines, two clients) on one real redis-server: a
+    per-number cap of 2 stays 2 across the pair, and a release on one frees the slot
+    for the other."""
+    redis_server.command("FLUSHALL")
+
+    async def scenario() -> list[bool]:
+        rules = {"concurrency": {"per_number": 2, "per_account": None}}
+        first, second = engine_on(redis_server.url, rules), engine_on(redis_server.url, rules)
+        calls = [attempt(f"c{n}", caller=OWNED) for n in range(4)]
+        outcomes = [
+            isinstance(await engine.decide(call), Accept)
+            for engine, call in zip((first, second, first, second), calls, strict=True)
+        ]
+        end(first, calls[0])  # the first instance's call hangs up, freeing a slot ...
+        await asyncio.gather(*first._background)
+        outcomes.append(isinstance(await second.decide(attempt("c4", caller=OWNED)), Accept))  # ... here
+        for engine in (first, second):
+            await engine.store.close()  # type: ignore[attr-defined]
+        return outcomes
+
+    assert asyncio.run(scenario()) == [True, True, False, False, True]
