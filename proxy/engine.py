@@ -69,6 +69,7 @@ class PolicyEngine:
             self.store if isinstance(self.store, MemoryStore) else MemoryStore(slot_lease=self._local_lease())
         )
         self.held_locally: set[str] = set()
+        self._planned: dict[str, _Plan] = {}  # judged by decide_now, waiting for decide
 
     def _local_lease(self) -> float:
         return self.policy.proxy.max_call_lifetime + 300.0
@@ -86,10 +87,13 @@ class PolicyEngine:
         results = self.store.check_and_take_now(
             attempt.attempt_id, plan.operations, attempt.now, blocked=plan.blocked
         )
-        return None if results is None else self._finish(plan, results)
+        if results is None:  # a remote store: ``decide`` will be awaited, with this plan
+            self._planned[attempt.attempt_id] = plan
+            return None
+        return self._finish(plan, results)
 
     async def decide(self, attempt: CallAttempt) -> Verdict:
-        plan = self._plan(attempt)
+        plan = self._planned.pop(attempt.attempt_id, None) or self._plan(attempt)
         if plan.final is not None:
             return plan.final
         try:
@@ -105,7 +109,7 @@ class PolicyEngine:
         count on this instance alone (a local store), so limits still hold per instance."""
         self.counters["state_unavailable"] += 1
         closed = sorted({op.rule for op in plan.operations if plan.configs[op.rule].fail_mode == "closed"})
-        if closed:
+        if closed and not plan.blocked:  # (a call another rule refused keeps that rule's answer)
             self.counters["failed_closed"] += 1
             log.warning(
                 "state.unavailable", call_id=plan.attempt.request.call_id, error=error, refused_by=closed

@@ -85,3 +85,11 @@ def test_two_engines_sharing_redis_enforce_one_cap(redis_server: RedisServer) ->
         return outcomes
 
     assert asyncio.run(scenario()) == [True, True, False, False, True]
+
+
+def test_a_call_another_rule_refuses_keeps_that_answer_while_redis_is_away() -> None:
+    """fail_mode: closed turns would-be accepts into 503, never a caller-ID refusal into one."""
+    rules = {"caller_id": {}, "concurrency": {**TIGHT["concurrency"], "fail_mode": "closed"}}
+    engine = engine_on(f"redis://127.0.0.1:{closed_port()}/0", rules)
+    verdict = decide(engine, attempt("spoofed", caller="+14155559999"))
+    assert isinstance(verdict, Reject) and verdict.status == 403
