@@ -4,13 +4,16 @@ installs Debian's redis-server), it never skips them."""
 
 from __future__ import annotations
 
+import selectors
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -49,21 +52,33 @@ def start_redis(workdir: Path) -> RedisServer:
     port = _free_port()
     process = subprocess.Popen(
         [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+         "--dir", str(workdir), "--logfile", ""],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
-    server = RedisServer(port, process)
+    assert process.stdout is not None
+    # Ready when it says so on its log (stdout); the deadline bounds a server that never does.
     deadline = time.monotonic() + 10.0
-    while True:  # ready when it answers PING
-        try:
-            if server.command("PING").startswith(b"+PONG"):
+    with selectors.DefaultSelector() as waiting:
+        waiting.register(process.stdout, selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            if not waiting.select(timeout=deadline - time.monotonic()):
+                break
+            line = process.stdout.readline()
+            if not line:  # it exited
+                break
+            if b"Ready to accept connections" in line:
+                threading.Thread(target=_drain, args=(process.stdout,), daemon=True).start()
+                server = RedisServer(port, process)
+                assert server.command("PING").startswith(b"+PONG")
                 return server
-        except OSError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail("redis-server did not start")
-        time.sleep(0.02)
+    process.kill()
+    pytest.fail("redis-server did not start")
+
+
+def _drain(stream: IO[bytes]) -> None:
+    """Keep reading the server's log so a full pipe never blocks it."""
+    for _ in stream:
+        pass
 
 
 @pytest.fixture(scope="session")
