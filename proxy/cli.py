@@ -82,7 +82,7 @@ def build_store(policy: CompiledPolicy) -> StateStore:
     """The state store the policy file names: this process's memory, or a shared Redis."""
     state = policy.state
     if state.url == "memory":
-        return MemoryStore(slot_lease=policy.proxy.max_call_lifetime + 300.0)
+        return MemoryStore(slot_lease=policy.local_slot_lease)
     return RedisStore(state.url, slot_lease=state.lease, timeout=state.timeout)
 
 

@@ -59,20 +59,19 @@ class _Plan:
 class PolicyEngine:
     def __init__(self, policy: CompiledPolicy, store: StateStore | None = None) -> None:
         self.policy = policy
-        self.store: StateStore = store or MemoryStore(slot_lease=policy.proxy.max_call_lifetime + 300.0)
+        self.store: StateStore = store or MemoryStore(slot_lease=policy.local_slot_lease)
         self.held: dict[str, tuple[str, ...]] = {}
         self.counters: Counter[str] = Counter()
         self._accounts_by_host: dict[str, Account | None] = {}
         self._background: set[asyncio.Future[None]] = set()
         # where calls are counted while a shared store is unreachable (fail_mode: open)
         self.local: MemoryStore = (
-            self.store if isinstance(self.store, MemoryStore) else MemoryStore(slot_lease=self._local_lease())
+            self.store
+            if isinstance(self.store, MemoryStore)
+            else MemoryStore(slot_lease=policy.local_slot_lease)
         )
         self.held_locally: set[str] = set()
         self._planned: dict[str, _Plan] = {}  # judged by decide_now, waiting for decide
-
-    def _local_lease(self) -> float:
-        return self.policy.proxy.max_call_lifetime + 300.0
 
     def replace(self, policy: CompiledPolicy) -> None:
         """Apply a reloaded policy to new INVITEs; held slots and counters stay."""

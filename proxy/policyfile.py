@@ -177,6 +177,12 @@ class CompiledPolicy:
     warnings: list[str] = field(default_factory=list)
 
     @property
+    def local_slot_lease(self) -> float:
+        """Lease of a slot in an in-process store: the core ends every call by its maximum
+        lifetime, so this only guards against a lost end event; 5 minutes' margin."""
+        return self.proxy.max_call_lifetime + 300.0
+
+    @property
     def upstream(self) -> Address:
         return parse_address(self.proxy.upstream)
 
