@@ -120,6 +120,9 @@ async def _serve(settings: ProxySettings, policy: CompiledPolicy, path: str | No
         rules=[r.name for r, _ in policy.rules],
     )
     await guard.run_until_stopped()
+    close = getattr(engine.store, "close", None)
+    if close is not None:  # a shared store's connections and lease renewal
+        await close()
     return 0
 
 

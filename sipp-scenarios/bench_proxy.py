@@ -7,6 +7,7 @@ fail: a failed call takes SIPp ~32 s of retransmissions to give up on):
     .venv/bin/python sipp-scenarios/bench_proxy.py --json             # one JSON object on stdout
     .venv/bin/python sipp-scenarios/bench_proxy.py --rates 100 --duration 2 --no-step-up   # quick look
     .venv/bin/python sipp-scenarios/bench_proxy.py --with-policies    # + sipguard enforcing policies
+    .venv/bin/python sipp-scenarios/bench_proxy.py --state-compare    # policies: memory vs Redis store
 
 What runs: for each rate in --rates, one SIPp run through (a) sipguard (``sipguard run``
 without --config: no accounts and no rules, so every INVITE is accepted at once on the
@@ -79,6 +80,27 @@ the ``cold`` row of bench_policies.py. The step-up is off unless --step-up is gi
 steps sipguard+pol). Targets: 0 failed calls at each rate for sipguard and sipguard+pol, the
 two ratios, and 0 rejections in the check.
 
+With --state-compare (about 2 minutes): the shared-state store's cost. The script starts its own
+redis-server (free loopback port, --save "" --appendonly no, maxmemory 256mb noeviction; stopped at
+the end, ready when it answers PING) and writes a copy of bench_policy.yaml with
+``state: {url: redis://127.0.0.1:PORT/0, timeout: 0.5}``. At each rate, in an order that alternates,
+two systems on the --with-policies mix: sipguard+pol (counters in memory, the default) and
+sipguard+pol+redis (the copy). Before each Redis run the server is emptied (FLUSHALL, SCRIPT FLUSH:
+each run starts like a new instance on a new Redis). Reported besides the tables: the Redis run's
+proxy CPU per call over the memory run's (target <= 1.5x); the redis-server's own CPU per call
+(/proc/PID/stat over the same window as the proxy's; in the memory runs, its idle cost); INVITE->200
+response times of both; and the round trips to Redis per INVITE, from INFO commandstats read before
+and after each Redis run: every script call is one EVALSHA, one round trip, and the commands a
+script runs are counted too, which tells the per-INVITE script (one ZREMRANGEBYSCORE per slot key)
+from the release after the BYE (one ZREM per slot key) and the batched lease renewal (the rest).
+Per INVITE counts the per-INVITE script calls plus any NOSCRIPT refusal and SCRIPT LOAD (target
+<= 1), over the calls placed. Then a check like --with-policies': one more Redis run at the highest
+rate at --log-level info, 0 call.decision rejections, a spoofed control call refused 403. A run
+with Redis must show no fallback either (state.unavailable, state.breaker_open, state.renew_failed,
+policy.timeout in the proxy's log: with fail_mode open a call would then be counted locally, and
+look cheaper), and one per-INVITE script call per INVITE. The memory runs need no log check for
+rejections: uac_mix.xml fails any call not answered 200, so 0 failed calls is 0 rejections.
+
 Caveats, for reading the numbers: a run of D seconds does not reach sipguard's steady
 state for memory and timers: it remembers each transaction for 32 s (Timer B/F/H/J)
 after it ends, so with D = 10 no transaction expires during the measured window, the
@@ -95,6 +117,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -156,6 +179,19 @@ POLICY_CALLERS = (14155500000, 20_000)  # first number and count of the account'
 POLICY_BURST = 3  # call_rate.per_number burst: a number used at most this often per run never waits
 SPOOFED_CALLER = "+16505550100"  # a valid number the account does not own
 TARGET_POLICY_RATIO = 2.5
+
+# --state-compare: sipguard+pol with its counters in memory against the same with them in Redis
+POLICIES_REDIS = "sipguard+pol+redis"
+STATE_SYSTEMS = (POLICIES, POLICIES_REDIS)
+REDIS_TIMEOUT_S = 0.5  # state: timeout of the Redis runs' policy file
+REDIS_MAXMEMORY = "256mb"  # bound for the benchmark's redis-server (noeviction: full means errors, seen)
+# TakeSlot operations of every INVITE of the mix under bench_policy.yaml: concurrency per_number and
+# per_account. The per-INVITE script runs ZREMRANGEBYSCORE once per slot key, the release script ZREM
+# once per slot key, and nothing else does either: that is how the script calls are told apart.
+SLOTS_PER_INVITE = 2
+TARGET_REDIS_CPU_RATIO = 1.5
+TARGET_ROUND_TRIPS_PER_INVITE = 1.0
+STATE_EVENTS = ("state.unavailable", "state.breaker_open", "state.renew_failed", "policy.timeout")
 
 
 class BenchmarkError(RuntimeError):
@@ -441,6 +477,152 @@ def wait_sipguard_ready(process: subprocess.Popen[bytes], reader: LogReader, por
                         return "answered an OPTIONS probe"
 
 
+# -- the benchmark's redis-server (--state-compare) ----------------------------------------------
+def free_tcp_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return int(probe.getsockname()[1])
+
+
+def redis_ping(port: int) -> bool:
+    """True when a redis-server answers PING on the port (a fresh connection each time)."""
+    try:
+        with socket.create_connection((HOST, port), timeout=1.0) as connection:
+            connection.sendall(b"*1\r\n$4\r\nPING\r\n")
+            return connection.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def parse_info(text: str) -> dict[str, str]:
+    """INFO's ``name:value`` lines (section headers and blank lines skipped)."""
+    pairs = (line.split(":", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    return {name: value.strip() for name, value in pairs}
+
+
+def parse_commandstats(text: str) -> dict[str, dict[str, int]]:
+    """INFO commandstats: ``cmdstat_evalsha:calls=3,usec=40,usec_per_call=13.33,rejected_calls=0,
+    failed_calls=1`` -> {"evalsha": {"calls": 3, "usec": 40, "rejected_calls": 0, "failed_calls": 1}}."""
+    stats = {}
+    for name, value in parse_info(text).items():
+        if name.startswith("cmdstat_"):
+            fields = dict(part.split("=", 1) for part in value.split(","))
+            stats[name.removeprefix("cmdstat_")] = {
+                key: int(fields.get(key, 0)) for key in ("calls", "usec", "rejected_calls", "failed_calls")
+            }
+    return stats
+
+
+class RedisBench:
+    """The benchmark's own redis-server: a free loopback port, no persistence, memory bounded
+    (noeviction), stopped by ``stop``. One plain RESP connection of ours reads INFO and flushes
+    between runs; sipguard's commands are told from it by name (ours: INFO, FLUSHALL, SCRIPT
+    FLUSH, PING)."""
+
+    def __init__(self) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix="bench_proxy-redis-"))
+        self.policy_path = self.workdir / "bench_policy_redis.yaml"
+        self.port = 0
+        self.version = "n/a"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.cpu_s: float | None = None  # its whole CPU time, from wait4 when stopped
+        self._connection: socket.socket | None = None
+        self._replies: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}/0"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise BenchmarkError("--state-compare needs redis-server: run `bash .ci/setup`")
+        for attempt in range(3):  # the free port may be taken between the probe and redis's bind
+            self.port = free_tcp_port()
+            self.process = subprocess.Popen(
+                [exe, "--port", str(self.port), "--bind", HOST, "--protected-mode", "yes",
+                 "--save", "", "--appendonly", "no", "--dir", str(self.workdir), "--logfile", "redis.log",
+                 "--maxmemory", REDIS_MAXMEMORY, "--maxmemory-policy", "noeviction"],
+                cwd=self.workdir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            process = self.process
+            try:
+                wait_until(functools.partial(redis_ping, self.port), process, "redis-server")
+                break
+            except BenchmarkError:
+                exited = process.poll() is not None  # e.g. the port was taken: try another one
+                stop(process)
+                if not exited or attempt == 2:
+                    raise BenchmarkError(f"redis-server did not start (log in {self.workdir})") from None
+        self.version = self.info("server").get("redis_version", "n/a")
+        # the bench policy, its counters in this Redis: bench_policy.yaml has no state: section
+        self.policy_path.write_text(
+            BENCH_POLICY.read_text()
+            + "\n# added by bench_proxy.py --state-compare\n"
+            + f"state: {{url: {self.url}, timeout: {REDIS_TIMEOUT_S}}}\n"
+        )
+
+    def command(self, *args: str) -> Any:
+        if self._connection is None:
+            self._connection = socket.create_connection((HOST, self.port), timeout=5.0)
+            self._replies = self._connection.makefile("rb")
+        request = [f"*{len(args)}\r\n".encode()]
+        for arg in args:
+            data = arg.encode()
+            request.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        try:
+            self._connection.sendall(b"".join(request))
+            return self._reply()
+        except OSError as error:
+            raise BenchmarkError(f"redis-server on port {self.port}: {error}") from None
+
+    def _reply(self) -> Any:
+        line = self._replies.readline()
+        if not line.endswith(b"\r\n"):
+            raise BenchmarkError(f"redis-server on port {self.port} closed the connection")
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"+":
+            return rest.decode()
+        if kind == b"-":
+            raise BenchmarkError(f"redis-server: {rest.decode(errors='replace')}")
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            size = int(rest)
+            return None if size < 0 else self._replies.read(size + 2)[:-2].decode(errors="replace")
+        if kind == b"*":
+            size = int(rest)
+            return None if size < 0 else [self._reply() for _ in range(size)]
+        raise BenchmarkError(f"redis-server: unexpected reply {line[:40]!r}")
+
+    def info(self, section: str) -> dict[str, str]:
+        return parse_info(self.command("INFO", section))
+
+    def commandstats(self) -> dict[str, dict[str, int]]:
+        return parse_commandstats(self.command("INFO", "commandstats"))
+
+    def reset(self) -> None:
+        """Before each Redis run: no keys and no cached scripts, so every run starts alike (a
+        new sipguard against a new Redis: its first script calls get NOSCRIPT and load it)."""
+        self.command("SCRIPT", "FLUSH")
+        self.command("FLUSHALL")
+
+    def stop(self) -> None:
+        if self._connection is not None:
+            with contextlib.suppress(OSError):
+                self._replies.close()
+                self._connection.close()
+            self._connection = None
+        if self.process is not None and self.process.returncode is None:
+            self.cpu_s = stop(self.process, signal.SIGTERM, 10.0)
+
+
 # -- one run -------------------------------------------------------------------------------------
 @dataclass(slots=True)
 class RunResult:
@@ -504,6 +686,20 @@ class RunResult:
     # the positive control of the check: one call from an unowned caller, which must get 403
     control_refused_403: bool | None = None
     control_rejections: dict[str, int] = field(default_factory=dict)
+    # --state-compare: the store holding sipguard+pol's counters ("memory" or "redis"); the
+    # benchmark's redis-server over the same window as the proxy's CPU (idle in memory runs);
+    # for the Redis runs, what sipguard sent it (INFO commandstats, before and after the run)
+    state_store: str | None = None
+    redis_cpu_s: float | None = None
+    redis_cpu_us_per_call: float | None = None
+    redis_invites: int | None = None  # INVITEs judged: calls placed (and the control call)
+    redis_scripts: dict[str, float] = field(default_factory=dict)
+    redis_round_trips_per_invite: float | None = None  # per-INVITE script calls / INVITEs
+    redis_round_trips_with_cold: float | None = None  # the same + NOSCRIPT refusals + SCRIPT LOADs
+    redis_script_usec: float | None = None  # Redis's own time per script call (commandstats usec)
+    redis_connections: int | None = None  # connections opened to Redis during the run
+    redis_clients: int | None = None  # connected when the load ended, ours excluded
+    state_events: dict[str, int] = field(default_factory=dict)  # fallbacks, from the proxy's log
 
     @property
     def clean(self) -> bool:
@@ -514,11 +710,13 @@ class RunResult:
         return self.clean and (self.achieved_cps or 0.0) >= CARRIED_RATE_SHARE * self.rate
 
 
-def proxy_command(system: str, port: int, upstream: int, log_level: str = "warning") -> list[str]:
-    if system in ("sipguard", POLICIES):
+def proxy_command(
+    system: str, port: int, upstream: int, log_level: str = "warning", policy_file: Path = BENCH_POLICY
+) -> list[str]:
+    if system in ("sipguard", POLICIES, POLICIES_REDIS):
         sipguard = REPO_ROOT / ".venv" / "bin" / "sipguard"
         exe = str(sipguard) if sipguard.exists() else (shutil.which("sipguard") or "sipguard")
-        config = ["--config", str(BENCH_POLICY)] if system == POLICIES else []
+        config = ["--config", str(policy_file)] if system in STATE_SYSTEMS else []
         return [
             exe, "run", *config, "--listen", f"udp:{HOST}:{port}", "--upstream", f"udp:{HOST}:{upstream}",
             "--log-level", log_level, "--log-format", "json",
@@ -585,10 +783,14 @@ def run_once(
     mix: bool = False,
     log_level: str = "warning",
     control: bool = False,
+    redis: RedisBench | None = None,
 ) -> RunResult:
     """One run through ``system``. ``mix``: the --with-policies UAC (uac_mix.xml from the
     account's address, owned callers in turn) instead of the built-in uac; ``control``
-    (sipguard+pol only): once the load is done, one spoofed call that must be refused."""
+    (sipguard+pol only): once the load is done, one spoofed call that must be refused;
+    ``redis`` (--state-compare): the benchmark's redis-server, whose CPU is read over the run's
+    window, and which sipguard+pol+redis uses as its store (flushed before, its command
+    statistics read before and after)."""
     calls = max(1, round(rate * duration))
     result = RunResult(system=system, rate=rate, duration_s=duration, hold_ms=hold_ms, calls=calls)
     result.loadavg_1m = os.getloadavg()[0]
@@ -600,6 +802,16 @@ def run_once(
         result.log_level = log_level
     if system == POLICIES:
         result.policy_file = str(BENCH_POLICY.relative_to(REPO_ROOT))
+    policy_file = BENCH_POLICY
+    if system == POLICIES_REDIS:
+        if redis is None:
+            raise BenchmarkError(f"{POLICIES_REDIS} needs the benchmark's redis-server")
+        policy_file = redis.policy_path
+        result.policy_file = (
+            f"{BENCH_POLICY.relative_to(REPO_ROOT)} + state: {redis.url} (timeout {REDIS_TIMEOUT_S:g} s)"
+        )
+    if redis is not None and system in STATE_SYSTEMS:
+        result.state_store = "redis" if system == POLICIES_REDIS else "memory"
     sipp_timeout = str(math.ceil(1.5 * duration + hold_ms / 1000.0 + SIPP_TAIL_S))
     processes: list[subprocess.Popen[bytes]] = []
     try:
@@ -612,8 +824,15 @@ def run_once(
         processes.append(uas)
         wait_until(lambda: udp_socket_of(uas.pid, uas_port) is not None, uas, "SIPp UAS")
 
+        redis_before: dict[str, dict[str, int]] = {}
+        connections_before = 0
+        if redis is not None:
+            if system == POLICIES_REDIS:
+                redis.reset()
+            redis_before = redis.commandstats()
+            connections_before = int(redis.info("stats").get("total_connections_received", 0))
         proxy = subprocess.Popen(
-            proxy_command(system, proxy_port, uas_port, log_level),
+            proxy_command(system, proxy_port, uas_port, log_level, policy_file),
             cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
         processes.append(proxy)
@@ -628,6 +847,7 @@ def run_once(
         rss_start = status_kib(proxy.pid, "VmRSS") or 0
         snmp_before = udp_snmp()
         busy_before = machine_busy_ticks()
+        redis_ticks_before = cpu_ticks(redis.pid) if redis is not None else 0
         proxy_before = cpu_ticks(proxy.pid)
         sampler = CpuSampler(proxy.pid)
         sampler.start()
@@ -645,7 +865,9 @@ def run_once(
         result.uac_cpu_s = wait4(uac, None)
         window = time.monotonic() - started
         proxy_after = cpu_ticks(proxy.pid)
+        redis_ticks_after = cpu_ticks(redis.pid) if redis is not None else 0
         sampler.finish()
+        redis_clients = None if redis is None else int(redis.info("clients").get("connected_clients", 0)) - 1
         load_phase = started + duration + hold_ms / 1000.0
         load_share = sampler.share(started, min(load_phase, started + window))
         result.proxy_load_share = None if load_share is None else round(load_share, 3)
@@ -674,7 +896,8 @@ def run_once(
         result.proxy_exit_status = proxy.returncode
         reader.join(timeout=5)
         result.proxy_log_events = dict(reader.events)
-        if system == POLICIES:
+        result.state_events = {event: reader.events[event] for event in STATE_EVENTS if reader.events[event]}
+        if system in STATE_SYSTEMS:
             loaded = reader.fields.get("policy.loaded")
             result.policy_rules = list(loaded["rules"]) if loaded and "rules" in loaded else None
             stopped = reader.fields.get("proxy.stopped", {})
@@ -700,6 +923,15 @@ def run_once(
         if result.ok:
             result.proxy_cpu_us_per_call = round(result.proxy_cpu_s * 1e6 / result.ok, 1)
             result.proxy_rss_kib_per_call = round((peak - rss_start) / result.ok, 2)
+        if redis is not None:
+            result.redis_cpu_s = round((redis_ticks_after - redis_ticks_before) / CLK_TCK, 3)
+            if result.ok:
+                result.redis_cpu_us_per_call = round(result.redis_cpu_s * 1e6 / result.ok, 1)
+            if system == POLICIES_REDIS:  # the proxy has exited: its last releases are in
+                redis_traffic(result, redis_before, redis.commandstats(), control)
+                connections = int(redis.info("stats").get("total_connections_received", 0))
+                result.redis_connections = connections - connections_before
+                result.redis_clients = redis_clients
     except BenchmarkError as error:
         raise BenchmarkError(f"{system} at {rate} CPS: {error} (files kept in {workdir})") from None
     finally:
@@ -710,6 +942,50 @@ def run_once(
     else:
         shutil.rmtree(workdir, ignore_errors=True)
     return result
+
+
+def redis_traffic(
+    result: RunResult, before: dict[str, dict[str, int]], after: dict[str, dict[str, int]], control: bool
+) -> None:
+    """What sipguard sent Redis during one run, from INFO commandstats before and after it.
+
+    Every script call is one EVALSHA (redis-py's Script; EVAL is counted too, should it appear),
+    one round trip. Commands a script runs are counted as well, which tells the scripts apart:
+    the per-INVITE check-and-take runs ZREMRANGEBYSCORE once per slot key, the release ZREM once
+    per slot key (SLOTS_PER_INVITE each with bench_policy.yaml), the lease renewal neither. An
+    EVALSHA refused NOSCRIPT (the script not yet loaded: the first calls after the flush) runs
+    nothing; redis-py then sends SCRIPT LOAD and the EVALSHA again. Those cold-start round trips
+    are counted apart, and in ``redis_round_trips_with_cold`` against the INVITEs (an upper
+    bound: a release can be the one that meets NOSCRIPT)."""
+
+    def delta(name: str, key: str = "calls") -> int:
+        return after.get(name, {}).get(key, 0) - before.get(name, {}).get(key, 0)
+
+    sent = delta("evalsha") + delta("eval")
+    noscript = sum(
+        delta(name, "failed_calls") + delta(name, "rejected_calls") for name in ("evalsha", "eval")
+    )
+    loads = delta("script|load")
+    per_invite = delta("zremrangebyscore") / SLOTS_PER_INVITE
+    releases = delta("zrem") / SLOTS_PER_INVITE
+    renewals = sent - noscript - per_invite - releases
+    invites = result.created + (1 if control else 0)
+    result.redis_invites = invites
+    result.redis_scripts = {
+        "script_calls": sent,
+        "per_invite": per_invite,
+        "release": releases,
+        "renewal": renewals,
+        "noscript": noscript,
+        "script_load": loads,
+    }
+    if renewals == 0:  # ZADD comes from the per-INVITE script only when its slots are committed
+        result.redis_scripts["admitted"] = delta("zadd") / SLOTS_PER_INVITE
+    if invites:
+        result.redis_round_trips_per_invite = round(per_invite / invites, 4)
+        result.redis_round_trips_with_cold = round((per_invite + noscript + loads) / invites, 4)
+    if sent:
+        result.redis_script_usec = round((delta("evalsha", "usec") + delta("eval", "usec")) / sent, 1)
 
 
 def failure_causes(row: dict[str, str]) -> dict[str, int]:
@@ -809,16 +1085,28 @@ def progress(text: str) -> None:
 
 
 def measure(
-    system: str, rate: int, args: argparse.Namespace, *, log_level: str = "warning", control: bool = False
+    system: str,
+    rate: int,
+    args: argparse.Namespace,
+    *,
+    log_level: str = "warning",
+    control: bool = False,
+    redis: RedisBench | None = None,
 ) -> RunResult:
     label = system if log_level == "warning" or system == "relay" else f"{system} ({log_level})"
     progress(f"  {label:<8} {rate:>5} CPS x {args.duration:g} s ...")
     result = run_once(
         system, rate, args.duration, args.hold_ms, args.keep,
-        mix=args.with_policies, log_level=log_level, control=control,
+        mix=args.with_policies or args.state_compare, log_level=log_level, control=control, redis=redis,
     )  # fmt: skip
     cpu = f"{result.proxy_cpu_us_per_call:.0f} us/call" if result.proxy_cpu_us_per_call else "n/a"
-    progress(f"  {'':<8} ok {result.ok}/{result.calls}, failed {result.failed}, {cpu}")
+    extra = ""
+    if result.redis_round_trips_per_invite is not None:
+        extra = (
+            f", {result.redis_round_trips_per_invite:g} round trips to Redis per INVITE "
+            f"({result.redis_round_trips_with_cold:g} with cold start)"
+        )
+    progress(f"  {'':<8} ok {result.ok}/{result.calls}, failed {result.failed}, {cpu}{extra}")
     return result
 
 
@@ -921,7 +1209,7 @@ def zero_failed_target(
     return {"target": name, "met": None, "measured": "not run"}
 
 
-def policy_check_target(check: RunResult) -> dict[str, Any]:
+def policy_check_target(check: RunResult, label: str = "") -> dict[str, Any]:
     """The allowed mix met no limit: no call.decision reject in the info-level check run, which
     did load the three rules and did refuse its spoofed control call (so rejections would show)."""
     rejected = sum(check.policy_rejections.values())
@@ -938,14 +1226,184 @@ def policy_check_target(check: RunResult) -> dict[str, Any]:
     if problems:
         measured += "; check invalid: " + "; ".join(problems)
     return {
-        "target": f"0 policy rejections of the allowed mix at {check.rate} CPS (decision log)",
+        "target": f"0 policy rejections of the allowed mix at {check.rate} CPS{label} (decision log)",
         "met": rejected == 0 and not problems,
         "measured": measured,
     }
 
 
+def _median(values: list[float | None]) -> float | None:
+    measured = [value for value in values if value is not None]
+    return statistics.median(measured) if measured else None
+
+
+def state_comparisons(runs: list[RunResult]) -> list[dict[str, Any]]:
+    """--state-compare, per rate: the memory store against Redis (medians of the repeats; the
+    round trips per INVITE, the worst of them)."""
+    rows = []
+    for rate in sorted({run.rate for run in runs}):
+        memory = [r for r in runs if r.system == POLICIES and r.rate == rate]
+        redis = [r for r in runs if r.system == POLICIES_REDIS and r.rate == rate]
+        if not memory or not redis:
+            continue
+        memory_cpu, redis_cpu = _median_cpu(runs, POLICIES, rate), _median_cpu(runs, POLICIES_REDIS, rate)
+        ratio = round(redis_cpu / memory_cpu, 2) if memory_cpu and redis_cpu else None
+        trips = [r.redis_round_trips_per_invite for r in redis if r.redis_round_trips_per_invite is not None]
+        with_cold = [
+            r.redis_round_trips_with_cold for r in redis if r.redis_round_trips_with_cold is not None
+        ]
+        cold = [r.redis_scripts.get("noscript", 0) + r.redis_scripts.get("script_load", 0) for r in redis]
+        server = _median([r.redis_cpu_us_per_call for r in redis])
+        rows.append(
+            {
+                "rate": rate,
+                "clean": all(r.clean for r in memory + redis),
+                "memory_us_per_call": memory_cpu,
+                "redis_us_per_call": redis_cpu,
+                "ratio": ratio,
+                "target_max": TARGET_REDIS_CPU_RATIO,
+                "met": ratio is not None and ratio <= TARGET_REDIS_CPU_RATIO,
+                "redis_server_us_per_call": server,
+                "redis_server_idle_us_per_call": _median([r.redis_cpu_us_per_call for r in memory]),
+                "with_server_us_per_call": redis_cpu + server if redis_cpu and server is not None else None,
+                "round_trips_per_invite": max(trips) if trips else None,
+                "round_trips_with_cold": max(with_cold) if with_cold else None,
+                "cold_round_trips": max(cold) if cold else None,
+                "rt_mean_ms": {
+                    "memory": _median([r.rt_mean_ms for r in memory]),
+                    "redis": _median([r.rt_mean_ms for r in redis]),
+                },
+                "rt_p99_ms": {
+                    "memory": _median([r.rt_p99_ms for r in memory]),
+                    "redis": _median([r.rt_p99_ms for r in redis]),
+                },
+            }
+        )
+    return rows
+
+
+def state_targets(
+    args: argparse.Namespace, runs: list[RunResult], rows: list[dict[str, Any]], check: RunResult | None
+) -> list[dict[str, Any]]:
+    targets = []
+    for rate in args.rates:
+        for system in STATE_SYSTEMS:
+            targets.append(zero_failed_target(runs, system, rate, False, f", {system}"))
+    for row in rows:
+        targets.append(
+            {
+                "target": f"Redis/memory proxy CPU/call <= {TARGET_REDIS_CPU_RATIO:g}x at {row['rate']} CPS",
+                "met": row["met"],
+                "measured": f"{row['ratio']}x",
+            }
+        )
+        trips = row["round_trips_per_invite"]
+        targets.append(
+            {
+                "target": f"round trips to Redis per INVITE <= {TARGET_ROUND_TRIPS_PER_INVITE:g} at "
+                f"{row['rate']} CPS",
+                "met": trips is not None and trips <= TARGET_ROUND_TRIPS_PER_INVITE,
+                "measured": f"{_fmt(trips, '.3f')}; {_fmt(row['round_trips_with_cold'], '.4f')} with the "
+                f"{_fmt(row['cold_round_trips'])} cold-start NOSCRIPT/SCRIPT LOAD",
+            }
+        )
+    # every INVITE of every Redis run went to Redis: one per-INVITE script call each, no fallback
+    redis_runs = [r for r in [*runs, *([check] if check else [])] if r.system == POLICIES_REDIS]
+    fallbacks: Counter[str] = Counter()
+    unjudged = 0.0
+    for run in redis_runs:
+        fallbacks.update(run.state_events)
+        unjudged += abs((run.redis_invites or 0) - run.redis_scripts.get("per_invite", 0))
+    measured = f"{sum(fallbacks.values())} fallbacks" + (
+        " (" + ", ".join(f"{k} {v}" for k, v in sorted(fallbacks.items())) + ")" if fallbacks else ""
+    )
+    measured += f", per-INVITE script calls - INVITEs: {unjudged:g}, {len(redis_runs)} runs"
+    targets.append(
+        {
+            "target": "every INVITE of the Redis runs judged by Redis",
+            "met": bool(redis_runs) and not fallbacks and unjudged == 0,
+            "measured": measured,
+        }
+    )
+    if check is not None:
+        targets.append(policy_check_target(check, ", Redis store"))
+    return targets
+
+
+def run_state_compare(args: argparse.Namespace, env: dict[str, Any]) -> dict[str, Any]:
+    """--state-compare: sipguard+pol with the memory store and with Redis, at each rate (order
+    alternated), then an info-level check run of the Redis one; the redis-server is ours."""
+    wall = time.monotonic()
+    runs: list[RunResult] = []
+    check: RunResult | None = None
+    redis = RedisBench()
+    redis_summary: dict[str, Any] = {}
+    try:
+        redis.start()
+        redis_summary = {
+            "version": redis.version,
+            "url": redis.url,
+            "timeout_s": REDIS_TIMEOUT_S,
+            "maxmemory": REDIS_MAXMEMORY,
+        }
+        progress(
+            f"redis-server {redis.version} on {HOST}:{redis.port} (pid {redis.pid}, no persistence, "
+            f"maxmemory {REDIS_MAXMEMORY})"
+        )
+        progress(
+            f"main runs: {', '.join(map(str, args.rates))} CPS, {', '.join(STATE_SYSTEMS)} (order alternated)"
+        )
+        for index, rate in enumerate(args.rates):
+            order = STATE_SYSTEMS if index % 2 == 0 else tuple(reversed(STATE_SYSTEMS))
+            for _ in range(args.repeats):
+                for system in order:
+                    runs.append(measure(system, rate, args, redis=redis))
+        rate = max(args.rates)
+        progress(
+            f"policy check: {POLICIES_REDIS} at {rate} CPS, --log-level info, then one spoofed call (403)"
+        )
+        check = measure(POLICIES_REDIS, rate, args, log_level="info", control=True, redis=redis)
+        memory = redis.info("memory")
+        redis_summary["used_memory_peak"] = memory.get("used_memory_peak_human")
+    finally:
+        redis.stop()
+        redis_summary["exit_status"] = redis.process.returncode if redis.process else None
+        redis_summary["cpu_s_total"] = None if redis.cpu_s is None else round(redis.cpu_s, 2)
+        if args.keep or redis_summary["exit_status"] not in (0, None):
+            redis_summary["workdir"] = str(redis.workdir)
+        else:
+            shutil.rmtree(redis.workdir, ignore_errors=True)
+
+    rows = state_comparisons(runs)
+    env["loadavg_end"] = [round(value, 2) for value in os.getloadavg()]
+    return {
+        "environment": env,
+        "settings": {
+            "rates": args.rates,
+            "duration_s": args.duration,
+            "hold_ms": args.hold_ms,
+            "repeats": args.repeats,
+            "step_up": False,
+            "state_compare": True,
+            "policy_file": str(BENCH_POLICY.relative_to(REPO_ROOT)),
+            "uac": f"{MIX_SCENARIO.name} from {POLICY_UAC_HOST}, -s {POLICY_CALLEE}",
+            "callers": {"first": f"+{POLICY_CALLERS[0]}", "count": POLICY_CALLERS[1]},
+        },
+        "redis": redis_summary,
+        "runs": [asdict(run) | {"clean": run.clean, "carried": run.carried} for run in runs],
+        "comparisons": [],
+        "step_up": None,
+        "state_compare": rows,
+        "policy_check": None if check is None else asdict(check) | {"clean": check.clean},
+        "targets": state_targets(args, runs, rows, check),
+        "wall_seconds": round(time.monotonic() - wall, 1),
+    }
+
+
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     env = environment()
+    if args.state_compare:
+        return run_state_compare(args, env)
     wall = time.monotonic()
     runs: list[RunResult] = []
     systems = POLICY_SYSTEMS if args.with_policies else SYSTEMS
@@ -1080,11 +1538,24 @@ def print_table(report: dict[str, Any]) -> None:
         f"{env['cpus']} CPUs, load average {' '.join(map(str, env['loadavg_start']))} at start, "
         f"{' '.join(map(str, env['loadavg_end']))} at end"
     )
+    state_compare = settings.get("state_compare")
     print(
         f"SIPp uac -> proxy -> SIPp uas on {HOST}, UDP; {settings['duration_s']:g} s per run, "
-        f"hold {settings['hold_ms']} ms; sipguard with no policy rules (no-op decision), --log-level warning"
+        f"hold {settings['hold_ms']} ms"
+        + ("" if state_compare else "; sipguard with no policy rules (no-op decision), --log-level warning")
     )
     check = report.get("policy_check")
+    if state_compare:
+        redis = report["redis"]
+        print(
+            f"{POLICIES}: sipguard --config {settings['policy_file']} ({', '.join(POLICY_RULES)} enforcing), "
+            f"counters in memory;\n{POLICIES_REDIS}: the same file + state: {{url: {redis.get('url')}, "
+            f"timeout: {redis.get('timeout_s')}}}, the benchmark's redis-server {redis.get('version')}\n"
+            f"(no persistence, maxmemory {redis.get('maxmemory')}, flushed before each Redis run); "
+            "--log-level warning;\n"
+            f"UAC for both: {settings['uac']}, owned callers {settings['callers']['first']}.. "
+            f"({settings['callers']['count']}) in turn, each at most {POLICY_BURST}x a run"
+        )
     if settings.get("with_policies"):
         print(
             f"{POLICIES}: sipguard --config {settings['policy_file']} ({', '.join(POLICY_RULES)} enforcing), "
@@ -1093,7 +1564,7 @@ def print_table(report: dict[str, Any]) -> None:
             f"{POLICY_BURST}x a run"
         )
     # the check run is listed with the others, marked: it logs at info and is in no ratio
-    shown = report["runs"] + ([check | {"system": f"{POLICIES}*"}] if check else [])
+    shown = report["runs"] + ([check | {"system": f"{check['system']}*"}] if check else [])
     width = max(8, *(len(run["system"]) for run in shown))
     print()
     print("calls (SIPp's view)")
@@ -1118,7 +1589,7 @@ def print_table(report: dict[str, Any]) -> None:
         "failed when SIPp stopped; retrans: SIPp retransmissions, UAC (INVITE, BYE) / UAS (200 OK);\n"
         "INVITE->200: SIPp response time 1, every sample, 1 ms resolution."
         + (
-            f"\n{POLICIES}*: the policy check run, sipguard at --log-level info (in no ratio below)."
+            f"\n{check['system']}*: the policy check run, sipguard at --log-level info (in no ratio below)."
             if check
             else ""
         )
@@ -1210,6 +1681,8 @@ def print_table(report: dict[str, Any]) -> None:
             )
     if "policy_costs" in report:
         print_policy_costs(report)
+    if "state_compare" in report:
+        print_state_compare(report)
     step = report["step_up"]
     if step:
         print(f"\nstep-up ({step.get('system', 'sipguard')}):")
@@ -1283,10 +1756,101 @@ def print_policy_costs(report: dict[str, Any]) -> None:
         )
     check = report.get("policy_check")
     if check:
+        print_policy_check(check)
+
+
+def print_state_compare(report: dict[str, Any]) -> None:
+    """--state-compare: memory against Redis per rate, then what the Redis runs sent Redis."""
+    print(f"\nmemory vs Redis store ({POLICIES} vs {POLICIES_REDIS}, medians of the repeats):")
+    for row in report["state_compare"]:
+        verdict = "met" if row["met"] else "NOT met"
+        memory, redis = row["memory_us_per_call"], row["redis_us_per_call"]
+        server, both = row["redis_server_us_per_call"], row["with_server_us_per_call"]
+        mean, p99 = row["rt_mean_ms"], row["rt_p99_ms"]
+        added = None if mean["redis"] is None or mean["memory"] is None else mean["redis"] - mean["memory"]
+        print(
+            f"  {row['rate']:>5} CPS: proxy CPU {_fmt(memory)} -> {_fmt(redis)} us/call "
+            f"= {_fmt(row['ratio'], '.2f')}x "
+            f"(target <= {row['target_max']:g}x: {verdict})"
+            + ("" if row["clean"] else "; calls failed: retransmissions are in the CPU")
+        )
+        print(
+            f"             redis-server CPU {_fmt(server)} us/call (idle, in the memory run: "
+            f"{_fmt(row['redis_server_idle_us_per_call'])}); proxy + redis-server {_fmt(both)} us/call"
+            + ("" if both is None or not memory else f" = {both / memory:.2f}x memory")
+        )
+        print(
+            f"             INVITE->200 mean {_fmt(mean['memory'], '.2f')} -> {_fmt(mean['redis'], '.2f')} ms "
+            f"({_fmt(added, '+.2f')}), p99 {_fmt(p99['memory'])} -> {_fmt(p99['redis'])} ms"
+        )
+    check = report.get("policy_check")
+    shown = [run for run in report["runs"] if run["system"] == POLICIES_REDIS]
+    shown += [check | {"system": f"{check['system']}*"}] if check else []
+    print(
+        "\nround trips to Redis (INFO commandstats before/after each Redis run; one EVALSHA: one round trip):"
+    )
+    width = max(len(run["system"]) for run in shown) if shown else 8
+    header = (
+        f"{'system':<{width}} {'CPS':>5} {'INVITEs':>7} {'scripts':>7} {'/INVITE':>7} {'cold':>4} "
+        f"{'w/ cold':>7} {'release':>7} {'/call':>5} {'renew':>5} {'us/script':>9} {'conns':>5} "
+        f"{'fallbacks':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    for run in shown:
+        scripts = run["redis_scripts"]
+        release = scripts.get("release")
+        per_call = None if release is None or not run["ok"] else release / run["ok"]
+        print(
+            f"{run['system']:<{width}} {run['rate']:>5} {_fmt(run['redis_invites']):>7} "
+            f"{_fmt(scripts.get('script_calls')):>7} {_fmt(run['redis_round_trips_per_invite'], '.3f'):>7} "
+            f"{_fmt(scripts.get('noscript', 0) + scripts.get('script_load', 0) if scripts else None):>4} "
+            f"{_fmt(run['redis_round_trips_with_cold'], '.4f'):>7} {_fmt(release):>7} "
+            f"{_fmt(per_call, '.2f'):>5} {_fmt(scripts.get('renewal')):>5} "
+            f"{_fmt(run['redis_script_usec'], '.1f'):>9} {_fmt(run['redis_connections']):>5} "
+            f"{sum(run['state_events'].values()):>9}"
+        )
+    print(
+        "INVITEs: calls placed (judged once each); scripts: EVALSHA calls; /INVITE: per-INVITE script\n"
+        "calls / INVITEs; cold: EVALSHAs refused NOSCRIPT + SCRIPT LOADs (the scripts are flushed before\n"
+        "each run; redis-py loads a script when told NOSCRIPT, once per caller waiting on it); w/ cold:\n"
+        "(per-INVITE script calls + cold) / INVITEs; release: release script calls (one per call that\n"
+        "held slots, after its BYE, off the INVITE's path), /call: per successful call; renew: lease\n"
+        "renewals (every lease/3 = 20 s: none in a shorter run); us/script: Redis's own time per script\n"
+        "call (commandstats); conns: connections opened to Redis during the run; fallbacks: lines\n"
+        "state.unavailable, state.breaker_open, state.renew_failed, policy.timeout in the proxy's log\n"
+        "(with fail_mode open, such a call is counted on this instance alone)."
+    )
+    for run in shown:
+        scripts = run["redis_scripts"]
+        admitted = scripts.get("admitted")
+        if admitted is not None and admitted != run["ok"]:
+            print(
+                f"  {run['system']} @ {run['rate']} CPS: the per-INVITE script committed the slots of "
+                f"{admitted:g} calls, {run['ok']} calls succeeded"
+            )
+    redis = report.get("redis", {})
+    print(
+        f"\nredis-server {redis.get('version')}: {_fmt(redis.get('cpu_s_total'), '.2f')} s CPU in all, "
+        f"peak memory {redis.get('used_memory_peak', 'n/a')}, exit status {redis.get('exit_status')}"
+        + (f", files kept in {redis['workdir']}" if redis.get("workdir") else "")
+    )
+    print(
+        "INVITE->200 is SIPp's measure, on a clock that moves in steps (4 ms on this machine): p50, p99 and\n"
+        "max are whole steps; the mean, over calls that start anywhere within a step, is the fair figure."
+    )
+    if check:
+        print_policy_check(check)
+
+
+def print_policy_check(check: dict[str, Any]) -> None:
+    """The info-level check run: rules loaded, 0 rejections, proxy.stopped, the control call."""
+    if check:
         counters = check["proxy_counters"]
         rejected = sum(check["policy_rejections"].values())
         print(
-            f"\npolicy check ({POLICIES}* above: {check['rate']} CPS, --log-level info, call.decision lines):"
+            f"\npolicy check ({check['system']}* above: {check['rate']} CPS, --log-level info, "
+            "call.decision lines):"
         )
         print(
             f"  rules loaded: {', '.join(check['policy_rules'] or ['none seen'])}; "
@@ -1357,6 +1921,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "Turns the step-up off unless --step-up is given (it then steps sipguard+pol)",
     )  # fmt: skip
     parser.add_argument(
+        "--state-compare", action="store_true",
+        help=f"memory vs Redis state store in one run: at each rate, {POLICIES} with its counters in memory "
+        f"and {POLICIES_REDIS} with them in a redis-server this script starts (loopback, no persistence, "
+        "stopped at the end), both on the allowed mix; proxy CPU per call, their ratio, the redis-server's "
+        "CPU, INVITE->200 times, round trips to Redis per INVITE (INFO commandstats), then an info-level "
+        "check run of the Redis one for 0 rejections. No step-up",
+    )  # fmt: skip
+    parser.add_argument(
         "--step-up", action=argparse.BooleanOptionalAction, default=None,
         help="step sipguard up through --step-rates until a step is not carried (default on, off with "
         "--with-policies)",
@@ -1373,13 +1945,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.hold_ms < 0:
         parser.error("--repeats must be >= 1 and --hold-ms >= 0")
+    if args.state_compare and args.with_policies:
+        parser.error("--state-compare and --with-policies are separate runs: give one")
+    if args.state_compare and args.step_up:
+        parser.error("--state-compare has no step-up")
     if args.step_up is None:
-        args.step_up = not args.with_policies
-    if args.with_policies:
+        args.step_up = not (args.with_policies or args.state_compare)
+    if args.with_policies or args.state_compare:
+        mode = "--with-policies" if args.with_policies else "--state-compare"
         highest = max(args.rates + (args.step_rates if args.step_up else []))
         if highest * args.duration > POLICY_BURST * POLICY_CALLERS[1]:
             parser.error(
-                f"--with-policies: {highest} CPS x {args.duration:g} s would present a caller number more "
+                f"{mode}: {highest} CPS x {args.duration:g} s would present a caller number more "
                 f"than {POLICY_BURST} times in a run (the per-number burst of {BENCH_POLICY.name}); "
                 "shorten --duration"
             )

@@ -46,14 +46,17 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def start_redis(workdir: Path) -> RedisServer:
+def start_redis(workdir: Path, port: int | None = None) -> RedisServer:
+    """A redis-server on ``port`` (a free one if None: pass a stopped server's port to
+    restart it where its clients point), answering PING before this returns."""
     if REDIS_SERVER is None:
         pytest.fail("redis-server is not installed: run `bash .ci/setup` (installs Debian's redis-server)")
-    port = _free_port()
+    port = port or _free_port()
     process = subprocess.Popen(
         [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
          "--dir", str(workdir), "--logfile", ""],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        bufsize=0,  # unbuffered: a line read must not pull the next ones where select cannot see them
     )  # fmt: skip
     assert process.stdout is not None
     # Ready when it says so on its log (stdout); the deadline bounds a server that never does.

@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +197,7 @@ class TracedMessage:
     direction: str  # "sent" or "received"
     transport: str  # "UDP" or "TCP"
     text: str
+    at: float = 0.0  # when SIPp logged it, in seconds (its local wall clock: compare, don't print)
 
     @property
     def first_line(self) -> str:
@@ -228,7 +230,8 @@ def parse_trace(text: str) -> list[TracedMessage]:
         if len(words) < 3 or words[1] != "message" or words[2] not in ("sent", "received"):
             continue  # the separator's timestamp line, an "Unexpected ..." note, a "lost" note
         body = "\n".join(lines[2:]).strip("\n")
-        messages.append(TracedMessage(direction=words[2], transport=words[0], text=body))
+        stamp = datetime.strptime(lines[0].strip(), "%Y-%m-%d %H:%M:%S.%f").timestamp()
+        messages.append(TracedMessage(direction=words[2], transport=words[0], text=body, at=stamp))
     return messages
 
 

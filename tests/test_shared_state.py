@@ -16,7 +16,8 @@ from test_engine import OWNED, attempt, end, policy
 
 from proxy.engine import PolicyEngine
 from proxy.sip.events import Accept, CallAttempt, Reject, Verdict
-from proxy.state.redis_store import RedisStore
+from proxy.state import TakeSlot
+from proxy.state.redis_store import RedisStore, StoreUnavailableError
 
 TIGHT = {"concurrency": {"per_number": 1, "per_account": None}}
 
@@ -93,3 +94,71 @@ def test_a_call_another_rule_refuses_keeps_that_answer_while_redis_is_away() -> 
     engine = engine_on(f"redis://127.0.0.1:{closed_port()}/0", rules)
     verdict = decide(engine, attempt("spoofed", caller="+14155559999"))
     assert isinstance(verdict, Reject) and verdict.status == 403
+
+
+def test_renewal_puts_back_live_slots_redis_lost_never_released_ones(redis_server: RedisServer) -> None:
+    """A Redis restarted without persistence has lost every slot: the next renewal puts
+    back the live calls' slots (so caps count them again), but not a call's released
+    meanwhile, even one released while that renewal was on its way, naming it: the
+    release waits for the renewal to land, then takes the slot out again."""
+    redis_server.command("FLUSHALL")
+    slot = TakeSlot(key="conc:num:+14155550100", limit=10, rule="concurrency", label="calls")
+
+    async def scenario() -> tuple[bool, int]:
+        store = RedisStore(redis_server.url, timeout=0.5, clock=None)
+        for member in ("live", "ended", "ending"):
+            await store.check_and_take(member, [slot], 1_000.0)
+        redis_server.command("FLUSHALL")  # as a restart without persistence
+        await store.release("ended", [slot.key], 1_000.0)
+        # a renewal held up on its way to Redis (a slow network), naming "ending" ...
+        landing = asyncio.Event()
+        renew_script = store._renew
+
+        async def held_up(**arguments: Any) -> Any:
+            await landing.wait()
+            return await renew_script(**arguments)
+
+        store._renew = held_up
+        renewal = asyncio.ensure_future(store.renew_now(1_001.0))
+        await asyncio.sleep(0)
+        # ... while "ending" ends: its release must not overtake the renewal
+        releasing = asyncio.ensure_future(store.release("ending", [slot.key], 1_001.0))
+        overtook, _ = await asyncio.wait({releasing}, timeout=0.3)
+        landing.set()
+        await asyncio.gather(renewal, releasing)
+        probe = TakeSlot(key=slot.key, limit=1_000, enforced=False)
+        [result] = await store.check_and_take("probe", [probe], 1_002.0, blocked=True)
+        await store.close()
+        return bool(overtook), result.count - 1
+
+    assert asyncio.run(scenario()) == (False, 1)  # only "live" holds a slot
+
+
+def test_circuit_breaker_opens_then_lets_one_probe_through() -> None:
+    """Three failures open the breaker: calls then fail at once, without touching the
+    network; once the reset time has passed, exactly one call probes while the others
+    still fail at once."""
+
+    async def errors(store: RedisStore, count: int) -> list[str]:
+        operation = [TakeSlot(key="conc:num:+14155550100", limit=2)]
+        outcomes = await asyncio.gather(
+            *(store.check_and_take(f"m{n}", operation, 0.0) for n in range(count)), return_exceptions=True
+        )
+        assert all(isinstance(outcome, StoreUnavailableError) for outcome in outcomes)
+        return [str(outcome) for outcome in outcomes]
+
+    async def scenario() -> tuple[list[str], list[str], list[str]]:
+        url = f"redis://127.0.0.1:{closed_port()}/0"
+        store = RedisStore(url, timeout=0.5, clock=None, breaker_failures=3, breaker_reset=60.0)
+        tripping = [await errors(store, 1) for _ in range(3)]
+        open_now = await errors(store, 5)
+        store.breaker_reset = 0.0  # the reset time has passed: half-open
+        store._open_until = 0.0
+        half_open = await errors(store, 5)
+        await store.close()
+        return [e for t in tripping for e in t], open_now, half_open
+
+    tripping, open_now, half_open = asyncio.run(scenario())
+    assert "circuit breaker open" not in tripping  # the first three really tried
+    assert open_now == ["circuit breaker open"] * 5
+    assert sorted(half_open).count("circuit breaker open") == 4  # one probe, four turned away

@@ -8,8 +8,12 @@ Strategy:
   counters; rate buckets are one GCRA arrival time per hash. Every key has a TTL.
 - Leases: an instance renews the slots of its live calls every ``lease / 3`` in one
   batched script call; a dead instance stops renewing and its slots lapse within one
-  lease. Times are wall-clock milliseconds (instances agree through NTP), except when
-  the store is built with ``clock=None`` for tests, which then pass ``now`` themselves.
+  lease. Renewing also puts back a live call's slot that Redis lost (restarted without
+  persistence, or the lease lapsed while it was unreachable), so once Redis is back the
+  caps count every live call again; a release waits for a renewal in flight, so that
+  renewal cannot bring back a slot released meanwhile. Times are wall-clock
+  milliseconds (instances agree through NTP), except when the store is built with
+  ``clock=None`` for tests, which then pass ``now`` themselves.
 - Keys: ``sg:{sg}:<operation key>``. The one hash tag puts every key on one Cluster
   shard, so a script never spans slots; ``shard_by_account`` (not yet exposed) would
   split by account at the price of per-account destination counts.
@@ -109,18 +113,22 @@ return 0
 """
 
 _RENEW = """
--- ARGV: now_ms, lease_ms, then per key: its member count and the members.
+-- ARGV: now_ms, lease_ms, then per key: its member count and the members (live calls:
+-- one missing is put back). Returns how many were missing.
 local now, lease = tonumber(ARGV[1]), tonumber(ARGV[2])
-local at = 3
+local at, restored = 3, 0
 for i = 1, #KEYS do
   local n = tonumber(ARGV[at]); at = at + 1
   for j = 1, n do
-    redis.call('ZADD', KEYS[i], 'XX', now + lease, ARGV[at]); at = at + 1
+    restored = restored + redis.call('ZADD', KEYS[i], now + lease, ARGV[at]); at = at + 1
   end
   redis.call('PEXPIRE', KEYS[i], lease)
 end
-return 0
+return restored
 """
+
+
+MAX_CONNECTIONS = 64  # one INVITE holds one for a round trip (~0.1 ms at Redis)
 
 
 class StoreUnavailableError(Exception):
@@ -145,16 +153,29 @@ class RedisStore:
         self.breaker_failures = breaker_failures
         self.breaker_reset = breaker_reset
         self._clock = clock
-        self.client = client or redis_asyncio.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False
-        )
+        if client is None:
+            # A blocking pool: under overload a call waits (up to ``timeout``) for one of
+            # MAX_CONNECTIONS connections instead of failing, which would trip the breaker.
+            pool = redis_asyncio.BlockingConnectionPool.from_url(
+                url,
+                max_connections=MAX_CONNECTIONS,
+                timeout=timeout,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                retry_on_timeout=False,
+            )
+            client = redis_asyncio.Redis(connection_pool=pool)
+        self.client = client
         self._check_and_take = self.client.register_script(_CHECK_AND_TAKE)
         self._release = self.client.register_script(_RELEASE)
         self._renew = self.client.register_script(_RENEW)
         self.held: dict[str, set[str]] = {}  # slot key -> our calls' members, for renewal
         self._failures = 0
         self._open_until = 0.0
+        self._probing = False  # a half-open probe is in flight
         self._renewer: asyncio.Task[None] | None = None
+        self._renewal_idle = asyncio.Event()  # cleared while a renewal is in flight
+        self._renewal_idle.set()
         self.latency_ms = 0.0  # of the last round trip, for metrics
 
     # -- the StateStore protocol ---------------------------------------------------------------
@@ -203,6 +224,9 @@ class RedisStore:
 
     # -- internals ---------------------------------------------------------------------------------
     async def _release_remote(self, member: str, slot_keys: list[str]) -> None:
+        # a renewal in flight may still name this member: let it land first, or it
+        # would put the slot back after this removes it
+        await self._renewal_idle.wait()
         # if Redis is away the lease frees the slot: nobody renews a released call
         with contextlib.suppress(StoreUnavailableError):
             await self._call(self._release, [_key(key) for key in slot_keys], [member])
@@ -216,7 +240,13 @@ class RedisStore:
         for key in keys:
             members = sorted(self.held[key])
             args += [len(members), *members]
-        await self._call(self._renew, [_key(key) for key in keys], args)
+        self._renewal_idle.clear()
+        try:
+            restored = await self._call(self._renew, [_key(key) for key in keys], args)
+        finally:
+            self._renewal_idle.set()
+        if restored:  # Redis had lost live calls' slots (restarted, or leases lapsed)
+            log.warning("state.leases_restored", slots=int(restored))
 
     def _ensure_renewer(self) -> None:
         if self._renewer is None and self._clock is not None:
@@ -231,20 +261,28 @@ class RedisStore:
                 log.warning("state.renew_failed", error=str(error))
 
     async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """One script call, bounded by ``timeout``, through the circuit breaker: closed
+        (calls go through), open (calls fail at once until ``breaker_reset`` has passed),
+        half-open (one probe goes through; the others fail at once until it answers)."""
         wall = time.monotonic()
-        if self._open_until > wall:
-            raise StoreUnavailableError("circuit breaker open")
+        probe = False
+        if self._failures >= self.breaker_failures:
+            if self._open_until > wall or self._probing:
+                raise StoreUnavailableError("circuit breaker open")
+            probe = self._probing = True
         started = time.perf_counter()
         try:
             result = await asyncio.wait_for(script(keys=keys, args=args), self.timeout)
         except (RedisError, OSError, TimeoutError) as error:
             self._failures += 1
             if self._failures >= self.breaker_failures:
-                self._open_until = wall + self.breaker_reset  # the next call after this is the probe
-                log.warning(
-                    "state.breaker_open", failures=self._failures, error=str(error) or type(error).__name__
-                )
-            raise StoreUnavailableError(str(error) or type(error).__name__) from error
+                self._open_until = time.monotonic() + self.breaker_reset
+                if self._failures == self.breaker_failures or probe:
+                    log.warning("state.breaker_open", failures=self._failures, error=_describe(error))
+            raise StoreUnavailableError(_describe(error)) from error
+        finally:
+            if probe:
+                self._probing = False
         if self._failures:
             log.info("state.recovered", after_failures=self._failures)
         self._failures = 0
@@ -258,6 +296,10 @@ class RedisStore:
         if self._renewer is not None:
             self._renewer.cancel()
         await self.client.aclose()
+
+
+def _describe(error: BaseException) -> str:
+    return str(error) or type(error).__name__
 
 
 def _key(operation_key: str) -> str:
