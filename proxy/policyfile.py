@@ -31,7 +31,8 @@ from policies.registry import available_policies
 from .sip.events import Address, parse_address
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://")
+# what redis-py's from_url takes; Sentinel and Cluster need their own clients (not yet)
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 DEFAULT_EMERGENCY_NUMBERS = ["911", "112", "999", "000", "110", "119", "933", "988"]
 
 
@@ -122,7 +123,7 @@ class AccountSection(_Strict):
 class StateSection(_Strict):
     """Where counters live: ``memory`` (this process) or a Redis URL shared by instances."""
 
-    url: str = Field(default="memory", description="memory, redis://, rediss://, unix://, redis+sentinel://")
+    url: str = Field(default="memory", description="memory, redis://, rediss:// or unix://")
     lease: float = Field(default=60.0, gt=0, description="seconds a dead instance's slots stay taken")
     timeout: float = Field(default=0.25, gt=0, description="seconds to wait for Redis per INVITE")
 

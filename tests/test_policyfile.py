@@ -496,3 +496,13 @@ def test_check_the_shipped_example(capsys: pytest.CaptureFixture[str]) -> None:
     policy = load_policy(EXAMPLE)
     assert [rule.name for rule, _ in policy.rules] == ["caller_id", "concurrency", "call_rate"]
     assert "000" in policy.emergency.numbers
+
+
+def test_state_takes_memory_or_a_redis_url(tmp_path: Path) -> None:
+    assert errors(tmp_path, "state: redis+sentinel://127.0.0.1:26379/mymaster\n") == [
+        "1: state.url: Value error, expected memory or a Redis URL (redis://, rediss://, unix://...); "
+        "found 'redis+sentinel://127.0.0.1:26379/mymaster'"
+    ]
+    policy = load(tmp_path, "state: {url: 'redis://127.0.0.1:6379/0', lease: 30}\n")
+    state = policy.state
+    assert (state.url, state.lease, state.timeout) == ("redis://127.0.0.1:6379/0", 30.0, 0.25)

@@ -151,7 +151,9 @@ def test_circuit_breaker_opens_then_lets_one_probe_through() -> None:
         url = f"redis://127.0.0.1:{closed_port()}/0"
         store = RedisStore(url, timeout=0.5, clock=None, breaker_failures=3, breaker_reset=60.0)
         tripping = [await errors(store, 1) for _ in range(3)]
+        assert (store.breaker, store.stats.errors, store.stats.breaker_opens) == ("open", 3, 1)
         open_now = await errors(store, 5)
+        assert store.stats.errors == 3  # turned away at once: no new attempt, no new error
         store.breaker_reset = 0.0  # the reset time has passed: half-open
         store._open_until = 0.0
         half_open = await errors(store, 5)

@@ -1,5 +1,6 @@
 """The Redis state store: the same operations as the memory store, shared by every
-sipguard instance that points at one Redis (or Sentinel / Cluster).
+sipguard instance that points at one Redis (redis://, rediss://, unix://; Sentinel and
+Cluster clients are not wired in yet, though the keys are Cluster-safe).
 
 Strategy:
 - One round trip per INVITE: a Lua script evaluates every operation, then commits them
@@ -128,6 +129,35 @@ return restored
 """
 
 
+class StoreStats:
+    """Round trips, errors and latency since they were last taken (for logs and metrics)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.round_trips = self.errors = self.breaker_opens = 0
+        self.latency_total_ms = self.latency_max_ms = 0.0
+
+    def record(self, latency_ms: float) -> None:
+        self.round_trips += 1
+        self.latency_total_ms += latency_ms
+        self.latency_max_ms = max(self.latency_max_ms, latency_ms)
+
+    def take(self) -> dict[str, float]:
+        taken = {
+            "round_trips": self.round_trips,
+            "errors": self.errors,
+            "breaker_opens": self.breaker_opens,
+            "latency_mean_ms": round(self.latency_total_ms / self.round_trips, 3)
+            if self.round_trips
+            else 0.0,
+            "latency_max_ms": round(self.latency_max_ms, 3),
+        }
+        self.reset()
+        return taken
+
+
 MAX_CONNECTIONS = 64  # one INVITE holds one for a round trip (~0.1 ms at Redis)
 
 
@@ -176,7 +206,7 @@ class RedisStore:
         self._renewer: asyncio.Task[None] | None = None
         self._renewal_idle = asyncio.Event()  # cleared while a renewal is in flight
         self._renewal_idle.set()
-        self.latency_ms = 0.0  # of the last round trip, for metrics
+        self.stats = StoreStats()
 
     # -- the StateStore protocol ---------------------------------------------------------------
     def check_and_take_now(
@@ -255,6 +285,7 @@ class RedisStore:
     async def _renew_forever(self) -> None:
         while True:
             await asyncio.sleep(self.slot_lease / 3)
+            self.log_stats()
             try:
                 await self.renew_now()
             except StoreUnavailableError as error:
@@ -274,10 +305,12 @@ class RedisStore:
         try:
             result = await asyncio.wait_for(script(keys=keys, args=args), self.timeout)
         except (RedisError, OSError, TimeoutError) as error:
+            self.stats.errors += 1
             self._failures += 1
             if self._failures >= self.breaker_failures:
                 self._open_until = time.monotonic() + self.breaker_reset
                 if self._failures == self.breaker_failures or probe:
+                    self.stats.breaker_opens += 1
                     log.warning("state.breaker_open", failures=self._failures, error=_describe(error))
             raise StoreUnavailableError(_describe(error)) from error
         finally:
@@ -286,13 +319,24 @@ class RedisStore:
         if self._failures:
             log.info("state.recovered", after_failures=self._failures)
         self._failures = 0
-        self.latency_ms = (time.perf_counter() - started) * 1000
+        self.stats.record((time.perf_counter() - started) * 1000)
         return result
+
+    @property
+    def breaker(self) -> str:
+        if self._failures < self.breaker_failures:
+            return "closed"
+        return "half-open" if self._open_until <= time.monotonic() else "open"
+
+    def log_stats(self) -> None:
+        """One line for operators: round trips, errors and latency since the last line."""
+        log.info("state.stats", breaker=self.breaker, held_keys=len(self.held), **self.stats.take())
 
     def _now_ms(self, now: float) -> float:
         return (self._clock() if self._clock is not None else now) * 1000.0
 
     async def close(self) -> None:
+        self.log_stats()
         if self._renewer is not None:
             self._renewer.cancel()
         await self.client.aclose()
