@@ -29,10 +29,9 @@ from policies.numbering import EmergencyNumbers, NumberSet
 from policies.registry import available_policies
 
 from .sip.events import Address, parse_address
+from .state.redis_url import NODES_SCHEMES, REDIS_SCHEMES, parse_nodes_url
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-# what redis-py's from_url takes; Sentinel and Cluster need their own clients (not yet)
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 DEFAULT_EMERGENCY_NUMBERS = ["911", "112", "999", "000", "110", "119", "933", "988"]
 
 
@@ -121,9 +120,19 @@ class AccountSection(_Strict):
 
 
 class StateSection(_Strict):
-    """Where counters live: ``memory`` (this process) or a Redis URL shared by instances."""
+    """Where counters live: ``memory`` (this process) or a Redis URL shared by instances:
+    one server (``redis://[:PASSWORD@]HOST:PORT/DB``, ``rediss://`` for TLS, ``unix://``),
+    a master found through Sentinel
+    (``redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB]``, the sentinels'
+    addresses and the monitored service name; the password is the master's), or a Redis
+    Cluster (``redis+cluster://[:PASSWORD@]HOST:PORT[,HOST:PORT...]``, startup nodes)."""
 
-    url: str = Field(default="memory", description="memory, redis://, rediss:// or unix://")
+    url: str = Field(
+        default="memory",
+        description="memory, redis://, rediss://, unix://, "
+        "redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB] "
+        "or redis+cluster://HOST:PORT[,HOST:PORT...]",
+    )
     lease: float = Field(default=60.0, gt=0, description="seconds a dead instance's slots stay taken")
     timeout: float = Field(default=0.25, gt=0, description="seconds to wait for Redis per INVITE")
 
@@ -138,6 +147,8 @@ class StateSection(_Strict):
     def _known_scheme(cls, value: str) -> str:
         if value != "memory" and not value.startswith(REDIS_SCHEMES):
             raise ValueError(f"expected memory or a Redis URL ({', '.join(REDIS_SCHEMES)}...)")
+        if value.startswith(NODES_SCHEMES):
+            parse_nodes_url(value)  # its ValueError says what is wrong
         return value
 
 

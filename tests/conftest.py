@@ -1,3 +1,3 @@
-"""Shared fixtures: the real redis-server (tests/redis_server.py)."""
+"""Shared fixtures: the real Redis servers (tests/redis_server.py)."""
 
-from redis_server import redis_server  # noqa: F401 - a fixture, found by name
+from redis_server import redis_cluster, redis_sentinel, redis_server  # noqa: F401 - fixtures, found by name

@@ -18,6 +18,7 @@ from policies.caller_id import CallerIdConfig
 from policies.concurrency import ConcurrencyConfig
 from proxy.cli import main
 from proxy.policyfile import CompiledPolicy, PolicyFileError, default_policy, load_policy
+from proxy.state.redis_url import NodesUrl, parse_nodes_url
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "policies" / "example.yaml"
@@ -499,10 +500,58 @@ def test_check_the_shipped_example(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_state_takes_memory_or_a_redis_url(tmp_path: Path) -> None:
-    assert errors(tmp_path, "state: redis+sentinel://127.0.0.1:26379/mymaster\n") == [
-        "1: state.url: Value error, expected memory or a Redis URL (redis://, rediss://, unix://...); "
-        "found 'redis+sentinel://127.0.0.1:26379/mymaster'"
+    assert errors(tmp_path, "state: redis+sentinal://127.0.0.1:26379/mymaster\n") == [
+        "1: state.url: Value error, expected memory or a Redis URL (redis://, rediss://, unix://, "
+        "redis+sentinel://, redis+cluster://...); found 'redis+sentinal://127.0.0.1:26379/mymaster'"
     ]
     policy = load(tmp_path, "state: {url: 'redis://127.0.0.1:6379/0', lease: 30}\n")
     state = policy.state
     assert (state.url, state.lease, state.timeout) == ("redis://127.0.0.1:6379/0", 30.0, 0.25)
+
+
+@pytest.mark.parametrize(
+    ("url", "parsed"),
+    [
+        (
+            "redis+sentinel://10.0.0.5:26379,10.0.0.6:26379,[2001:db8::7]:26380/sipguard",
+            NodesUrl(
+                "sentinel", (("10.0.0.5", 26379), ("10.0.0.6", 26379), ("2001:db8::7", 26380)), "sipguard"
+            ),
+        ),
+        (
+            "redis+sentinel://:p%40ss%2Fword@sentinel-1.example.net:26379/sipguard/2",
+            NodesUrl("sentinel", (("sentinel-1.example.net", 26379),), "sipguard", 2, None, "p@ss/word"),
+        ),
+        (
+            "redis+cluster://10.0.0.5:6379,10.0.0.6:6379",
+            NodesUrl("cluster", (("10.0.0.5", 6379), ("10.0.0.6", 6379))),
+        ),
+        (
+            "redis+cluster://sipguard:secret@10.0.0.5:7000",
+            NodesUrl("cluster", (("10.0.0.5", 7000),), username="sipguard", password="secret"),
+        ),
+    ],
+)
+def test_state_takes_sentinel_and_cluster_urls(tmp_path: Path, url: str, parsed: NodesUrl) -> None:
+    assert load(tmp_path, f"state: {{url: '{url}', timeout: 0.5}}\n").state.url == url
+    assert parse_nodes_url(url) == parsed
+
+
+@pytest.mark.parametrize(
+    ("url", "error"),
+    [
+        ("redis+sentinel://10.0.0.5:26379", "no service name"),
+        ("redis+sentinel://10.0.0.5:26379/", "no service name"),
+        ("redis+sentinel://10.0.0.5:26379/sipguard/zero", "database 'zero' is not a number"),
+        ("redis+sentinel://10.0.0.5/sipguard", "'10.0.0.5' is not HOST:PORT"),
+        ("redis+sentinel://10.0.0.5:26379,/sipguard", "'' is not HOST:PORT"),
+        ("redis+sentinel://secret@10.0.0.5:26379/sipguard", "credentials go as :PASSWORD@"),
+        ("redis+cluster://10.0.0.5:6379/0", "a Redis Cluster has no database or service name"),
+        ("redis+cluster://10.0.0.5:99999", "'10.0.0.5:99999' is not HOST:PORT"),
+        ("redis+cluster://10.0.0.5:6379?ssl=true", "no query string or fragment"),
+    ],
+)
+def test_malformed_sentinel_and_cluster_urls_are_refused(tmp_path: Path, url: str, error: str) -> None:
+    [line] = errors(tmp_path, f"state: {url}\n")
+    assert line.startswith(f"1: state.url: Value error, {error}"), line
+    assert line.endswith(f"; found '{url}'"), line

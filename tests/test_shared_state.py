@@ -1,5 +1,6 @@
 """The engine with a shared (Redis) store: its fail modes when Redis is away, and two
-engines sharing one real redis-server as two sipguard instances would.
+engines sharing one real redis-server as two sipguard instances would; then what is
+particular to a Redis Cluster (where the scripts run) and to Sentinel (no master).
 
 Redis being away is caused for real: a RedisStore pointed at a loopback port where
 nothing listens (connection refused), and a real redis-server stopped mid-test.
@@ -8,10 +9,11 @@ nothing listens (connection refused), and a real redis-server stopped mid-test.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 from typing import Any
 
-from redis_server import RedisServer
+from redis_server import RedisCluster, RedisSentinel, RedisServer
 from test_engine import OWNED, attempt, end, policy
 
 from proxy.engine import PolicyEngine
@@ -164,3 +166,59 @@ def test_circuit_breaker_opens_then_lets_one_probe_through() -> None:
     assert "circuit breaker open" not in tripping  # the first three really tried
     assert open_now == ["circuit breaker open"] * 5
     assert sorted(half_open).count("circuit breaker open") == 4  # one probe, four turned away
+
+
+# -- Redis Cluster and Sentinel ------------------------------------------------------------------
+def _command_calls(node: RedisServer, command: str) -> int:
+    """How many times ``node`` ran ``command`` since its stats were reset (INFO commandstats)."""
+    stats = node.command("INFO", "commandstats").decode()
+    found = re.search(rf"cmdstat_{re.escape(command)}:calls=(\d+)", stats)
+    return int(found[1]) if found else 0
+
+
+def test_cluster_runs_the_scripts_on_the_node_owning_the_sg_slot(redis_cluster: RedisCluster) -> None:
+    """With every key under the one hash tag, RedisCluster sends EVALSHA straight to the
+    node owning that slot (no MOVED detour, no other node); a node without the scripts
+    (NOSCRIPT) gets them loaded on every primary, so a failover finds them there too."""
+    for node in redis_cluster.nodes:
+        node.flushall()
+        assert node.command("SCRIPT", "FLUSH").startswith(b"+OK")
+        assert node.command("CONFIG", "RESETSTAT").startswith(b"+OK")
+    slots = [
+        TakeSlot(key=f"conc:num:+1415555010{n}", limit=2, rule="concurrency", label="calls") for n in range(5)
+    ]
+
+    async def scenario() -> None:
+        store = RedisStore(redis_cluster.url, timeout=2.0, clock=None)
+        for member in ("a", "b", "c"):
+            await store.check_and_take(member, slots, 1_000.0)
+        await store.renew_now(1_001.0)
+        await store.release("a", [slot.key for slot in slots], 1_002.0)
+        await store.close()
+
+    asyncio.run(scenario())
+    evalsha = [_command_calls(node, "evalsha") for node in redis_cluster.nodes]
+    keys = [int(node.command("DBSIZE")[1:]) for node in redis_cluster.nodes]
+    owner = max(range(len(keys)), key=keys.__getitem__)
+    assert keys[owner] == len(slots) and sum(keys) == len(slots)
+    # one NOSCRIPT per script (3), then its 5 calls again
+    assert evalsha[owner] == 3 + 5 and sum(evalsha) == evalsha[owner]
+    assert [_command_calls(node, "script|load") for node in redis_cluster.nodes] == [3, 3, 3]
+
+
+def test_sentinel_without_the_service_is_unavailable(redis_sentinel: RedisSentinel) -> None:
+    """A service name the sentinels do not monitor: no master, so the store is unavailable
+    (the engine's fail modes apply), not an error that escapes."""
+    url = f"redis+sentinel://127.0.0.1:{redis_sentinel.sentinel.port}/no-such-service"
+
+    async def scenario() -> str:
+        store = RedisStore(url, timeout=0.5, clock=None)
+        try:
+            await store.check_and_take("a", [TakeSlot(key="conc:num:+14155550100", limit=1)], 1_000.0)
+        except StoreUnavailableError as error:
+            return str(error)
+        finally:
+            await store.close()
+        return "answered"
+
+    assert "No master found for 'no-such-service'" in asyncio.run(scenario())

@@ -1,8 +1,9 @@
 """The state store contract (proxy/state/ops.py), one suite for every backend.
 
-Every test takes the ``store`` fixture, parametrized over BACKENDS; today that is the
-in-memory store. A Redis backend joins by adding a factory to BACKENDS: it is called
-inside the test's own event loop with the slot lease to use, so a client bound to a
+Every test takes the ``store`` fixture, parametrized over BACKENDS (the in-memory store)
+and SHARED: a RedisStore on each real Redis setup of tests/redis_server.py (one server, a
+master behind Sentinel, a 3-node Cluster), started once per session and emptied before
+each test. A store is built inside the test's own event loop, so a client bound to a
 loop works. The suite speaks only the protocol (``check_and_take``, ``release``); what
 a store holds is observed through it, with a probe that is ``blocked`` and so commits
 nothing. Time is passed in as ``now``, as everywhere in sipguard.
@@ -31,7 +32,9 @@ async def memory_store(lease: float) -> StateStore:
     return MemoryStore(slot_lease=lease)
 
 
-BACKENDS: dict[str, Factory] = {"memory": memory_store, "redis": memory_store}  # redis: see store()
+BACKENDS: dict[str, Factory] = {"memory": memory_store}
+# backend -> the session fixture of its servers (a ``url`` for RedisStore and ``flushall()``)
+SHARED = {"redis": "redis_server", "redis-sentinel": "redis_sentinel", "redis-cluster": "redis_cluster"}
 
 
 class Store:
@@ -70,12 +73,12 @@ async def _awaited(pending: Awaitable[None]) -> None:
     await pending
 
 
-@pytest.fixture(params=sorted(BACKENDS))
+@pytest.fixture(params=[*BACKENDS, *SHARED])
 def store(request: pytest.FixtureRequest) -> Iterator[Store]:
     with asyncio.Runner() as runner:
-        if request.param == "redis":  # a real redis-server, emptied for each test
-            server = request.getfixturevalue("redis_server")
-            server.command("FLUSHALL")
+        if request.param in SHARED:  # real Redis servers, emptied for each test
+            server = request.getfixturevalue(SHARED[request.param])
+            server.flushall()
 
             async def redis_store(lease: float) -> StateStore:
                 # clock=None: the store uses the ``now`` the test passes, as the memory store does

@@ -1,6 +1,7 @@
 """The Redis state store: the same operations as the memory store, shared by every
-sipguard instance that points at one Redis (redis://, rediss://, unix://; Sentinel and
-Cluster clients are not wired in yet, though the keys are Cluster-safe).
+sipguard instance that points at one Redis: one server (redis://, rediss://, unix://), a
+master found through Sentinel (redis+sentinel://) or a Redis Cluster (redis+cluster://);
+see redis_url.py for the URLs and ``make_client`` for the client each one gets.
 
 Strategy:
 - One round trip per INVITE: a Lua script evaluates every operation, then commits them
@@ -16,8 +17,10 @@ Strategy:
   milliseconds (instances agree through NTP), except when the store is built with
   ``clock=None`` for tests, which then pass ``now`` themselves.
 - Keys: ``sg:{sg}:<operation key>``. The one hash tag puts every key on one Cluster
-  shard, so a script never spans slots; ``shard_by_account`` (not yet exposed) would
-  split by account at the price of per-account destination counts.
+  shard, so a script never spans slots (RedisCluster sends EVALSHA to the node owning
+  the keys' slot, and SCRIPT LOAD, after a NOSCRIPT, to every primary);
+  ``shard_by_account`` (not yet exposed) would split by account at the price of
+  per-account destination counts.
 - Failure: a call that times out or errors raises StoreUnavailableError after at most
   ``timeout``; after ``breaker_failures`` in a row the breaker opens and calls fail at
   once for ``breaker_reset`` seconds, then one probe is let through. The engine turns
@@ -34,9 +37,12 @@ from typing import Any
 
 import redis.asyncio as redis_asyncio
 import structlog
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.exceptions import RedisError
 
 from .ops import Operation, OpResult, TakeSlot
+from .redis_url import NODES_SCHEMES, parse_nodes_url
 
 log = structlog.get_logger("sipguard.state")
 
@@ -165,6 +171,54 @@ class StoreUnavailableError(Exception):
     """The shared store did not answer in time (or the breaker is open)."""
 
 
+class _BlockingSentinelPool(SentinelConnectionPool, redis_asyncio.BlockingConnectionPool):
+    """Sentinel's pool (each new connection asks the sentinels where the master is)
+    with the blocking pool's waiting for a free connection."""
+
+
+def make_client(url: str, timeout: float) -> Any:
+    """The redis-py client for a state URL, with the same limits on each: at most
+    MAX_CONNECTIONS connections (to the one server, the master, or each Cluster node),
+    socket and connect timeouts of ``timeout``, no retry on timeout for one server or a
+    Sentinel master (RedisStore bounds every call by ``timeout`` anyway)."""
+    common: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    if not url.startswith(NODES_SCHEMES):
+        # A blocking pool: under overload a call waits (up to ``timeout``) for one of
+        # MAX_CONNECTIONS connections instead of failing, which would trip the breaker.
+        pool = redis_asyncio.BlockingConnectionPool.from_url(
+            url, max_connections=MAX_CONNECTIONS, timeout=timeout, retry_on_timeout=False, **common
+        )
+        return redis_asyncio.Redis(connection_pool=pool)
+    target = parse_nodes_url(url)
+    if target.kind == "sentinel":
+        assert target.service is not None
+        # The sentinels are asked with the same timeouts, without the master's password.
+        sentinel = Sentinel(list(target.nodes), sentinel_kwargs=dict(common))  # type: ignore[no-untyped-call]
+        return sentinel.master_for(
+            target.service,
+            connection_pool_class=_BlockingSentinelPool,
+            max_connections=MAX_CONNECTIONS,
+            timeout=timeout,
+            retry_on_timeout=False,
+            db=target.db,
+            username=target.username,
+            password=target.password,
+            **common,
+        )
+    # RedisCluster has no blocking pool: past MAX_CONNECTIONS to one node a call fails at
+    # once (MaxConnectionsError, counted by the breaker) instead of waiting. It retries
+    # on its own after a connection error or MOVED (to follow a failover); RedisStore's
+    # ``timeout`` still bounds the whole call.
+    return RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
+        max_connections=MAX_CONNECTIONS,
+        username=target.username,
+        password=target.password,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+    )
+
+
 class RedisStore:
     def __init__(
         self,
@@ -183,19 +237,7 @@ class RedisStore:
         self.breaker_failures = breaker_failures
         self.breaker_reset = breaker_reset
         self._clock = clock
-        if client is None:
-            # A blocking pool: under overload a call waits (up to ``timeout``) for one of
-            # MAX_CONNECTIONS connections instead of failing, which would trip the breaker.
-            pool = redis_asyncio.BlockingConnectionPool.from_url(
-                url,
-                max_connections=MAX_CONNECTIONS,
-                timeout=timeout,
-                socket_timeout=timeout,
-                socket_connect_timeout=timeout,
-                retry_on_timeout=False,
-            )
-            client = redis_asyncio.Redis(connection_pool=pool)
-        self.client = client
+        self.client = client if client is not None else make_client(url, timeout)
         self._check_and_take = self.client.register_script(_CHECK_AND_TAKE)
         self._release = self.client.register_script(_RELEASE)
         self._renew = self.client.register_script(_RENEW)
@@ -339,7 +381,10 @@ class RedisStore:
         self.log_stats()
         if self._renewer is not None:
             self._renewer.cancel()
+        pool = getattr(self.client, "connection_pool", None)
         await self.client.aclose()
+        if isinstance(pool, SentinelConnectionPool):  # and the sentinels' own connections
+            await pool.sentinel_manager.aclose()
 
 
 def _describe(error: BaseException) -> str:
