@@ -33,6 +33,39 @@ CALLEE = "+12125551234"  # whom the customers call (any real number that is not 
 PBX_CALLS = 100  # the stand-in PBX's -m: more than any test places; it is stopped at the end
 
 
+def start_caller(
+    lab: Lab,
+    name: str,
+    scenario: str,
+    caller: str,
+    *,
+    proxy_port: int,
+    source: str = ACME,
+    dialled: str = CALLEE,
+    calls: int = 1,
+    rate: float = 10.0,
+    hold_ms: int = 0,
+    timeout: float = 20.0,
+) -> Caller:
+    """A SIPp UAC from the loopback address ``source`` (an account) presenting ``caller``,
+    to the sipguard listening on ``proxy_port``; started in the background."""
+    uac = Caller(
+        lab.workdir,
+        name,
+        source=source,
+        scenario=scenario,
+        port=free_udp_port(source),
+        calls=calls,
+        remote=f"{LOOPBACK}:{proxy_port}",
+        rate=rate,
+        timeout=timeout,
+        extra=["-key", "caller", caller, "-s", dialled, "-d", str(hold_ms)],
+    )
+    lab.sipps.append(uac)
+    uac.start()
+    return uac
+
+
 class PolicyGuard(GuardProcess):
     """A running ``sipguard run --config FILE``, whose log can be waited on while it runs."""
 
@@ -127,21 +160,11 @@ class PolicyLab:
     ) -> Caller:
         """Start a SIPp UAC (it runs in the background): ``calls`` calls from ``caller``."""
         self._callers += 1
-        uac = Caller(
-            self.lab.workdir,
-            f"uac-{self._callers}-{scenario.removesuffix('.xml')}",
-            source=source,
-            scenario=scenario,
-            port=free_udp_port(source),
-            calls=calls,
-            remote=f"{LOOPBACK}:{self.proxy}",
-            rate=rate,
-            timeout=timeout,
-            extra=["-key", "caller", caller, "-s", dialled, "-d", str(hold_ms)],
-        )
-        self.lab.sipps.append(uac)
-        uac.start()
-        return uac
+        name = f"uac-{self._callers}-{scenario.removesuffix('.xml')}"
+        return start_caller(
+            self.lab, name, scenario, caller, proxy_port=self.proxy, source=source, dialled=dialled,
+            calls=calls, rate=rate, hold_ms=hold_ms, timeout=timeout,
+        )  # fmt: skip
 
     def run(self, scenario: str, caller: str, **options: Any) -> SippResult:
         """Place the calls and wait for SIPp to finish."""

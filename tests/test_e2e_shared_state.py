@@ -31,7 +31,6 @@ from typing import Any
 import pytest
 from policy_e2e import (
     ACME,
-    CALLEE,
     GLOBEX,
     Caller,
     PolicyGuard,
@@ -39,8 +38,8 @@ from policy_e2e import (
     decisions,
     final_responses,
     final_statuses,
-    free_udp_port,
     only_call_id,
+    start_caller,
 )
 from redis_server import RedisServer, start_redis
 from sipp import LOOPBACK, GuardLog, Lab, Sipp, SippResult, free_ports, installed_sipguard, wait_until
@@ -105,21 +104,11 @@ class SharedLab:
     ) -> Caller:
         """Start a SIPp UAC placing ``calls`` calls from ``caller`` through one instance."""
         self._callers += 1
-        uac = Caller(
-            self.lab.workdir,
-            f"uac-{self._callers}-via-{instance}",
-            source=source,
-            scenario=scenario,
-            port=free_udp_port(source),
-            calls=calls,
-            remote=f"{LOOPBACK}:{self.ports[instance]}",
-            rate=rate,
+        return start_caller(
+            self.lab, f"uac-{self._callers}-via-{instance}", scenario, caller,
+            proxy_port=self.ports[instance], source=source, calls=calls, rate=rate, hold_ms=hold_ms,
             timeout=timeout,
-            extra=["-key", "caller", caller, "-s", CALLEE, "-d", str(hold_ms)],
-        )
-        self.lab.sipps.append(uac)
-        uac.start()
-        return uac
+        )  # fmt: skip
 
     def run(self, instance: int, scenario: str, caller: str, **options: Any) -> SippResult:
         return self.call(instance, scenario, caller, **options).wait()
