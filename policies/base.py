@@ -84,7 +84,8 @@ class CallContext:
 
     attempt_id: str
     call_id: str
-    now: float
+    now: float  # monotonic seconds: for rates, windows and durations
+    wall_time: float  # seconds since the epoch (UTC): for calendars (calling hours, daily quotas)
     source_host: str
     account: Account | None
     identities: tuple[Identity, ...]
@@ -106,7 +107,35 @@ class Deny:
 
 @dataclass(frozen=True, slots=True)
 class Require:
+    """State operations to run atomically with every other rule's; and, optionally, the
+    longest the call may last once answered (sipguard then sends BYE to both sides)."""
+
     operations: tuple[Operation, ...]
+    max_duration: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallOutcome:
+    """How a call this rule judged (and that was forwarded) ended, for the outcome hook."""
+
+    attempt_id: str
+    call_id: str
+    account: str | None
+    caller: str | None  # E.164
+    callee: str | None  # E.164
+    source_host: str
+    started_at: float  # monotonic, like CallContext.now
+    answered_at: float | None  # None: never answered
+    ended_at: float
+    wall_time: float  # of the start, like CallContext.wall_time
+    reason: str  # proxy.sip.EndReason value: bye, cancelled, rejected, max-duration ...
+    status: int | None  # final response when rejected downstream
+    by_caller: bool | None  # for BYE: whether the calling side hung up
+
+    @property
+    def talk_time(self) -> float:
+        """Seconds from answer to end; 0 for a call never answered."""
+        return 0.0 if self.answered_at is None else max(0.0, self.ended_at - self.answered_at)
 
 
 Verdict = Allow | Deny | Require
@@ -123,6 +152,11 @@ class Policy(ABC, Generic[ConfigT]):
     @abstractmethod
     def check(self, call: CallContext, config: ConfigT) -> Verdict:
         """Judge one initial INVITE. Pure: same inputs, same answer."""
+
+    def call_ended(self, outcome: CallOutcome, config: ConfigT) -> tuple[Operation, ...]:
+        """A call this rule judged has ended: state operations to record it (none by default).
+        Like ``check``, pure: the engine runs what it returns."""
+        return ()
 
     def account_overrides(self, limits: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
         """Map an account's ``limits:`` shorthand onto this rule's ``settings`` (none by default)."""

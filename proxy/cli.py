@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
+import time
 from collections.abc import Sequence
+from datetime import datetime
 
 import structlog
 import uvloop
@@ -29,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--listen", action="append", metavar="URI", help="udp:HOST:PORT or tcp:HOST:PORT (repeat)"
     )
     run.add_argument("--upstream", metavar="URI", help="the PBX: udp:HOST:PORT or tcp:HOST:PORT")
+    run.add_argument(
+        "--wall-clock",
+        metavar="ISO8601",
+        type=_instant,
+        help="pretend the wall clock reads this at start, e.g. 2026-11-23T21:30:00+00:00 "
+        "(for trying calendar rules such as calling hours and daily quotas; tests use it)",
+    )
     _logging_flags(run, "info")
     check = commands.add_parser("check", help="validate a policy file and summarise it")
     check.add_argument("file", metavar="FILE")
@@ -43,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _logging_flags(demo, "debug")
     return parser
+
+
+def _instant(text: str) -> float:
+    """An ISO 8601 date and time with its UTC offset, as epoch seconds."""
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no UTC offset (add +00:00 or Z)")
+    return moment.timestamp()
 
 
 def _logging_flags(parser: argparse.ArgumentParser, level: str) -> None:
@@ -75,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         print(f"sipguard: {error}", file=sys.stderr)
         return 2
-    return uvloop.run(_serve(settings, policy, args.config))
+    return uvloop.run(_serve(settings, policy, args.config, args.wall_clock))
 
 
 def build_store(policy: CompiledPolicy) -> StateStore:
@@ -86,8 +104,11 @@ def build_store(policy: CompiledPolicy) -> StateStore:
     return RedisStore(state.url, slot_lease=state.lease, timeout=state.timeout)
 
 
-async def _serve(settings: ProxySettings, policy: CompiledPolicy, path: str | None) -> int:
-    engine = PolicyEngine(policy, build_store(policy))
+async def _serve(
+    settings: ProxySettings, policy: CompiledPolicy, path: str | None, wall_clock: float | None = None
+) -> int:
+    monotonic = asyncio.get_running_loop().time()
+    engine = PolicyEngine(policy, build_store(policy), wall_offset=(wall_clock or time.time()) - monotonic)
     for warning in policy.warnings:
         log.warning("policy.warning", detail=warning)
 

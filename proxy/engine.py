@@ -24,7 +24,17 @@ from typing import Any
 
 import structlog
 
-from policies.base import Account, CallContext, Deny, Identity, Mode, Policy, Require, RuleConfig
+from policies.base import (
+    Account,
+    CallContext,
+    CallOutcome,
+    Deny,
+    Identity,
+    Mode,
+    Policy,
+    Require,
+    RuleConfig,
+)
 from policies.caller_id import CallerIdConfig
 from policies.numbering import dialled_digits, is_anonymous, normalise
 
@@ -54,11 +64,34 @@ class _Plan:
     blocked: bool  # an enforced rule denied already
     strip: tuple[str, ...]
     final: Verdict | None = None  # decided without the store (emergency, malformed)
+    max_duration: float | None = None  # the shortest any rule allows, once answered
+    hooked: tuple[tuple[Policy[Any], RuleConfig], ...] = ()  # rules told how the call ends
+
+
+@dataclass(slots=True)
+class _LiveCall:
+    """A forwarded call whose rules want to hear how it ends (not its request: too big to keep)."""
+
+    call_id: str
+    account: str | None
+    caller: str | None
+    callee: str | None
+    source_host: str
+    started_at: float
+    wall_time: float
+    rules: tuple[tuple[Policy[Any], RuleConfig], ...]
+    answered_at: float | None = None
 
 
 class PolicyEngine:
-    def __init__(self, policy: CompiledPolicy, store: StateStore | None = None) -> None:
+    def __init__(
+        self, policy: CompiledPolicy, store: StateStore | None = None, *, wall_offset: float = 0.0
+    ) -> None:
         self.policy = policy
+        # CallAttempt.now is monotonic; now + wall_offset is the wall clock (epoch seconds),
+        # set by the adapter that owns the clocks (and shifted by tests and what-if replays).
+        self.wall_offset = wall_offset
+        self.live: dict[str, _LiveCall] = {}  # by attempt id, for the rules' outcome hooks
         self.store: StateStore = store or MemoryStore(slot_lease=policy.local_slot_lease)
         self.held: dict[str, tuple[str, ...]] = {}
         self.counters: Counter[str] = Counter()
@@ -124,9 +157,14 @@ class PolicyEngine:
         return verdict
 
     def call_answered(self, event: CallAnswered) -> None:
-        pass
+        live = self.live.get(event.call.attempt_id)
+        if live is not None:
+            live.answered_at = event.now
 
     def call_ended(self, event: CallEnded) -> None:
+        live = self.live.pop(event.call.attempt_id, None)
+        if live is not None:
+            self._tell_rules(live, event)
         keys = self.held.pop(event.call.attempt_id, None)
         if keys:
             store: StateStore = self.store
@@ -138,6 +176,31 @@ class PolicyEngine:
                 task = asyncio.ensure_future(pending)
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
+
+    def _tell_rules(self, live: _LiveCall, event: CallEnded) -> None:
+        outcome = CallOutcome(
+            attempt_id=event.call.attempt_id,
+            call_id=live.call_id,
+            account=live.account,
+            caller=live.caller,
+            callee=live.callee,
+            source_host=live.source_host,
+            started_at=live.started_at,
+            answered_at=event.answered_at if event.answered_at is not None else live.answered_at,
+            ended_at=event.now,
+            wall_time=live.wall_time,
+            reason=event.reason.value,
+            status=event.status,
+            by_caller=event.by_caller,
+        )
+        operations: list[Operation] = []
+        for rule, config in live.rules:
+            operations += rule.call_ended(outcome, config)
+        if operations:
+            self._record(event.call.attempt_id, operations, event.now)
+
+    def _record(self, attempt_id: str, operations: list[Operation], now: float) -> None:
+        raise NotImplementedError  # the usage counters' store operation comes with quotas
 
     # -- judging --------------------------------------------------------------------------------
     def _plan(self, attempt: CallAttempt) -> _Plan:
@@ -168,6 +231,7 @@ class PolicyEngine:
             attempt_id=attempt.attempt_id,
             call_id=request.call_id,
             now=attempt.now,
+            wall_time=attempt.now + self.wall_offset,
             source_host=attempt.source.host,
             account=account,
             identities=identities,
@@ -177,6 +241,9 @@ class PolicyEngine:
             request=request,
         )
         rules = policy.account_rules.get(account.name, policy.rules) if account else policy.rules
+        plan.hooked = tuple(
+            (rule, config) for rule, config in rules if type(rule).call_ended is not Policy.call_ended
+        )
         for rule, config in rules:
             name = rule.name
             plan.configs[name] = config
@@ -188,6 +255,9 @@ class PolicyEngine:
                 plan.blocked |= config.mode is Mode.ENFORCE
             elif isinstance(verdict, Require):
                 plan.operations += _owned(verdict.operations, rule, config)
+                if verdict.max_duration is not None and config.mode is Mode.ENFORCE:
+                    limits = (verdict.max_duration, plan.max_duration or math.inf)
+                    plan.max_duration = min(limits)
         return plan
 
     def _finish(self, plan: _Plan, results: list[OpResult]) -> Verdict:
@@ -222,9 +292,20 @@ class PolicyEngine:
                 others,
             )
             return Reject(status=reply.code, reason=reply.reason, headers=headers)
-        self.held[plan.attempt.attempt_id] = tuple(
-            op.key for op in plan.operations if isinstance(op, TakeSlot)
-        )
+        attempt_id = plan.attempt.attempt_id
+        self.held[attempt_id] = tuple(op.key for op in plan.operations if isinstance(op, TakeSlot))
+        if plan.hooked and plan.context is not None:
+            context = plan.context
+            self.live[attempt_id] = _LiveCall(
+                call_id=context.call_id,
+                account=context.account.name if context.account else None,
+                caller=context.caller,
+                callee=context.callee,
+                source_host=context.source_host,
+                started_at=context.now,
+                wall_time=context.wall_time,
+                rules=plan.hooked,
+            )
         tags = tuple(
             (TAG_HEADER, f"{rule}; {_header_safe(detail)}")
             for rule, detail in failures
@@ -234,9 +315,9 @@ class PolicyEngine:
             self.counters[f"{configs[rule].mode.value}_{rule}"] += 1
         self.counters["accepted"] += 1
         self._log(plan, "accept", None, None, counters, failures)
-        if not tags and not plan.strip:
+        if not tags and not plan.strip and plan.max_duration is None:
             return ACCEPT
-        return Accept(add_headers=tags, remove_headers=plan.strip)
+        return Accept(add_headers=tags, remove_headers=plan.strip, max_duration=plan.max_duration)
 
     # -- helpers ------------------------------------------------------------------------------------
     def _account_for(self, host: str, request: Request) -> Account | None:

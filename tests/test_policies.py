@@ -52,6 +52,7 @@ def call(
         attempt_id="attempt-1",
         call_id="call-1@192.0.2.10",
         now=1000.0,
+        wall_time=1_790_000_000.0,
         source_host=source,
         account=account,
         identities=identities or (identity("from", OWNED),),

@@ -300,7 +300,8 @@ class ProxyCore:
                     # A BYE on an early dialog (§15) ends the call when the INVITE's final
                     # response passes: ended now, a 2xx crossing it would go uncounted.
                     if call.state is CallState.CONFIRMED:
-                        self._end_call(call, EndReason.BYE, now, actions)
+                        by_caller = request.from_.tag == call.info.from_tag
+                        self._end_call(call, EndReason.BYE, now, actions, by_caller=by_caller)
                 elif method in ("INVITE", "UPDATE"):
                     tx.call = call
                     tx.is_session_refresh = True
@@ -643,12 +644,26 @@ class ProxyCore:
         self._reply_stateless(request, source, local, error.status, error.reason, actions)
 
     def _end_call(
-        self, call: Call, reason: EndReason, now: float, actions: list[Action], *, status: int | None = None
+        self,
+        call: Call,
+        reason: EndReason,
+        now: float,
+        actions: list[Action],
+        *,
+        status: int | None = None,
+        by_caller: bool | None = None,
     ) -> None:
         if self.calls.end(call):
             call.timer_at = None  # its heap entry is now stale: compaction may drop it
             actions.append(
-                CallEnded(call=call.info, reason=reason, now=now, status=status, answered_at=call.answered_at)
+                CallEnded(
+                    call=call.info,
+                    reason=reason,
+                    now=now,
+                    status=status,
+                    answered_at=call.answered_at,
+                    by_caller=by_caller,
+                )
             )
 
     def _end_call_by_timer(self, call: Call, now: float, actions: list[Action]) -> None:

@@ -64,6 +64,7 @@ class EndReason(enum.Enum):
     SESSION_EXPIRED = "session-expired"  # RFC 4028 refresh missed
     MAX_LIFETIME = "max-lifetime"
     NO_ANSWER = "no-answer"  # still ringing when the early-dialog timeout ran out
+    MAX_DURATION = "max-duration"  # sipguard ended it (BYE to both sides): a policy's limit
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -118,6 +119,7 @@ class CallEnded:
     now: float
     status: int | None = None  # the final response, for REJECTED
     answered_at: float | None = None
+    by_caller: bool | None = None  # for BYE: whether the calling side hung up
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -141,6 +143,8 @@ class Accept:
 
     add_headers: tuple[tuple[str, str], ...] = ()
     remove_headers: tuple[str, ...] = ()
+    # seconds the call may last once answered; then sipguard sends BYE to both sides
+    max_duration: float | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
