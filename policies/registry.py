@@ -11,10 +11,11 @@ from .base import Policy
 from .call_rate import CallRatePolicy
 from .caller_id import CallerIdPolicy
 from .concurrency import ConcurrencyPolicy
+from .usage import UsagePolicy
 
 ENTRY_POINT_GROUP = "sipguard.policies"
 BUILTIN: dict[str, type[Policy[Any]]] = {
-    policy.name: policy for policy in (CallerIdPolicy, ConcurrencyPolicy, CallRatePolicy)
+    policy.name: policy for policy in (CallerIdPolicy, ConcurrencyPolicy, CallRatePolicy, UsagePolicy)
 }
 
 

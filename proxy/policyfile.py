@@ -102,6 +102,7 @@ class AccountLimits(_Strict):
     calls_per_minute_per_number: float | dict[str, Any] | None = None
     calls_per_minute: float | dict[str, Any] | None = None
     calls_per_minute_per_source: float | dict[str, Any] | None = None
+    max_call_duration: float | None = Field(default=None, gt=0)
 
 
 class AccountSection(_Strict):

@@ -577,3 +577,20 @@ def test_one_decision_line_per_call() -> None:
     assert [line["verdict"] for line in lines] == ["accept", "reject", "reject"]
     assert [isinstance(verdict, Accept) for verdict in verdicts] == [True, False, False]
     assert lines[0]["log_level"] == "debug"  # a clean accept is not news
+
+
+# -- the usage rule's maximum call duration ----------------------------------------------------------
+def test_max_call_duration_reaches_the_core_in_enforce_mode_only() -> None:
+    enforcing = engine_for({"usage": {"max_call_duration": 90}})
+    assert decide(enforcing, attempt("long")) == Accept(remove_headers=STRIP, max_duration=90.0)
+    monitoring = engine_for({"usage": {"max_call_duration": 90, "mode": "monitor"}})
+    assert decide(monitoring, attempt("long")) == Accept(remove_headers=STRIP)
+
+
+def test_the_shortest_max_call_duration_wins_an_accounts_own_included() -> None:
+    accounts = copy.deepcopy(ACCOUNTS)
+    accounts["acme"]["limits"] = {"max_call_duration": 30}
+    engine = engine_for({"usage": {"max_call_duration": 600}}, accounts)
+    assert decide(engine, attempt("acme")) == Accept(remove_headers=STRIP, max_duration=30.0)
+    beta = attempt("beta", source=ELSEWHERE, headers=[("Authorization", 'Digest username="beta-trunk"')])
+    assert decide(engine, beta) == Accept(remove_headers=STRIP, max_duration=600.0)
