@@ -22,9 +22,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from proxy.state import Operation
+from proxy.state.history import HistorySettings
 
 if TYPE_CHECKING:
     from proxy.sip import Request
+    from proxy.state.history import CallHistory
 
     from .numbering import NumberSet
 
@@ -93,6 +95,8 @@ class CallContext:
     callee: str | None  # the E.164 number dialled, when it is one
     callee_presented: str
     request: Request
+    # recent calls and the penalty box, for rules with ``uses_history`` (read only)
+    history: CallHistory | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +107,17 @@ class Allow:
 @dataclass(frozen=True, slots=True)
 class Deny:
     detail: str  # why, for the log: "From +1415... not owned by acme"
+    # subjects (``num:+1...``, ``acct:NAME``) to put in the penalty box, and for how long
+    penalise: tuple[str, ...] = ()
+    penalty_seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Warn:
+    """Never refuses: logged with the decision, and tagged for the PBX unless the rule only
+    monitors. A dialer signature past its warning threshold answers this."""
+
+    detail: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +153,7 @@ class CallOutcome:
         return 0.0 if self.answered_at is None else max(0.0, self.ended_at - self.answered_at)
 
 
-Verdict = Allow | Deny | Require
+Verdict = Allow | Deny | Warn | Require
 ALLOW = Allow()
 
 ConfigT = TypeVar("ConfigT", bound=RuleConfig)
@@ -148,6 +163,8 @@ class Policy(ABC, Generic[ConfigT]):
     name: ClassVar[str]
     Config: ClassVar[type[RuleConfig]]
     description: ClassVar[str] = ""
+    # True: the engine records this rule's forwarded calls in ``CallContext.history``
+    uses_history: ClassVar[bool] = False
 
     @abstractmethod
     def check(self, call: CallContext, config: ConfigT) -> Verdict:
@@ -157,6 +174,10 @@ class Policy(ABC, Generic[ConfigT]):
         """A call this rule judged has ended: state operations to record it (none by default).
         Like ``check``, pure: the engine runs what it returns."""
         return ()
+
+    def history_settings(self, config: ConfigT) -> HistorySettings:
+        """For a rule with ``uses_history``: how the history measures calls."""
+        return HistorySettings()
 
     def account_overrides(self, limits: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
         """Map an account's ``limits:`` shorthand onto this rule's ``settings`` (none by default)."""

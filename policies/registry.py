@@ -11,11 +11,13 @@ from .base import Policy
 from .call_rate import CallRatePolicy
 from .caller_id import CallerIdPolicy
 from .concurrency import ConcurrencyPolicy
+from .dialer import DialerPolicy
 from .usage import UsagePolicy
 
 ENTRY_POINT_GROUP = "sipguard.policies"
 BUILTIN: dict[str, type[Policy[Any]]] = {
-    policy.name: policy for policy in (CallerIdPolicy, ConcurrencyPolicy, CallRatePolicy, UsagePolicy)
+    policy.name: policy
+    for policy in (CallerIdPolicy, ConcurrencyPolicy, CallRatePolicy, UsagePolicy, DialerPolicy)
 }
 
 

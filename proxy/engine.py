@@ -19,7 +19,7 @@ import logging
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
@@ -34,6 +34,7 @@ from policies.base import (
     Policy,
     Require,
     RuleConfig,
+    Warn,
 )
 from policies.caller_id import CallerIdConfig
 from policies.numbering import dialled_digits, is_anonymous, normalise
@@ -42,6 +43,7 @@ from .policyfile import CompiledPolicy
 from .sip import NameAddr, ParseError, Request
 from .sip.events import Accept, CallAnswered, CallAttempt, CallEnded, Reject, Verdict
 from .state import MemoryStore, Operation, OpResult, StateStore, TakeSlot
+from .state.history import CallHistory, HistorySettings
 from .state.redis_store import StoreUnavailableError
 
 log = structlog.get_logger("sipguard.policy")
@@ -65,6 +67,8 @@ class _Plan:
     strip: tuple[str, ...]
     final: Verdict | None = None  # decided without the store (emergency, malformed)
     max_duration: float | None = None  # the shortest any rule allows, once answered
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (rule, detail) of every Warn
+    history_keys: tuple[str, ...] = ()  # the call's subjects, when a rule reads the history
     hooked: tuple[tuple[Policy[Any], RuleConfig], ...] = ()  # rules told how the call ends
 
 
@@ -92,6 +96,7 @@ class PolicyEngine:
         # set by the adapter that owns the clocks (and shifted by tests and what-if replays).
         self.wall_offset = wall_offset
         self.live: dict[str, _LiveCall] = {}  # by attempt id, for the rules' outcome hooks
+        self.history = CallHistory(_history_settings(policy))
         self.store: StateStore = store or MemoryStore(slot_lease=policy.local_slot_lease)
         self.held: dict[str, tuple[str, ...]] = {}
         self.counters: Counter[str] = Counter()
@@ -110,6 +115,7 @@ class PolicyEngine:
         """Apply a reloaded policy to new INVITEs; held slots and counters stay."""
         self.policy = policy
         self._accounts_by_host.clear()
+        self.history.configure(_history_settings(policy))
 
     # -- DecisionHook -------------------------------------------------------------------------
     def decide_now(self, attempt: CallAttempt) -> Verdict | None:
@@ -157,11 +163,13 @@ class PolicyEngine:
         return verdict
 
     def call_answered(self, event: CallAnswered) -> None:
+        self.history.call_answered(event.call.attempt_id, event.now)
         live = self.live.get(event.call.attempt_id)
         if live is not None:
             live.answered_at = event.now
 
     def call_ended(self, event: CallEnded) -> None:
+        self.history.call_ended(event.call.attempt_id, event.now, event.by_caller)
         live = self.live.pop(event.call.attempt_id, None)
         if live is not None:
             self._tell_rules(live, event)
@@ -199,6 +207,14 @@ class PolicyEngine:
         if operations:
             self._record(event.call.attempt_id, operations, event.now)
 
+    def _penalise(self, verdict: Deny, rule: str, now: float, call_id: str) -> None:
+        until = now + verdict.penalty_seconds
+        for key in verdict.penalise:
+            self.history.penalise(key, until, rule, verdict.detail)
+        self.counters[f"penalised_{rule}"] += 1
+        log.warning("penalty.boxed", rule=rule, subjects=list(verdict.penalise),
+                    seconds=verdict.penalty_seconds, reason=verdict.detail, call_id=call_id)  # fmt: skip
+
     def _record(self, attempt_id: str, operations: list[Operation], now: float) -> None:
         raise NotImplementedError  # the usage counters' store operation comes with quotas
 
@@ -227,6 +243,8 @@ class PolicyEngine:
             self._log(plan, "reject", "parse", error.reason, ())
             return plan
         callee_digits = dialled_digits(request.uri)
+        rules = policy.account_rules.get(account.name, policy.rules) if account else policy.rules
+        reads_history = any(rule.uses_history for rule, _ in rules)
         plan.context = context = CallContext(
             attempt_id=attempt.attempt_id,
             call_id=request.call_id,
@@ -239,8 +257,10 @@ class PolicyEngine:
             callee=normalise(callee_digits, region).e164 if callee_digits else None,
             callee_presented=str(request.uri),
             request=request,
+            history=self.history if reads_history else None,
         )
-        rules = policy.account_rules.get(account.name, policy.rules) if account else policy.rules
+        if reads_history:
+            plan.history_keys = _subjects(context)
         plan.hooked = tuple(
             (rule, config) for rule, config in rules if type(rule).call_ended is not Policy.call_ended
         )
@@ -253,6 +273,10 @@ class PolicyEngine:
             if isinstance(verdict, Deny):
                 plan.denials.append((name, verdict.detail))
                 plan.blocked |= config.mode is Mode.ENFORCE
+                if verdict.penalise:  # in every mode: monitor goes on logging what it would refuse
+                    self._penalise(verdict, name, attempt.now, request.call_id)
+            elif isinstance(verdict, Warn):
+                plan.warnings.append((name, verdict.detail))
             elif isinstance(verdict, Require):
                 plan.operations += _owned(verdict.operations, rule, config)
                 if verdict.max_duration is not None and config.mode is Mode.ENFORCE:
@@ -294,6 +318,8 @@ class PolicyEngine:
             return Reject(status=reply.code, reason=reply.reason, headers=headers)
         attempt_id = plan.attempt.attempt_id
         self.held[attempt_id] = tuple(op.key for op in plan.operations if isinstance(op, TakeSlot))
+        if plan.history_keys and plan.context is not None:
+            self.history.call_started(attempt_id, plan.history_keys, plan.context.callee, plan.attempt.now)
         if plan.hooked and plan.context is not None:
             context = plan.context
             self.live[attempt_id] = _LiveCall(
@@ -306,13 +332,13 @@ class PolicyEngine:
                 wall_time=context.wall_time,
                 rules=plan.hooked,
             )
-        tags = tuple(
-            (TAG_HEADER, f"{rule}; {_header_safe(detail)}")
-            for rule, detail in failures
-            if configs[rule].mode is Mode.TAG
-        )
+        tagged = [(rule, detail) for rule, detail in failures if configs[rule].mode is Mode.TAG]
+        tagged += [(rule, detail) for rule, detail in plan.warnings if configs[rule].mode is not Mode.MONITOR]
+        tags = tuple((TAG_HEADER, f"{rule}; {_header_safe(detail)}") for rule, detail in tagged)
         for rule, _ in failures:
             self.counters[f"{configs[rule].mode.value}_{rule}"] += 1
+        for rule, _ in plan.warnings:
+            self.counters[f"warning_{rule}"] += 1
         self.counters["accepted"] += 1
         self._log(plan, "accept", None, None, counters, failures)
         if not tags and not plan.strip and plan.max_duration is None:
@@ -375,7 +401,7 @@ class PolicyEngine:
         counters: Any,
         others: list[tuple[str, str]] | None = None,
     ) -> None:
-        loud = verdict == "reject" or bool(others)
+        loud = verdict == "reject" or bool(others) or bool(plan.warnings)
         if not log.is_enabled_for(logging.INFO if loud else logging.DEBUG):
             return  # accepted calls log at debug: don't build the line nobody will see
         context = plan.context
@@ -395,6 +421,8 @@ class PolicyEngine:
                 for op, result in counters
             ],
         }
+        if plan.warnings:
+            fields["warnings"] = [{"rule": name, "detail": text} for name, text in plan.warnings]
         if others:
             fields["also"] = [
                 {"rule": name, "mode": plan.configs[name].mode.value, "detail": text} for name, text in others
@@ -414,6 +442,20 @@ def _owned(operations: tuple[Operation, ...], rule: Policy[Any], config: RuleCon
         else replace(op, rule=rule.name, enforced=enforced)
         for op in operations
     ]
+
+
+def _history_settings(policy: CompiledPolicy) -> HistorySettings:
+    """How the history measures calls: as the first rule reading it says (one per file)."""
+    for rule, config in policy.rules:
+        if rule.uses_history:
+            return rule.history_settings(config)
+    return HistorySettings()
+
+
+def _subjects(context: CallContext) -> tuple[str, ...]:
+    """The history's keys for a call: its caller number and its account."""
+    keys = (f"num:{context.caller}",) if context.caller else ()
+    return (*keys, f"acct:{context.account.name}") if context.account else keys
 
 
 def _caller(identities: tuple[Identity, ...]) -> str | None:

@@ -69,7 +69,7 @@ def caller_id(context: CallContext, **settings: Any) -> Verdict:
 
 # -- registry ---------------------------------------------------------------------------------
 def test_builtin_policies_by_name() -> None:
-    assert set(BUILTIN) == {"caller_id", "concurrency", "call_rate"}
+    assert set(BUILTIN) == {"caller_id", "concurrency", "call_rate", "usage", "dialer"}
     assert all(policy.name == name for name, policy in BUILTIN.items())
     assert {name: available_policies()[name] for name in BUILTIN} == BUILTIN
 
