@@ -1,17 +1,37 @@
 """usage — AUP: "continual, uninterrupted or consistently excessive use".
 
-A maximum call duration: once answered, a call may last ``max_call_duration`` seconds,
-then sipguard ends it with a BYE to both sides (the proxy core has the dialog's route
-set, tags and CSeqs from call tracking).
+- Quotas of calls and of answered minutes, per day and per month, per caller number and
+  per account. A call is refused once a total has reached its limit; talk time is
+  added when a call ends (to the period the call started in). Periods begin at
+  midnight in ``timezone``. Totals live in the state store (shared through Redis), one
+  counter per subject and period, kept until the period is over.
+- A maximum call duration: once answered, a call may last ``max_call_duration``
+  seconds, then sipguard ends it with a BYE to both sides (the proxy core has the
+  dialog's route set, tags and CSeqs from call tracking).
 """
 
 from __future__ import annotations
 
+import math
+from datetime import datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .base import ALLOW, CallContext, Policy, Reply, Require, RuleConfig, Verdict
+from proxy.state import UseQuota
+
+from .base import ALLOW, CallContext, CallOutcome, Policy, Reply, Require, RuleConfig, Verdict
+
+PERIODS = ("day", "month")
+MARGIN = 3600.0  # a total outlives its period by this much (clock skew between instances)
+
+
+class QuotaLimits(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    per_number: int | None = Field(default=None, ge=1, description="for each caller number")
+    per_account: int | None = Field(default=None, ge=1, description="for the whole account")
 
 
 class UsageConfig(RuleConfig):
@@ -19,22 +39,113 @@ class UsageConfig(RuleConfig):
     max_call_duration: float | None = Field(
         default=None, gt=0, description="seconds an answered call may last; then BYE to both sides"
     )
+    timezone: str = Field(default="UTC", description="where days and months begin (IANA name)")
+    calls_per_day: QuotaLimits | None = None
+    calls_per_month: QuotaLimits | None = None
+    minutes_per_day: QuotaLimits | None = Field(default=None, description="answered minutes")
+    minutes_per_month: QuotaLimits | None = None
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (an IANA name: UTC, America/New_York)") from None
+        return value
 
 
 class UsagePolicy(Policy[UsageConfig]):
     name = "usage"
     Config = UsageConfig
-    description = "excessive use: maximum call duration"
+    description = "excessive use: daily and monthly quotas of calls and minutes, maximum call duration"
 
     def check(self, call: CallContext, config: UsageConfig) -> Verdict:
-        if config.max_call_duration is None:
+        subjects = _subjects(call.caller, call.account.name if call.account else None)
+        operations: list[UseQuota] = []
+        for period in PERIODS:
+            calls, minutes = _quotas(config, period)
+            if calls is None and minutes is None:
+                continue
+            name, ttl = _period(call.wall_time, config.timezone, period)
+            for kind, subject, label in subjects:
+                if calls is not None and (limit := getattr(calls, kind)) is not None:
+                    key, what = f"quota:calls:{name}:{subject}", f"calls this {period} {label}"
+                    operations.append(UseQuota(key=key, limit=limit, amount=1, ttl=ttl, label=what))
+                if minutes is not None and (limit := getattr(minutes, kind)) is not None:
+                    key, what = f"quota:secs:{name}:{subject}", f"seconds talked this {period} {label}"
+                    operations.append(UseQuota(key=key, limit=limit * 60, amount=0, ttl=ttl, label=what))
+        if not operations and config.max_call_duration is None:
             return ALLOW
-        return Require((), max_duration=config.max_call_duration)
+        return Require(tuple(operations), max_duration=config.max_call_duration)
+
+    def call_ended(self, outcome: CallOutcome, config: UsageConfig) -> tuple[UseQuota, ...]:
+        seconds = math.ceil(outcome.talk_time)
+        if not seconds:
+            return ()
+        usage: list[UseQuota] = []
+        for period in PERIODS:
+            minutes = _quotas(config, period)[1]
+            if minutes is None:
+                continue
+            # counted in the period the call started in, and kept as long as its totals
+            name, ttl = _period(outcome.wall_time, config.timezone, period)
+            ttl = max(MARGIN, ttl - (outcome.ended_at - outcome.started_at))
+            for kind, subject, _ in _subjects(outcome.caller, outcome.account):
+                if (limit := getattr(minutes, kind)) is not None:
+                    key = f"quota:secs:{name}:{subject}"
+                    usage.append(UseQuota(key=key, limit=limit * 60, amount=seconds, ttl=ttl))
+        return tuple(usage)
 
     def account_overrides(self, limits: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
-        return {"max_call_duration": limits["max_call_duration"]} if "max_call_duration" in limits else {}
+        overrides: dict[str, Any] = {}
+        if "max_call_duration" in limits:
+            overrides["max_call_duration"] = limits["max_call_duration"]
+        for shorthand, setting, kind in (
+            ("calls_per_day", "calls_per_day", "per_account"),
+            ("calls_per_day_per_number", "calls_per_day", "per_number"),
+            ("minutes_per_day", "minutes_per_day", "per_account"),
+            ("minutes_per_day_per_number", "minutes_per_day", "per_number"),
+        ):
+            if shorthand in limits:
+                base = overrides.get(setting) or settings.get(setting) or {}
+                overrides[setting] = {**dict(base), kind: limits[shorthand]}
+        return overrides
 
     def warnings(self, config: UsageConfig) -> list[str]:
-        if config.max_call_duration is None:
-            return ["usage has no limit set (max_call_duration): it never fires"]
+        quotas = (*_quotas(config, "day"), *_quotas(config, "month"))
+        if config.max_call_duration is None and all(quota is None for quota in quotas):
+            return ["usage has no limit set (max_call_duration, calls_per_*, minutes_per_*): it never fires"]
         return []
+
+
+def _quotas(config: UsageConfig, period: str) -> tuple[QuotaLimits | None, QuotaLimits | None]:
+    """The (calls, minutes) limits of a period."""
+    if period == "day":
+        return config.calls_per_day, config.minutes_per_day
+    return config.calls_per_month, config.minutes_per_month
+
+
+def _subjects(caller: str | None, account: str | None) -> list[tuple[str, str, str]]:
+    """(QuotaLimits field, key part, label) for the caller number and the account."""
+    subjects = [("per_number", f"num:{caller}", f"from {caller}")] if caller else []
+    if account:
+        subjects.append(("per_account", f"acct:{account}", f"of {account}"))
+    return subjects
+
+
+def _period(wall_time: float, timezone: str, period: str) -> tuple[str, float]:
+    """The period's name (``day:2026-11-22``, ``month:2026-11``) and the seconds its totals
+    are kept: to its end, plus a margin."""
+    now = datetime.fromtimestamp(wall_time, ZoneInfo(timezone))
+    start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "day":
+        name = f"day:{now:%Y-%m-%d}"
+        end = start + timedelta(days=1)
+    else:
+        name = f"month:{now:%Y-%m}"
+        start = start.replace(day=1)
+        end = (start + timedelta(days=32)).replace(day=1)
+    # wall-clock arithmetic across a DST change: the zone's real end of the period
+    end = end.replace(tzinfo=None).replace(tzinfo=ZoneInfo(timezone))
+    return name, end.timestamp() - wall_time + MARGIN

@@ -19,6 +19,7 @@ import logging
 import math
 import re
 from collections import Counter
+from collections.abc import Awaitable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -42,7 +43,7 @@ from policies.numbering import dialled_digits, is_anonymous, normalise
 from .policyfile import CompiledPolicy
 from .sip import NameAddr, ParseError, Request
 from .sip.events import Accept, CallAnswered, CallAttempt, CallEnded, Reject, Verdict
-from .state import MemoryStore, Operation, OpResult, StateStore, TakeSlot
+from .state import MemoryStore, Operation, OpResult, StateStore, TakeSlot, UseQuota
 from .state.history import CallHistory, HistorySettings
 from .state.redis_store import StoreUnavailableError
 
@@ -179,11 +180,7 @@ class PolicyEngine:
             if event.call.attempt_id in self.held_locally:  # taken while the shared store was away
                 self.held_locally.discard(event.call.attempt_id)
                 store = self.local
-            pending = store.release(event.call.attempt_id, keys, event.now)
-            if pending is not None:  # a remote store: release in the background
-                task = asyncio.ensure_future(pending)
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+            self._in_background(store.release(event.call.attempt_id, keys, event.now))
 
     def _tell_rules(self, live: _LiveCall, event: CallEnded) -> None:
         outcome = CallOutcome(
@@ -216,7 +213,16 @@ class PolicyEngine:
                     seconds=verdict.penalty_seconds, reason=verdict.detail, call_id=call_id)  # fmt: skip
 
     def _record(self, attempt_id: str, operations: list[Operation], now: float) -> None:
-        raise NotImplementedError  # the usage counters' store operation comes with quotas
+        usage = [op for op in operations if isinstance(op, UseQuota)]
+        store = self.local if attempt_id in self.held_locally else self.store
+        self._in_background(store.record(usage, now))
+
+    def _in_background(self, pending: Awaitable[None] | None) -> None:
+        """A remote store's write that no call waits for (a release, talk time)."""
+        if pending is not None:
+            task = asyncio.ensure_future(pending)
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     # -- judging --------------------------------------------------------------------------------
     def _plan(self, attempt: CallAttempt) -> _Plan:

@@ -103,6 +103,10 @@ class AccountLimits(_Strict):
     calls_per_minute: float | dict[str, Any] | None = None
     calls_per_minute_per_source: float | dict[str, Any] | None = None
     max_call_duration: float | None = Field(default=None, gt=0)
+    calls_per_day: int | None = Field(default=None, ge=1)
+    calls_per_day_per_number: int | None = Field(default=None, ge=1)
+    minutes_per_day: int | None = Field(default=None, ge=1)
+    minutes_per_day_per_number: int | None = Field(default=None, ge=1)
 
 
 class AccountSection(_Strict):

@@ -4,7 +4,7 @@ Every test takes the ``store`` fixture, parametrized over BACKENDS (the in-memor
 and SHARED: a RedisStore on each real Redis setup of tests/redis_server.py (one server, a
 master behind Sentinel, a 3-node Cluster), started once per session and emptied before
 each test. A store is built inside the test's own event loop, so a client bound to a
-loop works. The suite speaks only the protocol (``check_and_take``, ``release``); what
+loop works. The suite speaks only the protocol (``check_and_take``, ``release``, ``record``); what
 a store holds is observed through it, with a probe that is ``blocked`` and so commits
 nothing. Time is passed in as ``now``, as everywhere in sipguard.
 
@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import replace
 
 import pytest
 
-from proxy.state import HitRate, MemoryStore, Operation, OpResult, StateStore, TakeSlot
+from proxy.state import HitRate, MemoryStore, Operation, OpResult, StateStore, TakeSlot, UseQuota
 from proxy.state import memory as memory_module
 from proxy.state.redis_store import RedisStore
 
@@ -62,6 +63,16 @@ class Store:
         [result] = self.take("probe", [probe], now, blocked=True)
         return result.count - 1
 
+    def record(self, usage: Sequence[UseQuota], now: float) -> None:
+        pending = self.backend.record(usage, now)
+        if pending is not None:
+            self._runner.run(_awaited(pending))
+
+    def used(self, key: str, now: float) -> int:
+        """A quota's total, asked with a probe that adds nothing."""
+        [result] = self.take("probe", [quota(key, 1_000_000, amount=0)], now)
+        return result.count
+
     def admits(self, key: str, per_minute: float, burst: int, now: float) -> OpResult:
         """Whether a rate bucket would admit one more call now, asked without counting it."""
         probe = HitRate(key=key, per_minute=per_minute, burst=burst, count_if_blocked=False)
@@ -93,6 +104,11 @@ def store(request: pytest.FixtureRequest) -> Iterator[Store]:
 
 def slot(key: str = "conc:num:+14155550100", limit: int = 2, *, enforced: bool = True) -> TakeSlot:
     return TakeSlot(key=key, limit=limit, rule="concurrency", enforced=enforced, label=key)
+
+
+def quota(key: str = "quota:calls:day:2026-11-22:num:+14155550100", limit: int = 3, *,
+          amount: int = 1, enforced: bool = True, ttl: float = 3600.0) -> UseQuota:  # fmt: skip
+    return UseQuota(key=key, limit=limit, amount=amount, ttl=ttl, rule="usage", enforced=enforced, label=key)
 
 
 def rate(
@@ -337,6 +353,45 @@ def test_check_and_take_now_agrees_with_check_and_take(store: Store) -> None:
 
 
 # -- the memory store's own housekeeping ---------------------------------------------------
+# -- quotas ---------------------------------------------------------------------------------------
+def test_a_quota_admits_until_its_total_reaches_the_limit(store: Store) -> None:
+    results = [store.take(f"call-{index}", [quota()], T0 + index)[0] for index in range(4)]
+    assert [(r.allowed, r.count, r.limit) for r in results] == [
+        (True, 1, 3), (True, 2, 3), (True, 3, 3), (False, 4, 3)
+    ]  # fmt: skip
+    assert store.used(quota().key, T0 + 10) == 3  # the refused call added nothing
+
+
+def test_a_blocked_call_adds_nothing_to_a_quota(store: Store) -> None:
+    store.take("call-1", [quota(), slot(limit=0)], T0)
+    store.take("call-2", [quota()], T0, blocked=True)
+    assert store.used(quota().key, T0) == 0
+
+
+def test_a_monitored_quota_over_its_limit_still_counts(store: Store) -> None:
+    for index in range(3):
+        [result] = store.take(f"call-{index}", [quota(limit=1, enforced=False)], T0)
+    assert (result.allowed, store.used(quota().key, T0)) == (False, 3)
+
+
+def test_talk_time_is_recorded_and_checked_against_its_quota(store: Store) -> None:
+    seconds = quota("quota:secs:day:2026-11-22:acct:acme", limit=600, amount=0)
+    assert store.take("call-1", [seconds], T0)[0].allowed
+    store.record([replace(seconds, amount=400)], T0 + 400)
+    store.record([replace(seconds, amount=250)], T0 + 700)
+    [result] = store.take("call-2", [seconds], T0 + 800)
+    assert (result.allowed, result.count, result.limit) == (False, 650, 600)
+
+
+def test_memory_quotas_end_with_their_period() -> None:
+    memory = MemoryStore()
+    memory.check_and_take_now("call-1", [quota(ttl=60)], T0)
+    assert memory.used(quota().key, T0 + 59) == 1
+    assert memory.used(quota().key, T0 + 60) == 0
+    memory.sweep(T0 + 60)
+    assert memory.quotas == {}
+
+
 def test_memory_sweep_drops_expired_slots_and_empty_buckets() -> None:
     store = MemoryStore(slot_lease=LEASE)
     store.check_and_take_now("a", [slot("k1"), rate("r1")], T0)

@@ -1,4 +1,4 @@
-"""Shared counters behind one interface: concurrency slots and rate buckets.
+"""Shared counters behind one interface: concurrency slots, rate buckets and quotas.
 
 A call's operations are evaluated and committed together, in one step (one Lua script
 round trip on Redis): either every slot the call needs is taken, or none is, so a call
@@ -7,6 +7,6 @@ call's attempt id, so repeating it is harmless, and every entry expires.
 """
 
 from .memory import MemoryStore
-from .ops import HitRate, Operation, OpResult, StateStore, TakeSlot
+from .ops import HitRate, Operation, OpResult, StateStore, TakeSlot, UseQuota
 
-__all__ = ["HitRate", "MemoryStore", "OpResult", "Operation", "StateStore", "TakeSlot"]
+__all__ = ["HitRate", "MemoryStore", "OpResult", "Operation", "StateStore", "TakeSlot", "UseQuota"]

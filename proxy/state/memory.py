@@ -2,8 +2,9 @@
 
 Slots are a dict of members (attempt ids) with a lease end per key, never a bare
 counter, so a double release or a lost event cannot drift a count; rate buckets are
-GCRA: one "theoretical arrival time" per key. Expired leases and full buckets are
-swept every ``SWEEP_EVERY`` operations so memory stays bounded by live callers.
+GCRA: one "theoretical arrival time" per key; quotas are a total and its expiry per
+key. Expired leases, full buckets and ended periods are swept every ``SWEEP_EVERY``
+operations so memory stays bounded by live callers.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from .ops import HitRate, Operation, OpResult, TakeSlot
+from .ops import HitRate, Operation, OpResult, TakeSlot, UseQuota
 
 SWEEP_EVERY = 10_000
 # Instants less than a millisecond apart are one instant to a rate bucket. Arrival times
@@ -26,6 +27,7 @@ class MemoryStore:
         self.slot_lease = slot_lease
         self.slots: dict[str, dict[str, float]] = {}
         self.buckets: dict[str, tuple[float, str]] = {}  # key -> (arrival time, last member)
+        self.quotas: dict[str, tuple[int, float]] = {}  # key -> (total, expires at)
         self._operations = 0
 
     def check_and_take_now(
@@ -39,6 +41,9 @@ class MemoryStore:
             if isinstance(op, TakeSlot):
                 if not blocked:
                     self.slots.setdefault(op.key, {})[member] = now + self.slot_lease
+            elif isinstance(op, UseQuota):
+                if not blocked and op.amount:
+                    self._add(op, now)
             elif (result.allowed or not op.enforced) and (not blocked or op.count_if_blocked):
                 self._hit(op, member, now)
         self._operations += 1
@@ -50,6 +55,14 @@ class MemoryStore:
         self, member: str, operations: Sequence[Operation], now: float, *, blocked: bool = False
     ) -> list[OpResult]:
         return self.check_and_take_now(member, operations, now, blocked=blocked)
+
+    def record(self, usage: Sequence[UseQuota], now: float) -> None:
+        for op in usage:
+            self._add(op, now)
+
+    def used(self, key: str, now: float) -> int:
+        total, expires_at = self.quotas.get(key, (0, now))
+        return total if expires_at > now else 0
 
     def release(self, member: str, slot_keys: Sequence[str], now: float) -> None:
         for key in slot_keys:
@@ -71,6 +84,8 @@ class MemoryStore:
                 del self.slots[key]
         for key in [key for key, (arrival, _) in self.buckets.items() if arrival <= now]:
             del self.buckets[key]
+        for key in [key for key, (_, expires_at) in self.quotas.items() if expires_at <= now]:
+            del self.quotas[key]
 
     def _evaluate(self, member: str, op: Operation, now: float) -> OpResult:
         if isinstance(op, TakeSlot):
@@ -79,6 +94,9 @@ class MemoryStore:
             if member in members:
                 return OpResult(True, live, op.limit)
             return OpResult(live < op.limit, live + 1, op.limit)
+        if isinstance(op, UseQuota):
+            used = self.used(op.key, now)
+            return OpResult(used < op.limit, used + op.amount, op.limit)
         interval = 60.0 / op.per_minute
         arrival, last_member = self.buckets.get(op.key, (now, ""))
         arrival = max(arrival, now)
@@ -89,6 +107,9 @@ class MemoryStore:
         level = _level(arrival + interval, now, interval)
         retry_after = None if allowed else arrival - tolerance - now
         return OpResult(allowed, level, op.burst, retry_after)
+
+    def _add(self, op: UseQuota, now: float) -> None:
+        self.quotas[op.key] = (self.used(op.key, now) + op.amount, now + op.ttl)
 
     def _hit(self, op: HitRate, member: str, now: float) -> None:
         arrival, last_member = self.buckets.get(op.key, (now, ""))

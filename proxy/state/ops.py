@@ -36,7 +36,23 @@ class HitRate:
     label: str = ""
 
 
-Operation = TakeSlot | HitRate
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UseQuota:
+    """A period's running total under ``key`` (calls made, seconds talked today ...):
+    allowed while the total is under ``limit``; when the call goes through, ``amount`` is
+    added. The total is kept ``ttl`` seconds (the period's end, plus a margin). Unlike
+    slots, adding is not idempotent: the engine asks once per attempt."""
+
+    key: str
+    limit: int
+    amount: int = 1
+    ttl: float
+    rule: str = ""
+    enforced: bool = True
+    label: str = ""
+
+
+Operation = TakeSlot | HitRate | UseQuota
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +76,11 @@ class StateStore(Protocol):
         """Evaluate every operation, then commit atomically: slots only if no enforced
         operation failed and ``blocked`` is False (another rule already refused the call);
         rate hits as their ``count_if_blocked`` says."""
+        ...
+
+    def record(self, usage: Sequence[UseQuota], now: float) -> Awaitable[None] | None:
+        """Add each ``amount`` to its total, unconditionally (a call's talk time, when it
+        ends). A remote store returns the awaitable doing it; a local one has done it."""
         ...
 
     def release(self, member: str, slot_keys: Sequence[str], now: float) -> Awaitable[None] | None:

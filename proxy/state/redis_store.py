@@ -41,15 +41,16 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.exceptions import RedisError
 
-from .ops import Operation, OpResult, TakeSlot
+from .ops import Operation, OpResult, TakeSlot, UseQuota
 from .redis_url import NODES_SCHEMES, parse_nodes_url
 
 log = structlog.get_logger("sipguard.state")
 
 _CHECK_AND_TAKE = """
 -- KEYS: one per operation. ARGV: now_ms, member, blocked (0/1), lease_ms, then five
--- fields per operation: kind (S slot | R rate), limit or interval_ms, burst, enforced,
--- count_if_blocked. Returns four fields per operation: allowed, count, limit, retry_ms.
+-- fields per operation: kind (S slot | R rate | Q quota), limit or interval_ms, burst or
+-- amount, enforced, count_if_blocked or ttl_ms. Returns four fields per operation:
+-- allowed, count, limit, retry_ms.
 local now = tonumber(ARGV[1])
 -- arrivals within 1 ms are one instant, as in the memory store (floats cannot hold every
 -- emission interval exactly)
@@ -70,6 +71,10 @@ for i = 1, #KEYS do
       allowed[i], count[i] = (live < cap) and 1 or 0, live + 1
     end
     limit[i], retry[i] = cap, -1
+  elseif ARGV[at + 1] == 'Q' then
+    local cap, amount = tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3])
+    local used = tonumber(redis.call('GET', KEYS[i]) or '0')
+    allowed[i], count[i], limit[i], retry[i] = (used < cap) and 1 or 0, used + amount, cap, -1
   else
     local interval, burst = tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3])
     local state = redis.call('HMGET', KEYS[i], 'tat', 'm')
@@ -94,6 +99,11 @@ for i = 1, #KEYS do
       redis.call('ZADD', KEYS[i], now + lease, member)
       redis.call('PEXPIRE', KEYS[i], lease)
     end
+  elseif ARGV[at + 1] == 'Q' then
+    if not blocked and ARGV[at + 3] ~= '0' then
+      redis.call('INCRBY', KEYS[i], ARGV[at + 3])
+      redis.call('PEXPIRE', KEYS[i], ARGV[at + 5])
+    end
   elseif (allowed[i] == 1 or ARGV[at + 4] == '0') and (not blocked or ARGV[at + 5] == '1') then
     local state = redis.call('HMGET', KEYS[i], 'tat', 'm')
     if state[2] ~= member then
@@ -112,6 +122,15 @@ for i = 1, #KEYS do
   out[#out + 1] = string.format('%.17g', retry[i])
 end
 return out
+"""
+
+_RECORD = """
+-- ARGV: per key, the amount to add and the total's TTL in ms
+for i = 1, #KEYS do
+  redis.call('INCRBY', KEYS[i], ARGV[2 * i - 1])
+  redis.call('PEXPIRE', KEYS[i], ARGV[2 * i])
+end
+return 0
 """
 
 _RELEASE = """
@@ -240,6 +259,7 @@ class RedisStore:
         self.client = client if client is not None else make_client(url, timeout)
         self._check_and_take = self.client.register_script(_CHECK_AND_TAKE)
         self._release = self.client.register_script(_RELEASE)
+        self._record = self.client.register_script(_RECORD)
         self._renew = self.client.register_script(_RENEW)
         self.held: dict[str, set[str]] = {}  # slot key -> our calls' members, for renewal
         self._failures = 0
@@ -265,6 +285,8 @@ class RedisStore:
         for op in operations:
             if isinstance(op, TakeSlot):
                 args += ["S", op.limit, 0, int(op.enforced), 0]
+            elif isinstance(op, UseQuota):
+                args += ["Q", op.limit, op.amount, int(op.enforced), int(op.ttl * 1000)]
             else:
                 args += ["R", 60_000.0 / op.per_minute, op.burst, int(op.enforced), int(op.count_if_blocked)]
         raw = await self._call(self._check_and_take, [_key(op.key) for op in operations], args)
@@ -284,6 +306,20 @@ class RedisStore:
                     self.held.setdefault(op.key, set()).add(member)
         self._ensure_renewer()
         return results
+
+    def record(self, usage: Sequence[UseQuota], now: float) -> Awaitable[None] | None:
+        if not usage:
+            return None
+        args: list[Any] = []
+        for op in usage:
+            args += [op.amount, int(op.ttl * 1000)]
+        return self._record_remote([_key(op.key) for op in usage], args)
+
+    async def _record_remote(self, keys: list[str], args: list[Any]) -> None:
+        try:
+            await self._call(self._record, keys, args)
+        except StoreUnavailableError as error:  # talk time lost: quotas undercount, never block
+            log.warning("state.record_failed", error=str(error), keys=len(keys))
 
     def release(self, member: str, slot_keys: Sequence[str], now: float) -> Awaitable[None]:
         for key in slot_keys:

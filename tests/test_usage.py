@@ -1,0 +1,102 @@
+"""The usage rule (policies/usage.py) through the engine: daily and monthly quotas of
+calls and answered minutes per number and per account, kept in the state store, with
+periods that begin at midnight in the rule's time zone; and the policy-file checks.
+
+Wall-clock time is the engine's ``now + wall_offset``: tests set the offset, never read
+a clock.
+"""
+
+from __future__ import annotations
+
+import copy
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+import pytest
+from test_engine import ACCOUNTS, OWNED, OWNED_TOO, STRIP, T0, attempt, decide, engine_for
+
+from proxy.engine import PolicyEngine
+from proxy.policyfile import PolicyFileError, compile_policy
+from proxy.sip.events import Accept, CallAnswered, CallEnded, CallInfo, EndReason, Reject
+
+ACCEPTED = Accept(remove_headers=STRIP)
+OVER = Reject(status=403, reason="Usage limit reached")
+NOON_UTC = datetime(2026, 11, 23, 12, 0, tzinfo=ZoneInfo("UTC")).timestamp()
+
+
+def engine_at(wall_time: float, rules: dict, accounts: dict | None = None) -> PolicyEngine:
+    engine = engine_for(rules, accounts)
+    engine.wall_offset = wall_time - T0  # T0 (monotonic) is this wall-clock instant
+    return engine
+
+
+def talk(engine: PolicyEngine, name: str, seconds: float, *, caller: str = OWNED, at: float = T0) -> None:
+    """A call placed at ``at``, answered at once and ended ``seconds`` later."""
+    call = attempt(name, caller=caller, now=at)
+    assert decide(engine, call) == ACCEPTED
+    info = CallInfo(call_id=call.request.call_id, from_tag="t", attempt_id=call.attempt_id,
+                    source=call.source, from_customer=True, started_at=at)  # fmt: skip
+    engine.call_answered(CallAnswered(call=info, now=at))
+    engine.call_ended(CallEnded(call=info, reason=EndReason.BYE, now=at + seconds, answered_at=at))
+
+
+def test_calls_per_day_per_number_then_a_new_day() -> None:
+    engine = engine_at(NOON_UTC, {"usage": {"calls_per_day": {"per_number": 3}}})
+    assert [decide(engine, attempt(f"c{index}")) for index in range(4)] == [ACCEPTED] * 3 + [OVER]
+    assert decide(engine, attempt("other", caller=OWNED_TOO)) == ACCEPTED
+    tomorrow = T0 + 12 * 3600  # midnight UTC has passed
+    assert decide(engine, attempt("next-day", now=tomorrow)) == ACCEPTED
+
+
+def test_the_day_begins_at_midnight_in_the_rules_time_zone() -> None:
+    rules = {"usage": {"calls_per_day": {"per_number": 1}, "timezone": "America/New_York"}}
+    engine = engine_at(NOON_UTC, rules)  # 07:00 in New York
+    assert decide(engine, attempt("morning")) == ACCEPTED
+    assert decide(engine, attempt("evening", now=T0 + 11 * 3600)) == OVER  # 23:00 UTC, 18:00 there
+    assert decide(engine, attempt("after-midnight-there", now=T0 + 17.5 * 3600)) == ACCEPTED
+
+
+def test_answered_minutes_per_account_are_added_when_calls_end() -> None:
+    engine = engine_at(NOON_UTC, {"usage": {"minutes_per_day": {"per_account": 60}}})
+    talk(engine, "long", 50 * 60)
+    assert decide(engine, attempt("still-under", now=T0 + 3001)) == ACCEPTED  # 50 of 60 minutes
+    talk(engine, "more", 15 * 60, caller=OWNED_TOO, at=T0 + 3100)
+    assert decide(engine, attempt("over", now=T0 + 4100)) == OVER  # 65 minutes: the account is done
+
+
+def test_unanswered_calls_add_no_minutes() -> None:
+    engine = engine_at(NOON_UTC, {"usage": {"minutes_per_day": {"per_number": 1}}})
+    call = attempt("unanswered")
+    decide(engine, call)
+    info = CallInfo(call_id=call.request.call_id, from_tag="t", attempt_id=call.attempt_id,
+                    source=call.source, from_customer=True, started_at=T0)  # fmt: skip
+    engine.call_ended(CallEnded(call=info, reason=EndReason.CANCELLED, now=T0 + 500))
+    assert decide(engine, attempt("next", now=T0 + 600)) == ACCEPTED
+
+
+def test_monthly_quota_and_the_decision_counters() -> None:
+    engine = engine_at(NOON_UTC, {"usage": {"calls_per_month": {"per_account": 2}}})
+    decide(engine, attempt("a"))
+    decide(engine, attempt("b", now=T0 + 86_400 * 3))
+    assert decide(engine, attempt("c", now=T0 + 86_400 * 6)) == OVER
+    assert decide(engine, attempt("december", now=T0 + 86_400 * 9)) == ACCEPTED
+    assert engine.counters["rejected_usage"] == 1
+
+
+def test_account_limits_shorthand() -> None:
+    accounts = copy.deepcopy(ACCOUNTS)
+    accounts["acme"]["limits"] = {"calls_per_day": 1, "minutes_per_day_per_number": 5}
+    policy = compile_policy({"accounts": accounts, "rules": {"usage": {}}}, {}, "test.yaml")
+    [(_, config)] = policy.account_rules["acme"]
+    assert config.calls_per_day.per_account == 1
+    assert config.minutes_per_day.per_number == 5
+    engine = engine_at(NOON_UTC, {"usage": {}}, accounts)
+    assert [decide(engine, attempt(name)) for name in "ab"] == [ACCEPTED, OVER]
+
+
+def test_an_unknown_time_zone_is_refused_with_its_line() -> None:
+    lines = {("rules", "usage", "timezone"): 7}
+    with pytest.raises(PolicyFileError) as refused:
+        compile_policy({"rules": {"usage": {"timezone": "Mars/Olympus"}}}, lines, "p.yaml")
+    [error] = refused.value.errors
+    assert error.startswith("p.yaml:7: rules.usage.timezone: Value error, unknown time zone 'Mars/Olympus'")
