@@ -108,7 +108,7 @@ class Caller(Sipp):
 
 @dataclass
 class PolicyLab:
-    """One sipguard with a policy file, a stand-in PBX (uas_pbx.xml) and the callers."""
+    """One sipguard with a policy file, a stand-in PBX (uas_pbx.xml unless told) and the callers."""
 
     lab: Lab
     proxy: int = 0
@@ -129,12 +129,12 @@ class PolicyLab:
         self.path.write_text(section + textwrap.dedent(body).lstrip("\n"))
         return self.path
 
-    def start(self, body: str) -> PolicyGuard:
+    def start(self, body: str, *, pbx_scenario: str = "uas_pbx.xml") -> PolicyGuard:
         """Write the policy, start the PBX and ``sipguard run --config`` (debug log: every
         judged INVITE gets a ``call.decision`` line), and wait until both are ready."""
         self.write_policy(body)
         self.pbx = Sipp(
-            self.lab.workdir, "pbx", scenario="uas_pbx.xml", port=self.pbx_port, calls=PBX_CALLS, timeout=120
+            self.lab.workdir, "pbx", scenario=pbx_scenario, port=self.pbx_port, calls=PBX_CALLS, timeout=120
         )
         self.lab.sipps.append(self.pbx)
         self.pbx.start().wait_listening()

@@ -4,7 +4,8 @@ CANCEL and ACK, in-dialog routing, and the requests sipguard answers itself.
 Every test feeds wire bytes (built in sipsim.py) with a fake clock and asserts the exact
 list of actions; forwarded bytes are compared whole where the edit is the point, or
 parsed with proxy.sip.parse_message where one header is. Timers, bounds and the
-Hypothesis property are in test_core_timers.py.
+Hypothesis property are in test_core_timers.py; calls sipguard ends itself (a maximum
+duration, BYEs of its own) in test_core_max_duration.py.
 """
 
 from __future__ import annotations

@@ -354,7 +354,9 @@ SCRIPT = _script()
 FROM_CUSTOMER = {"invite", "cancel", "ack", "ack-non2xx", "bye-customer", "bye-pbx-200"}
 STEPS = st.one_of(
     st.sampled_from(sorted(SCRIPT)),
-    st.sampled_from(["accept", "reject"]),
+    # accept-limited: a 60 s maximum duration, so sipguard sends BYEs of its own;
+    # answer-our-byes: both parties answer them 200
+    st.sampled_from(["accept", "accept-limited", "reject", "answer-our-byes"]),
     # around the timers that matter: T1, a slow verdict, Timer B, Timer C, a long call
     st.sampled_from([0.5, 5.0, 31.9, 32.0, 60.0, 175.0, 180.0, 3600.0]).map(
         lambda seconds: ("wait", seconds)
@@ -377,6 +379,23 @@ def check(actions: list[Action], ended_calls: list[CallInfo]) -> None:
             assert action.status in (None, 403, 408, 481, 487, 503)
 
 
+VERDICTS = {
+    "accept": Accept(),
+    "accept-limited": Accept(max_duration=60.0),
+    "reject": Reject(status=403, reason="Forbidden"),
+}
+
+
+def answer_our_byes(sim: Sim) -> list[Action]:
+    """Each party answers 200 to every BYE sipguard sent it on its own (one Via: its own)."""
+    actions: list[Action] = []
+    for send in of_type(sim.log, Send):
+        if send.data.startswith(b"BYE ") and len(parse_request(send.data).values("via")) == 1:
+            ok = response(send.data, 200, to_tag=None)
+            actions += sim.pbx(ok) if send.destination == UPSTREAM else sim.customer(ok)
+    return actions
+
+
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(steps=st.lists(STEPS, max_size=40))
 # interleavings found by hand, kept as regressions: a slow verdict then a 200 racing Timer C;
@@ -387,6 +406,9 @@ def check(actions: list[Action], ended_calls: list[CallInfo]) -> None:
     steps=["invite", "accept", "100", "bye-customer", "200", "200", "ack", "bye-pbx", "bye-customer-200"]
 )
 @example(steps=["invite", "invite", "accept", "180", "180", "invite", "486", "486", "ack-non2xx", "invite"])
+# the maximum duration: our BYEs answered; a party's BYE crossing them; a late 2xx after them
+@example(steps=["invite", "accept-limited", "200", "ack", ("wait", 60.0), "answer-our-byes", "bye-pbx"])
+@example(steps=["invite", "accept-limited", "200", ("wait", 60.0), "bye-customer", "200", "answer-our-byes"])
 def test_any_interleaving_ends_each_call_at_most_once(steps: list[object]) -> None:
     """Any order and duplication of one call's messages, verdicts and waits: each call ends
     at most once, is never answered after it ended, and every table drains in the end."""
@@ -397,12 +419,14 @@ def test_any_interleaving_ends_each_call_at_most_once(steps: list[object]) -> No
     for step in steps:
         if isinstance(step, tuple):
             actions = sim.run_until(sim.now + step[1])
-        elif step in ("accept", "reject"):
+        elif step == "answer-our-byes":
+            actions = answer_our_byes(sim)
+        elif step in ("accept", "accept-limited", "reject"):
             if not attempts:
                 continue
-            verdict = Accept() if step == "accept" else Reject(status=403, reason="Forbidden")
+            verdict = VERDICTS[str(step)]
             actions = sim.decide(attempts[-1], verdict)
-            accepted += bool(actions) and step == "accept"
+            accepted += bool(actions) and step != "reject"
         elif step in FROM_CUSTOMER:
             actions = sim.customer(SCRIPT[str(step)])
         else:

@@ -1,7 +1,8 @@
 """End to end: sipguard's policies, with real SIPp customers and a SIPp stand-in PBX.
 
 Each test writes a small policy file to tmp_path, runs ``sipguard run --config FILE
---log-format json --log-level debug`` and the PBX (sipp-scenarios/uas_pbx.xml), places
+--log-format json --log-level debug`` and the PBX (sipp-scenarios/uas_pbx.xml; for the
+maximum call duration, uas_max_duration.xml, which waits for sipguard's BYE), places
 calls with SIPp from the customers' loopback addresses (acme 127.0.0.2, globex
 127.0.0.3), and checks both sides of every call: how SIPp saw it end (the final response
 to each INVITE in its message trace; the scenarios fail a call that ends any other way)
@@ -35,7 +36,7 @@ from policy_e2e import (
     final_statuses,
     only_call_id,
 )
-from sipp import GuardLog, Lab, SippResult, wait_until
+from sipp import LOOPBACK, GuardLog, Lab, SippResult, TracedMessage, wait_until
 
 pytestmark = [
     pytest.mark.sipp,
@@ -417,3 +418,106 @@ def test_sighup_with_broken_file_keeps_old_policy_then_applies_fixed_one(policy_
     assert pbx_call_ids(pbx) == {only_call_id(still_owned), only_call_id(now_owned)}
     assert_pbx_clean(pbx, 2)
     assert_guard_clean(log, ended_by_bye=2)
+
+
+# -- 7. maximum call duration -------------------------------------------------------------------------
+def test_max_call_duration_byes_both_sides_and_frees_the_slot(policy_lab: PolicyLab) -> None:
+    """``usage: {max_call_duration: 2}``: neither party ever hangs up (both SIPp scenarios
+    wait for a BYE). Two seconds after the answer sipguard sends a BYE to each, as the
+    other party would, answers nobody's, and logs the call ended ``max-duration``. While
+    the call is up, a second call from the number is busy (``per_number: 1``); once it
+    has ended, a third one connects: the slot was given back."""
+    guard = policy_lab.start(
+        f"""
+        accounts:
+          acme:
+            sources: [{ACME}/32]
+            numbers: ["{ACME_NUMBER}"]
+        rules:
+          usage: {{max_call_duration: 2}}
+          concurrency: {{per_number: 1}}
+        """,
+        pbx_scenario="uas_max_duration.xml",
+    )
+
+    mark = guard.mark()
+    first = policy_lab.call("uac_max_duration.xml", ACME_NUMBER)
+    guard.wait_for("call.decision", since=mark, caller_e164=ACME_NUMBER, verdict="accept")
+    busy = policy_lab.run("uac_trunking.xml", ACME_NUMBER)
+    guard.wait_for("call.ended", since=mark, reason="max-duration")
+    again = policy_lab.run("uac_max_duration.xml", ACME_NUMBER)
+    first_result = first.wait()
+
+    log, pbx = policy_lab.finish()
+    assert_calls(first_result, [200])  # (the scenario also checked the BYE's Reason)
+    assert_calls(busy, [486])
+    assert_calls(again, [200])
+    first_id, again_id = only_call_id(first_result), only_call_id(again)
+    # while the first call was up its number was at its cap; after it, the slot was free
+    refused = decision_of(log, only_call_id(busy))
+    assert (refused["verdict"], refused["rule"]) == ("reject", "concurrency")
+    assert index_of(log, "call.decision", only_call_id(busy)) < index_of(log, "call.ended", first_id)
+    assert counters(decision_of(log, again_id))[f"concurrency: calls from {ACME_NUMBER}"] == (1, 1)
+    # sipguard ended both calls itself, each about 2 s after its answer
+    for call_id in (first_id, again_id):
+        ended = log.events[index_of(log, "call.ended", call_id)]
+        assert ended["reason"] == "max-duration", ended
+        assert 2.0 <= ended["duration"] < 4.0, ended
+    # each party got one BYE from sipguard, in its own dialog's terms, and sent none
+    assert pbx.requests("sent", "BYE") == []
+    assert {m.headers("call-id")[0] for m in pbx.requests("received", "BYE")} == {first_id, again_id}
+    for caller in (first_result, again):
+        assert caller.requests("sent", "BYE") == []
+        # to the caller, as if from the callee: the callee had sent no request, so CSeq 1
+        to_caller = first_of(caller, "received", "BYE")
+        invite, ok = first_of(caller, "sent", "INVITE"), first_of(caller, "received", "SIP/2.0 200")
+        target = invite.headers("contact")[0]
+        assert in_dialog(to_caller) == (target, ok.headers("to"), invite.headers("from"), "1")
+        # to the callee, as if from the caller: above the INVITE's CSeq 1
+        to_callee = first_of(pbx, "received", "BYE", caller)
+        invite, ok = first_of(pbx, "received", "INVITE", caller), first_of(pbx, "sent", "SIP/2.0 200", caller)
+        target = ok.headers("contact")[0].strip("<>")
+        assert in_dialog(to_callee) == (target, invite.headers("from"), ok.headers("to"), "2")
+        for bye in (to_caller, to_callee):
+            assert_from_sipguard(bye, policy_lab.proxy)
+    assert_pbx_clean(pbx, 2)  # and uas_max_duration.xml checked the Reason (no failed call)
+    assert pbx.successful == 2
+    # a clean stop; the 200s to sipguard's BYEs were absorbed, not dropped or relayed
+    assert log.returncode == 0 and log.garbage == [], log.summary()
+    assert log.counter("internal_errors") == 0 and log.named("policy.error") == [], log.summary()
+    assert log.named("proxy.drain_timeout") == [] and log.named("message.dropped") == [], log.summary()
+    assert log.stopped["live_calls"] == 0, log.summary()
+    assert log.counter("calls_answered") == log.counter("calls_ended_max-duration") == 2, log.summary()
+
+
+def in_dialog(bye: TracedMessage) -> tuple[str, list[str], list[str], str]:
+    """A BYE's Request-URI, From, To and CSeq number."""
+    method, uri, version = bye.first_line.split()
+    (cseq,) = bye.headers("cseq")
+    assert (method, version, cseq.split()[1]) == ("BYE", "SIP/2.0", "BYE"), bye.text
+    return uri, bye.headers("from"), bye.headers("to"), cseq.split()[0]
+
+
+def call_id(caller: SippResult) -> str:
+    return caller.requests("sent", "INVITE")[0].headers("call-id")[0]
+
+
+def first_of(result: SippResult, direction: str, start: str, call: SippResult | None = None) -> TracedMessage:
+    """The first message ``result`` sent or received whose first line starts with ``start``
+    (a method, or "SIP/2.0 200"): of the call ``call`` placed, if given."""
+    wanted = None if call is None else [call_id(call)]
+    return next(
+        m
+        for m in result.messages
+        if m.direction == direction
+        and m.first_line.startswith(start)
+        and (wanted is None or m.headers("call-id") == wanted)
+    )
+
+
+def assert_from_sipguard(bye: TracedMessage, proxy_port: int) -> None:
+    """A BYE sipguard wrote: one Via, its own, and no Route (its Record-Route was the route set)."""
+    (via,) = bye.headers("via")
+    assert via.startswith(f"SIP/2.0/UDP {LOOPBACK}:{proxy_port};branch=z9hG4bK-sg"), bye.text
+    assert bye.headers("route") == [] and bye.headers("max-forwards") == ["70"], bye.text
+    assert bye.headers("reason") == ['SIP;cause=200;text="Maximum call duration reached"'], bye.text

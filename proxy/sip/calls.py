@@ -2,28 +2,42 @@
 
 Strategy: calls are found by Call-ID plus either dialog tag (a BYE from the callee
 carries the caller's tag in To). Each live call has one deadline: the early-dialog
-timeout while it rings, then the earlier of its maximum lifetime and, when an RFC 4028
-session timer was negotiated, the last refresh plus the session interval. The core
-owns the timer heap; this module only says what each deadline is and what ended.
+timeout while it rings, then the earliest of its maximum lifetime, when an RFC 4028
+session timer was negotiated the last refresh plus the session interval, and when the
+policies gave it a maximum duration the answer plus that (the call then carries a
+``Dialog``, to be ended with BYEs). The core owns the timer heap; this module only says
+what each deadline is and what ended.
 
-Invariants: a call ends exactly once; every end carries an EndReason; the table never
-holds more than ``max_calls`` calls (the core refuses new INVITEs past that).
+Invariants: a call ends exactly once, and stays ENDED (a late 2xx or refresh cannot
+bring it back); every end carries an EndReason; the table never holds more than
+``max_calls`` calls (the core refuses new INVITEs past that).
 """
 
 from __future__ import annotations
 
 import enum
 
+from .dialogs import Dialog
 from .events import CallInfo
 
 
 class CallState(enum.Enum):
     EARLY = "early"
     CONFIRMED = "confirmed"
+    ENDED = "ended"
 
 
 class Call:
-    __slots__ = ("answered_at", "deadline", "info", "session_expires_at", "state", "timer_at", "to_tag")
+    __slots__ = (
+        "answered_at",
+        "deadline",
+        "dialog",
+        "info",
+        "session_expires_at",
+        "state",
+        "timer_at",
+        "to_tag",
+    )
 
     def __init__(self, info: CallInfo, deadline: float) -> None:
         self.info = info
@@ -33,6 +47,14 @@ class Call:
         self.session_expires_at: float | None = None
         self.deadline = deadline
         self.timer_at: float | None = None  # when the core's heap entry for it fires
+        self.dialog: Dialog | None = None  # only for a call with a maximum duration
+
+    @property
+    def duration_limit_at(self) -> float | None:
+        """When an answered call with a maximum duration reaches it."""
+        if self.dialog is None or self.answered_at is None:
+            return None
+        return self.answered_at + self.dialog.max_duration
 
     def matches(self, tags: tuple[str | None, str | None]) -> bool:
         return self.info.from_tag in tags
@@ -61,22 +83,21 @@ class CallTable:
         call.state = CallState.CONFIRMED
         call.to_tag = to_tag
         call.answered_at = now
-        call.deadline = call.info.started_at + self.max_lifetime
-        self._apply_session_timer(call)
+        self._set_answered_deadline(call)
 
     def refresh_session(self, call: Call, interval: float | None, now: float) -> None:
         """A 2xx carrying Session-Expires: the session now lasts until now + interval.
         A refresh 2xx without one (``None``) turns the session timer off (RFC 4028 §7.4)."""
         call.session_expires_at = None if interval is None else now + interval
         if call.state is CallState.CONFIRMED:
-            call.deadline = call.info.started_at + self.max_lifetime
-            self._apply_session_timer(call)
+            self._set_answered_deadline(call)
 
     def end(self, call: Call) -> bool:
         """Remove a call; False if it had already ended."""
-        calls = self._by_call_id.get(call.info.call_id)
-        if not calls or call not in calls:
+        if call.state is CallState.ENDED:
             return False
+        call.state = CallState.ENDED
+        calls = self._by_call_id[call.info.call_id]
         calls.remove(call)
         if not calls:
             del self._by_call_id[call.info.call_id]
@@ -86,7 +107,11 @@ class CallTable:
     def calls(self) -> list[Call]:
         return [call for calls in self._by_call_id.values() for call in calls]
 
-    @staticmethod
-    def _apply_session_timer(call: Call) -> None:
+    def _set_answered_deadline(self, call: Call) -> None:
+        deadline = call.info.started_at + self.max_lifetime
         if call.session_expires_at is not None:
-            call.deadline = min(call.deadline, call.session_expires_at)
+            deadline = min(deadline, call.session_expires_at)
+        limit = call.duration_limit_at
+        if limit is not None:
+            deadline = min(deadline, limit)
+        call.deadline = deadline

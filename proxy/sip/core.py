@@ -17,6 +17,9 @@ Strategy (RFC 3261 §16, a transaction-stateful relay that never forks):
   Requests from the upstream side follow Route / Request-URI. Responses follow the
   transaction back, or the Via (received, rport) once the transaction has gone.
 - Timers live in one heap: ``get_timer`` says when to call ``handle_timer(now)``.
+- A call accepted with a maximum duration keeps its dialog (dialogs.py); when the time
+  is up sipguard sends BYE to both parties itself, absorbs their answers, and reports the
+  call ended at once. A request crossing those BYEs is relayed as in any unknown dialog.
 
 Invariants: the core reads no clock and does no I/O; tables are bounded
 (``max_transactions``, ``max_calls``); every call that was forwarded ends exactly once
@@ -32,6 +35,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from .calls import Call, CallState, CallTable
+from .dialogs import Dialog, InDialogRequest, OwnRequest
 from .editor import MessageEditor
 from .errors import ParseError
 from .events import (
@@ -48,17 +52,16 @@ from .events import (
     Send,
     Verdict,
 )
-from .headers import Via, split_values
+from .headers import Via, parse_name_addr, split_values
 from .hosts import Network, in_networks, is_ip, is_routable, normal_host
 from .message import Request, Response, parse_message
-from .replies import build_cancel, build_reply
-from .uri import SipUri
+from .replies import build_cancel, build_reply, build_request
+from .timers import T1, T2, TIMER_B
+from .uri import SipUri, Uri, parse_uri
 
-T1 = 0.5  # RFC 3261 §17.1.1.1
-T2 = 4.0
-TIMER_B = 64 * T1  # also F, H, J: how long a transaction is remembered
 BRANCH_PREFIX = "z9hG4bK"
 OUR_BRANCH_PREFIX = BRANCH_PREFIX + "-sg"
+MAX_DURATION_REASON = ("Reason", 'SIP;cause=200;text="Maximum call duration reached"')  # RFC 3326
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -148,6 +151,9 @@ class Transaction:
         self.timer_at: float | None = None  # when its one heap entry fires (see _set_expiry)
 
 
+TimerTarget = Transaction | Call | OwnRequest
+
+
 class ProxyCore:
     def __init__(self, config: CoreConfig) -> None:
         self.config = config
@@ -155,7 +161,8 @@ class ProxyCore:
         self._server_tx: dict[tuple[str, str, str], Transaction] = {}
         self._client_tx: dict[tuple[str, str], Transaction] = {}
         self._deciding: dict[str, Transaction] = {}
-        self._timers: list[tuple[float, int, str, Transaction | Call]] = []
+        self._timers: list[tuple[float, int, str, TimerTarget]] = []
+        self._own_requests: dict[str, OwnRequest] = {}  # by branch: the BYEs sipguard sent itself
         self._timer_seq = itertools.count()
         self._attempt_seq = itertools.count(1)
         self._upstream_host_port = _normal_host_port(config.upstream.host, config.upstream.port)
@@ -175,8 +182,9 @@ class ProxyCore:
 
     @property
     def pending(self) -> int:
-        """Transactions still waiting for a verdict or a final response."""
-        return sum(1 for tx in self._server_tx.values() if tx.state is not TxState.COMPLETED)
+        """Transactions still waiting for a verdict or a final response, sipguard's own too."""
+        relayed = sum(1 for tx in self._server_tx.values() if tx.state is not TxState.COMPLETED)
+        return relayed + sum(1 for own in self._own_requests.values() if not own.answered)
 
     def stop_accepting(self) -> None:
         """Shutting down: new calls get 503, transactions in flight go on."""
@@ -216,6 +224,9 @@ class ProxyCore:
             self._reply(tx, verdict.status, verdict.reason, now, actions, headers=verdict.headers)
             return actions
         tx.call = self.calls.start(tx.attempt)
+        if verdict.max_duration is not None:
+            assert tx.request is not None
+            tx.call.dialog = Dialog(tx.request, verdict.max_duration)
         self._arm_call(tx.call)
         self._forward(
             tx, now, actions, add_headers=verdict.add_headers, remove_headers=verdict.remove_headers
@@ -234,7 +245,6 @@ class ProxyCore:
                 assert isinstance(target, Transaction)
                 self._retransmit(target, when, now, actions)
                 continue
-            assert isinstance(target, Transaction | Call)
             if target.timer_at != when:
                 continue  # superseded by an earlier entry, or the object is gone
             target.timer_at = None
@@ -243,6 +253,8 @@ class ProxyCore:
                     self._set_expiry(target, target.expires_at)
                 elif self._server_tx.get(target.key) is target:
                     self._expire_transaction(target, now, actions)
+            elif isinstance(target, OwnRequest):
+                self._own_request_timer(target, now, actions)
             elif target.deadline > now:
                 self._arm_call(target)
             else:
@@ -296,12 +308,14 @@ class ProxyCore:
         if to_tag is not None:
             call = self.calls.find(request.call_id, (request.from_.tag, to_tag))
             if call is not None:
+                from_caller = request.from_.tag == call.info.from_tag
+                if call.dialog is not None:
+                    call.dialog.saw_request(from_caller, request.cseq.seq)
                 if method == "BYE":
                     # A BYE on an early dialog (§15) ends the call when the INVITE's final
                     # response passes: ended now, a 2xx crossing it would go uncounted.
                     if call.state is CallState.CONFIRMED:
-                        by_caller = request.from_.tag == call.info.from_tag
-                        self._end_call(call, EndReason.BYE, now, actions, by_caller=by_caller)
+                        self._end_call(call, EndReason.BYE, now, actions, by_caller=from_caller)
                 elif method in ("INVITE", "UPDATE"):
                     tx.call = call
                     tx.is_session_refresh = True
@@ -420,9 +434,7 @@ class ProxyCore:
         if out_listener is None:
             self._reply(tx, 503, "No Route To Destination", now, actions)
             return
-        editor.push_via(
-            f"SIP/2.0/{destination.transport.upper()} {out_listener.host_port};branch={tx.out_branch}"
-        )
+        editor.push_via(_our_via(out_listener, tx.out_branch))
         # after our push_via: insertions at one offset keep their order, so ours stays on top
         self._stamp_source(request, tx.source, editor)
         hops = request.max_forwards
@@ -458,14 +470,7 @@ class ProxyCore:
         route_target = self._strip_own_routes(request, editor) if request.has("route") else None
         if from_customer:
             return self.config.upstream
-        target = route_target or request.uri
-        if not isinstance(target, SipUri):
-            return None
-        transport = (target.params.get("transport") or "udp").lower()
-        if transport not in ("udp", "tcp"):
-            return None
-        host = target.params.get("maddr") or target.host
-        return Address(transport, host, target.port or 5060)
+        return _uri_destination(route_target or request.uri)
 
     def _strip_own_routes(self, request: Request, editor: MessageEditor) -> SipUri | None:
         """Drop our own Route entries; return the URI of the next one, if any (loose routing)."""
@@ -512,6 +517,11 @@ class ProxyCore:
     def _on_response(self, response: Response, source: Address, now: float, actions: list[Action]) -> None:
         vias = response.vias  # all of them: a response whose next Via is malformed is dropped
         branch = vias[0].branch or ""
+        own = self._own_requests.get(branch)
+        if own is not None:  # the answer to a request sipguard sent itself: nobody to relay it to
+            if own.on_response(response.status_code, now):
+                self._schedule_own(own)
+            return
         if not branch.startswith(OUR_BRANCH_PREFIX) or len(vias) < 2:
             actions.append(Discarded(reason="response not for us", source=source, call_id=response.call_id))
             return
@@ -552,13 +562,15 @@ class ProxyCore:
         if call is None or not first_final:
             return
         if tx.is_session_refresh:
-            if status < 300:
+            if status < 300 and call.state is CallState.CONFIRMED:  # not a call ended meanwhile
                 self._refresh_session(call, response, now)
             return
         if status >= 300:
             reason = EndReason.CANCELLED if tx.cancelled and status == 487 else EndReason.REJECTED
             self._end_call(call, reason, now, actions, status=status)
         elif call.state is CallState.EARLY:
+            if call.dialog is not None:
+                call.dialog.answered(response, self._is_us)
             self.calls.answer(call, response.to.tag, now)
             self._refresh_session(call, response, now)
             self._arm_call(call)
@@ -669,11 +681,75 @@ class ProxyCore:
     def _end_call_by_timer(self, call: Call, now: float, actions: list[Action]) -> None:
         if call.state is CallState.EARLY:
             reason = EndReason.NO_ANSWER
+        elif call.deadline == call.duration_limit_at:  # a tie with another limit: still say BYE
+            reason = EndReason.MAX_DURATION
         elif call.session_expires_at is not None and call.deadline == call.session_expires_at:
             reason = EndReason.SESSION_EXPIRED
         else:
             reason = EndReason.MAX_LIFETIME
         self._end_call(call, reason, now, actions)
+        if reason is EndReason.MAX_DURATION and call.dialog is not None:
+            self._hang_up(call, call.dialog, now, actions)
+
+    # -- requests sipguard sends itself -------------------------------------------------------------
+    def _hang_up(self, call: Call, dialog: Dialog, now: float, actions: list[Action]) -> None:
+        """BYE to the callee as if from the caller, and to the caller as if from the callee."""
+        headers = [MAX_DURATION_REASON]
+        if self.config.server_header:
+            headers.append(("User-Agent", self.config.server_header))
+        for to_caller in (False, True):
+            request = dialog.request_to(caller=to_caller)
+            if request is None:
+                continue
+            # the PBX side is always reached through the upstream, whatever the route says
+            toward_upstream = to_caller != call.info.from_customer
+            destination = self._in_dialog_destination(request, toward_upstream)
+            listener = self._listener_for(destination) if destination is not None else None
+            if destination is None or listener is None:
+                actions.append(
+                    Discarded(
+                        reason="no route for our BYE", source=call.info.source, call_id=call.info.call_id
+                    )
+                )
+                continue
+            side = "caller" if to_caller else "callee"
+            branch = self._branch((call.info.attempt_id, side, "BYE"))
+            data = build_request(
+                "BYE",
+                request.request_uri,
+                via=_our_via(listener, branch),
+                from_=request.from_,
+                to=request.to,
+                call_id=call.info.call_id,
+                cseq=request.cseq,
+                routes=request.routes,
+                headers=headers,
+            )
+            own = OwnRequest(branch, data, destination, listener.address, now)
+            self._own_requests[branch] = own
+            actions.append(Send(data=data, destination=destination, local=listener.address))
+            self._schedule_own(own)
+
+    def _in_dialog_destination(self, request: InDialogRequest, toward_upstream: bool) -> Address | None:
+        """The next hop of a request sipguard sends in a dialog, as ``_next_hop`` would
+        choose for one that a party sent through it."""
+        if toward_upstream:
+            return self.config.upstream
+        if request.routes:
+            return _uri_destination(parse_name_addr(request.routes[0]).uri)
+        return _uri_destination(parse_uri(request.request_uri))
+
+    def _own_request_timer(self, own: OwnRequest, now: float, actions: list[Action]) -> None:
+        if own.on_timer(now):
+            actions.append(Send(data=own.data, destination=own.destination, local=own.local))
+        if own.timer_at is None:
+            del self._own_requests[own.branch]
+        else:
+            self._schedule_own(own)
+
+    def _schedule_own(self, own: OwnRequest) -> None:
+        assert own.timer_at is not None
+        self._schedule(own.timer_at, "own", own)
 
     def _expire_transaction(self, tx: Transaction, now: float, actions: list[Action]) -> None:
         if tx.state is TxState.DECIDING:
@@ -725,9 +801,9 @@ class ProxyCore:
             call.timer_at = call.deadline
             self._schedule(call.deadline, "call", call)
 
-    def _schedule(self, when: float, kind: str, target: Transaction | Call) -> None:
+    def _schedule(self, when: float, kind: str, target: TimerTarget) -> None:
         heapq.heappush(self._timers, (when, next(self._timer_seq), kind, target))
-        if len(self._timers) > 2 * (len(self._server_tx) + self.calls.live) + 1024:
+        if len(self._timers) > 2 * (len(self._server_tx) + self.calls.live + len(self._own_requests)) + 1024:
             self._compact_timers()
 
     def _compact_timers(self) -> None:
@@ -807,12 +883,27 @@ class ProxyCore:
         return None
 
 
-def _fires(entry: tuple[float, int, str, Transaction | Call]) -> bool:
+def _fires(entry: tuple[float, int, str, TimerTarget]) -> bool:
     """Whether a timer heap entry is still the one its object waits for."""
     when, _, kind, target = entry
     if kind == "retransmit":
         return isinstance(target, Transaction) and target.retransmit_at == when
     return target.timer_at == when
+
+
+def _our_via(listener: Listener, branch: str) -> str:
+    return f"SIP/2.0/{listener.address.transport.upper()} {listener.host_port};branch={branch}"
+
+
+def _uri_destination(uri: Uri | None) -> Address | None:
+    """Where a request for ``uri`` goes: its host and port, over its transport parameter."""
+    if not isinstance(uri, SipUri):
+        return None
+    transport = (uri.params.get("transport") or "udp").lower()
+    if transport not in ("udp", "tcp"):
+        return None
+    host = uri.params.get("maddr") or uri.host
+    return Address(transport, host, uri.port or 5060)
 
 
 def _record_route(listener: Listener) -> str:

@@ -1,4 +1,5 @@
-"""Responses that sipguard writes itself (RFC 3261 §8.2.6, §16.2).
+"""Responses that sipguard writes itself (RFC 3261 §8.2.6, §16.2), and the requests:
+CANCEL for an INVITE it gave up on, and in-dialog requests it sends on its own.
 
 The headers a response must echo (Via, From, To, Call-ID, CSeq) are copied as the raw
 lines the request carried, so a request whose other headers are malformed can still
@@ -9,11 +10,11 @@ request gets the identical reply.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from .errors import ParseError
 from .headers import header_name_bytes
-from .message import Message
+from .message import HEADER_CODEC, HEADER_ERRORS, Message
 
 _ECHOED = ("via", "from", "call-id", "cseq")
 
@@ -68,3 +69,35 @@ def build_cancel(invite: Message) -> bytes:
     lines.append(b"CSeq: %d CANCEL\r\n" % invite.cseq.seq)
     lines.append(b"Content-Length: 0\r\n\r\n")
     return b"".join(lines)
+
+
+def build_request(
+    method: str,
+    request_uri: str,
+    *,
+    via: str,
+    from_: str,
+    to: str,
+    call_id: str,
+    cseq: int,
+    routes: Sequence[str] = (),
+    headers: Iterable[tuple[str, str]] = (),
+) -> bytes:
+    """A bodiless request inside a dialog, as one of its parties would send it (RFC 3261
+    §12.2.1.1): ``from_`` and ``to`` are whole header values, tags included, and
+    ``routes`` the route set toward the other party (loose routing). Header values are
+    text as the parser decoded it; undecodable bytes go back out as they came in."""
+    lines = [
+        f"{method} {request_uri} SIP/2.0",
+        f"Via: {via}",
+        "Max-Forwards: 70",
+        f"From: {from_}",
+        f"To: {to}",
+        f"Call-ID: {call_id}",
+        f"CSeq: {cseq} {method}",
+    ]
+    if routes:
+        lines.append("Route: " + ", ".join(routes))
+    lines += [f"{name}: {value}" for name, value in headers]
+    lines.append("Content-Length: 0")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode(HEADER_CODEC, HEADER_ERRORS)
