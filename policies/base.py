@@ -66,6 +66,7 @@ class Account:
     name: str
     numbers: NumberSet
     region: str
+    telemarketing: bool = False  # the telemarketing rules (calling_hours, do_not_call) apply
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -185,4 +186,8 @@ class Policy(ABC, Generic[ConfigT]):
 
     def warnings(self, config: ConfigT) -> list[str]:
         """Load-time remarks about a configuration, e.g. a rule that can never fire."""
+        return []
+
+    def describe(self, config: ConfigT) -> list[str]:
+        """What a configuration holds beyond its settings (list sizes ...), for ``sipguard check``."""
         return []

@@ -1,5 +1,6 @@
 """call_rate — AUP: auto-/predictive dialing. New calls per caller number, account and
-source address, as a sustained rate with a burst.
+source address, as a sustained rate with a burst; and, against traffic pumping (many
+sources calling one number), per destination number.
 
 GCRA (the generic cell rate algorithm) rather than a sliding window: one timestamp per
 key instead of one entry per call, so a 1,000-CPS dialer costs the same memory as a
@@ -39,6 +40,7 @@ class CallRateConfig(RuleConfig):
     per_number: RateLimit | None = RateLimit(per_minute=10, burst=3)
     per_account: RateLimit | None = RateLimit(per_minute=120, burst=20)
     per_source: RateLimit | None = None
+    per_destination: RateLimit | None = Field(default=None, description="calls to one number (default off)")
     count_rejected: bool = Field(default=True, description="attempts refused by other rules count too")
 
 
@@ -53,6 +55,7 @@ class CallRatePolicy(Policy[CallRateConfig]):
             (config.per_number, "num", call.caller, "calls from"),
             (config.per_account, "acct", call.account.name if call.account else None, "calls of"),
             (config.per_source, "src", call.source_host, "calls from address"),
+            (config.per_destination, "dst", call.callee, "calls to"),
         )
         for limit, kind, subject, label in subjects:
             if limit is not None and subject is not None:
@@ -73,6 +76,7 @@ class CallRatePolicy(Policy[CallRateConfig]):
         """``calls_per_minute: 200`` changes the rate and keeps the rule's burst."""
         names = {"calls_per_minute_per_number": "per_number", "calls_per_minute": "per_account"}
         names["calls_per_minute_per_source"] = "per_source"
+        names["calls_per_minute_per_destination"] = "per_destination"
         overrides: dict[str, Any] = {}
         for key, value in limits.items():
             if key not in names:
@@ -86,6 +90,8 @@ class CallRatePolicy(Policy[CallRateConfig]):
         return overrides
 
     def warnings(self, config: CallRateConfig) -> list[str]:
-        if config.per_number is None and config.per_account is None and config.per_source is None:
-            return ["call_rate has no limit set (per_number, per_account, per_source): it never fires"]
+        limits = (config.per_number, config.per_account, config.per_source, config.per_destination)
+        if all(limit is None for limit in limits):
+            names = "per_number, per_account, per_source, per_destination"
+            return [f"call_rate has no limit set ({names}): it never fires"]
         return []

@@ -11,13 +11,24 @@ from .base import Policy
 from .call_rate import CallRatePolicy
 from .caller_id import CallerIdPolicy
 from .concurrency import ConcurrencyPolicy
+from .destinations import DestinationsPolicy
 from .dialer import DialerPolicy
+from .telemarketing import CallingHoursPolicy, DoNotCallPolicy
 from .usage import UsagePolicy
 
 ENTRY_POINT_GROUP = "sipguard.policies"
 BUILTIN: dict[str, type[Policy[Any]]] = {
     policy.name: policy
-    for policy in (CallerIdPolicy, ConcurrencyPolicy, CallRatePolicy, UsagePolicy, DialerPolicy)
+    for policy in (
+        CallerIdPolicy,
+        ConcurrencyPolicy,
+        CallRatePolicy,
+        UsagePolicy,
+        DialerPolicy,
+        DestinationsPolicy,
+        CallingHoursPolicy,
+        DoNotCallPolicy,
+    )
 }
 
 

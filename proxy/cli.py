@@ -166,17 +166,22 @@ def check_command(path: str) -> int:
         shown = ", ".join(f"{key}={value}" for key, value in settings.items())
         reply = f"reply {config.reply.code} {config.reply.reason!r}"
         print(f"  {rule.name:<12} {config.mode.value:<8} {reply}  {shown}")
+        for line in rule.describe(config):  # what it loaded: list sizes
+            print(f"      {line}")
     print(f"\naccounts ({len(policy.accounts)}):")
     for name, account in policy.accounts.items():
         sources = [str(net) for net, owner in policy.networks if owner == name]
         print(f"  {name}: region {account.region}; sources {', '.join(sources) or 'none'}; "
-              f"owns {account.numbers.describe()} ({len(account.numbers)} numbers)")  # fmt: skip
+              f"owns {account.numbers.describe()} ({len(account.numbers)} numbers)"
+              f"{'; telemarketing' if account.telemarketing else ''}")  # fmt: skip
         defaults = {rule.name: config.model_dump(mode="json") for rule, config in policy.rules}
         for rule, config in policy.account_rules.get(name, ()):
             default = defaults.get(rule.name, {})
             changed = {k: v for k, v in config.model_dump(mode="json").items() if default.get(k) != v}
             if changed:
                 print(f"    {rule.name}: " + ", ".join(f"{key}={value}" for key, value in changed.items()))
+                for line in rule.describe(config):
+                    print(f"      {line}")
     if policy.warnings:
         print(f"\nwarnings ({len(policy.warnings)}):")
         for warning in policy.warnings:

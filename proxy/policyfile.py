@@ -7,8 +7,9 @@ never silently disable a rule), and each error is reported as
 Config model of the policy they name; an account's ``limits:`` and ``rules:`` are merged
 over the defaults and validated again, so what runs is always a valid configuration.
 
-Two YAML traps are closed here: duplicate keys are errors (YAML keeps the last one
-silently), and numbers with a leading 0 or + stay strings (YAML reads ``000`` as 0).
+Three YAML traps are closed here: duplicate keys are errors (YAML keeps the last one
+silently), numbers with a leading 0 or + stay strings (YAML reads ``000`` as 0), and so
+do times of day (YAML reads ``21:00`` as 1260).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from policies.base import Account, Mode, Policy, RuleConfig
+from policies.lists import POLICY_FILE
 from policies.numbering import EmergencyNumbers, NumberSet
 from policies.registry import available_policies
 
@@ -102,6 +104,7 @@ class AccountLimits(_Strict):
     calls_per_minute_per_number: float | dict[str, Any] | None = None
     calls_per_minute: float | dict[str, Any] | None = None
     calls_per_minute_per_source: float | dict[str, Any] | None = None
+    calls_per_minute_per_destination: float | dict[str, Any] | None = None
     max_call_duration: float | None = Field(default=None, gt=0)
     calls_per_day: int | None = Field(default=None, ge=1)
     calls_per_day_per_number: int | None = Field(default=None, ge=1)
@@ -117,6 +120,7 @@ class AccountSection(_Strict):
     region: str | None = None
     limits: AccountLimits = AccountLimits()
     rules: dict[str, dict[str, Any]] = {}
+    telemarketing: bool = Field(default=False, description="the calling_hours and do_not_call rules apply")
 
     _region = field_validator("region")(_known_region)
     _numbers = field_validator("numbers", mode="before")(_numbers_as_text)
@@ -261,7 +265,9 @@ def compile_policy(data: Any, lines: dict[tuple[Any, ...], int], name: str) -> C
         except ValueError as error:
             errors.add((*path, "numbers"), str(error))
             continue
-        accounts[account_name] = Account(name=account_name, numbers=numbers, region=account_region)
+        accounts[account_name] = Account(
+            name=account_name, numbers=numbers, region=account_region, telemarketing=section.telemarketing
+        )
         networks += [(ipaddress.ip_network(text, strict=False), account_name) for text in section.sources]
         from_domains.update({domain.lower(): account_name for domain in section.from_domains})
         auth_usernames.update({user: account_name for user in section.auth_usernames})
@@ -336,7 +342,7 @@ def _validate_rule(
     mode_override: Mode | None,
 ) -> RuleConfig | None:
     try:
-        config = policy.Config.model_validate(settings)
+        config = policy.Config.model_validate(settings, context={POLICY_FILE: errors.name})  # list files
     except ValidationError as error:
         errors.add_validation(error, path, policy.Config)
         return None
@@ -484,4 +490,6 @@ def _build(
     assert isinstance(node, yaml.ScalarNode)
     if node.tag == "tag:yaml.org,2002:int" and node.value[:1] in ("0", "+") and len(node.value) > 1:
         return node.value  # telephone numbers: 000 and +1415... are not arithmetic
+    if node.tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float") and ":" in node.value:
+        return node.value  # times of day: YAML 1.1 reads 21:00 as 1260 (base 60)
     return loader.construct_object(node, deep=True)

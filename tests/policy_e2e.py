@@ -129,9 +129,12 @@ class PolicyLab:
         self.path.write_text(section + textwrap.dedent(body).lstrip("\n"))
         return self.path
 
-    def start(self, body: str, *, pbx_scenario: str = "uas_pbx.xml") -> PolicyGuard:
+    def start(
+        self, body: str, *, pbx_scenario: str = "uas_pbx.xml", wall_clock: str | None = None
+    ) -> PolicyGuard:
         """Write the policy, start the PBX and ``sipguard run --config`` (debug log: every
-        judged INVITE gets a ``call.decision`` line), and wait until both are ready."""
+        judged INVITE gets a ``call.decision`` line), and wait until both are ready.
+        ``wall_clock`` (ISO 8601) is passed as ``--wall-clock``, for calendar rules."""
         self.write_policy(body)
         self.pbx = Sipp(
             self.lab.workdir, "pbx", scenario=pbx_scenario, port=self.pbx_port, calls=PBX_CALLS, timeout=120
@@ -140,6 +143,7 @@ class PolicyLab:
         self.pbx.start().wait_listening()
         argv = [installed_sipguard(), "run", "--config", str(self.path)]
         argv += ["--log-format", "json", "--log-level", "debug"]
+        argv += ["--wall-clock", wall_clock] if wall_clock else []
         self.guard = PolicyGuard(argv, self.lab.workdir / "sipguard.log")
         self.lab.guards.append(self.guard)
         self.guard.start()

@@ -69,7 +69,16 @@ def caller_id(context: CallContext, **settings: Any) -> Verdict:
 
 # -- registry ---------------------------------------------------------------------------------
 def test_builtin_policies_by_name() -> None:
-    assert set(BUILTIN) == {"caller_id", "concurrency", "call_rate", "usage", "dialer"}
+    assert set(BUILTIN) == {
+        "caller_id",
+        "concurrency",
+        "call_rate",
+        "usage",
+        "dialer",
+        "destinations",
+        "calling_hours",
+        "do_not_call",
+    }
     assert all(policy.name == name for name, policy in BUILTIN.items())
     assert {name: available_policies()[name] for name in BUILTIN} == BUILTIN
 
@@ -333,6 +342,27 @@ def test_call_rate_with_no_limits_allows_and_warns() -> None:
     config = CallRateConfig(per_number=None, per_account=None, per_source=None)
     assert CallRatePolicy().check(call(), config) == ALLOW
     assert CallRatePolicy().warnings(config) == [
-        "call_rate has no limit set (per_number, per_account, per_source): it never fires"
+        "call_rate has no limit set (per_number, per_account, per_source, per_destination): it never fires"
     ]
     assert CallRatePolicy().warnings(CallRateConfig()) == []
+
+
+def test_call_rate_per_destination_counts_calls_to_one_number_from_anyone() -> None:
+    """Traffic pumping: many sources calling one number. The key is the callee alone, so
+    calls to it from any caller, account or address hit the same bucket."""
+    settings = {"per_number": None, "per_account": None, "per_destination": {"per_minute": 4, "burst": 2}}
+    expected = [(f"rate:dst:{CALLEE}", 4, 2, True, f"calls to {CALLEE}")]
+    assert rates(call_rate(call(), **settings)) == expected
+    assert rates(call_rate(call(account=None, caller=None, source="198.51.100.9"), **settings)) == expected
+    assert call_rate(call(callee=None), **settings) == ALLOW  # a callee that is not a number
+
+
+def test_call_rate_per_destination_account_shorthand() -> None:
+    limits = {"calls_per_minute_per_destination": 6}
+    settings = {"per_destination": {"per_minute": 30, "burst": 5}}
+    overrides = CallRatePolicy().account_overrides(limits, settings)
+    config = CallRateConfig.model_validate({**settings, **overrides})
+    assert config.per_destination == RateLimit(per_minute=6, burst=5)  # the rule's burst kept
+    overrides = CallRatePolicy().account_overrides(limits, {})
+    assert CallRateConfig.model_validate(overrides).per_destination == RateLimit(per_minute=6, burst=3)
+    assert CallRateConfig().per_destination is None  # off unless asked for

@@ -495,7 +495,14 @@ def test_check_the_shipped_example(capsys: pytest.CaptureFixture[str]) -> None:
     assert out.startswith(f"{EXAMPLE}: OK\n")
     assert "warnings" not in out
     policy = load_policy(EXAMPLE)
-    assert [rule.name for rule, _ in policy.rules] == ["caller_id", "concurrency", "call_rate"]
+    assert [rule.name for rule, _ in policy.rules] == [
+        "caller_id",
+        "concurrency",
+        "call_rate",
+        "destinations",
+        "calling_hours",
+        "do_not_call",
+    ]
     assert "000" in policy.emergency.numbers
 
 
