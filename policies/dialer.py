@@ -25,6 +25,7 @@ minute never blocks a person.
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -112,6 +113,24 @@ class DialerConfig(RuleConfig):
     abandonment: AbandonmentSignature | None = AbandonmentSignature()
     pacing: PacingSignature | None = PacingSignature()
 
+    @property
+    def signatures(self) -> tuple[_Signature, ...]:
+        """The signatures turned on."""
+        every = (
+            self.sequential,
+            self.bulk,
+            self.short_calls,
+            self.answer_seizure,
+            self.abandonment,
+            self.pacing,
+        )
+        return tuple(signature for signature in every if signature is not None)
+
+    @cached_property
+    def judges_accounts(self) -> bool:
+        """Whether any signature looks at accounts (most setups: none; skip the work)."""
+        return any("account" in signature.scopes for signature in self.signatures)
+
 
 class DialerPolicy(Policy[DialerConfig]):
     name = "dialer"
@@ -147,6 +166,8 @@ class DialerPolicy(Policy[DialerConfig]):
         boxed: list[str] = []
         warnings: list[str] = []
         for scope, key, label in subjects:
+            if scope == "account" and not config.judges_accounts:
+                continue
             subject = history.subject(key, now)
             if subject is None:
                 continue  # a first call has no pattern
@@ -164,8 +185,7 @@ class DialerPolicy(Policy[DialerConfig]):
         return ALLOW
 
     def warnings(self, config: DialerConfig) -> list[str]:
-        signatures = (config.sequential, config.bulk, config.short_calls, config.answer_seizure)
-        if all(s is None for s in (*signatures, config.abandonment, config.pacing)):
+        if not config.signatures:
             return ["dialer has every signature turned off: it only enforces penalties already given"]
         return []
 
@@ -173,45 +193,60 @@ class DialerPolicy(Policy[DialerConfig]):
 def _findings(
     subject: SubjectHistory, scope: Scope, callee: int | None, now: float, config: DialerConfig
 ) -> list[tuple[str, str]]:
-    """(what was seen, "warning" | "critical") for each signature this call trips."""
+    """(what was seen, "warning" | "critical") for each signature this call trips. On the
+    hot path: the measures are O(1) reads, and text is only built for what trips."""
     found: list[tuple[str, str]] = []
-
-    def judge(signature: _Signature | None, name: str, value: float, text: str, floor: bool = False) -> None:
-        if signature is None:
-            return
-        for level, threshold in (("critical", signature.critical), ("warning", signature.warning)):
-            if threshold is not None and (value <= threshold if floor else value >= threshold):
-                found.append((f"{name} {text} ({level} {'≤' if floor else '≥'} {threshold:g})", level))
-                return
-
-    def applies(signature: _Signature | None) -> bool:
-        return signature is not None and scope in signature.scopes
-
-    if applies(config.sequential):
+    sequential = config.sequential
+    if sequential is not None and scope in sequential.scopes:
         run = subject.run_with(callee)
-        judge(config.sequential, "sequential", run, f"{run} adjacent callees in a row")
-    if applies(config.bulk):
+        if level := _level(sequential, run):
+            found.append(_finding(sequential, level, f"sequential {run} adjacent callees in a row"))
+    bulk = config.bulk
+    if bulk is not None and scope in bulk.scopes:
         distinct = len(subject.callees) + subject.is_new_callee(callee)
-        judge(config.bulk, "bulk", distinct, f"{distinct} distinct callees in {config.window:g} s")
+        if level := _level(bulk, distinct):
+            text = f"bulk {distinct} distinct callees in {config.window:g} s"
+            found.append(_finding(bulk, level, text))
+    answered = subject.answered
     short_calls = config.short_calls
-    if applies(short_calls) and short_calls and subject.answered >= short_calls.min_calls:
-        ratio = subject.short / subject.answered
-        text = f"{ratio:.0%} of {subject.answered} answered calls under {config.short_call_seconds:g} s"
-        judge(short_calls, "short calls", ratio, text)
+    if short_calls is not None and scope in short_calls.scopes and answered >= short_calls.min_calls:
+        ratio = subject.short / answered
+        if level := _level(short_calls, ratio):
+            text = (
+                f"short calls {ratio:.0%} of {answered} answered calls under {config.short_call_seconds:g} s"
+            )
+            found.append(_finding(short_calls, level, text))
     seizure = config.answer_seizure
-    if applies(seizure) and seizure and subject.ended >= seizure.min_calls:
-        ratio = subject.answered / subject.ended
-        judge(seizure, "answer-seizure ratio", ratio, f"{ratio:.0%} of {subject.ended} calls", floor=True)
+    if seizure is not None and scope in seizure.scopes and subject.ended >= seizure.min_calls:
+        ratio = answered / subject.ended
+        if level := _level(seizure, ratio, floor=True):
+            text = f"answer-seizure ratio {ratio:.0%} of {subject.ended} calls"
+            found.append(_finding(seizure, level, text, floor=True))
     abandonment = config.abandonment
-    if applies(abandonment) and abandonment and subject.answered >= abandonment.min_calls:
-        ratio = subject.abandoned / subject.answered
-        text = f"{ratio:.0%} of {subject.answered} answered calls dropped by the caller"
-        judge(abandonment, "abandonment", ratio, text)
+    if abandonment is not None and scope in abandonment.scopes and answered >= abandonment.min_calls:
+        ratio = subject.abandoned / answered
+        if level := _level(abandonment, ratio):
+            text = f"abandonment {ratio:.0%} of {answered} answered calls dropped by the caller"
+            found.append(_finding(abandonment, level, text))
     pacing = config.pacing
-    if applies(pacing) and pacing:
+    if pacing is not None and scope in pacing.scopes:
         gap = now - subject.last_hangup if subject.last_hangup is not None else None
         samples, mean, variation = subject.gap_stats_with(gap)
-        if samples >= pacing.min_calls and mean <= pacing.max_gap:
-            text = f"next call {mean:.1f} s after hang-up on average, variation {variation:.2f}"
-            judge(pacing, "pacing", variation, text, floor=True)
+        regular = samples >= pacing.min_calls and mean <= pacing.max_gap
+        if regular and (level := _level(pacing, variation, floor=True)):
+            text = f"pacing next call {mean:.1f} s after hang-up on average, variation {variation:.2f}"
+            found.append(_finding(pacing, level, text, floor=True))
     return found
+
+
+def _level(signature: _Signature, value: float, floor: bool = False) -> str | None:
+    """The worst threshold ``value`` reaches: at or above it, or at or below for a floor."""
+    for level, threshold in (("critical", signature.critical), ("warning", signature.warning)):
+        if threshold is not None and (value <= threshold if floor else value >= threshold):
+            return level
+    return None
+
+
+def _finding(signature: _Signature, level: str, seen: str, floor: bool = False) -> tuple[str, str]:
+    threshold = signature.critical if level == "critical" else signature.warning
+    return f"{seen} ({level} {'≤' if floor else '≥'} {threshold:g})", level

@@ -7,6 +7,7 @@ fail: a failed call takes SIPp ~32 s of retransmissions to give up on):
     .venv/bin/python sipp-scenarios/bench_proxy.py --json             # one JSON object on stdout
     .venv/bin/python sipp-scenarios/bench_proxy.py --rates 100 --duration 2 --no-step-up   # quick look
     .venv/bin/python sipp-scenarios/bench_proxy.py --with-policies    # + sipguard enforcing policies
+    .venv/bin/python sipp-scenarios/bench_proxy.py --with-patterns    # + the pattern policies too
     .venv/bin/python sipp-scenarios/bench_proxy.py --state-compare    # policies: memory vs Redis store
 
 What runs: for each rate in --rates, one SIPp run through (a) sipguard (``sipguard run``
@@ -79,6 +80,26 @@ process, the load runs pay the policies' cold E.164 normalisation on each call, 
 the ``cold`` row of bench_policies.py. The step-up is off unless --step-up is given (it then
 steps sipguard+pol). Targets: 0 failed calls at each rate for sipguard and sipguard+pol, the
 two ratios, and 0 rejections in the check.
+
+With --with-patterns (about 3 minutes; each run where calls fail adds ~30 s): --with-policies
+with a fourth system at each rate, sipguard+pol+pat, that is ``sipguard run --config
+bench_patterns.yaml`` (beside this file): bench_policy.yaml's account and three mission rules
+unchanged, plus the pattern rules (dialer, usage, and whatever else that file lists), all
+enforcing, on the same mix and in the same alternating order (relay, sipguard, sipguard+pol,
+sipguard+pol+pat, then reversed). Reported besides the --with-policies figures: per rate,
+sipguard+pol+pat's CPU per call over sipguard+pol's (target <= 1.3x: the pattern rules add at
+most 30 % to the CPU per call with the mission rules) and the difference in us per call, also as
+a share of what the mission rules themselves add (sipguard+pol less sipguard: the stricter
+reading of the same target); and bench_policies.py's mission vs mission + patterns rows (the
+rules alone, with call outcomes). The info-level check run is then of sipguard+pol+pat (its file
+holds the mission rules too): it must load every rule bench_patterns.yaml lists (read with
+``sipguard check``, so a rule added to the file is expected without touching this script), show
+0 rejections and 0 warnings (a dialer signature past its warning threshold logs the call and
+tags it), and have the control call refused by caller_id. The measured runs need no log check:
+uac_mix.xml fails any call not answered 200, and a critical dialer finding also logs
+penalty.boxed at warning level, which the notes would show. As a number appears at most 3 times
+a run (the limit below), no dialer measure of a number reaches its min_calls; see
+bench_patterns.yaml's comments.
 
 With --state-compare (about 2 minutes): the shared-state store's cost. The script starts its own
 redis-server (free loopback port, --save "" --appendonly no, maxmemory 256mb noeviction; stopped at
@@ -180,6 +201,12 @@ POLICY_BURST = 3  # call_rate.per_number burst: a number used at most this often
 SPOOFED_CALLER = "+16505550100"  # a valid number the account does not own
 TARGET_POLICY_RATIO = 2.5
 
+# --with-patterns: a fourth system, sipguard enforcing bench_patterns.yaml (mission + pattern rules)
+PATTERNS = "sipguard+pol+pat"
+PATTERN_SYSTEMS = (*POLICY_SYSTEMS, PATTERNS)
+BENCH_PATTERNS = HERE / "bench_patterns.yaml"
+TARGET_PATTERN_RATIO = 1.3  # sipguard+pol+pat CPU per call over sipguard+pol's
+
 # --state-compare: sipguard+pol with its counters in memory against the same with them in Redis
 POLICIES_REDIS = "sipguard+pol+redis"
 STATE_SYSTEMS = (POLICIES, POLICIES_REDIS)
@@ -192,6 +219,11 @@ SLOTS_PER_INVITE = 2
 TARGET_REDIS_CPU_RATIO = 1.5
 TARGET_ROUND_TRIPS_PER_INVITE = 1.0
 STATE_EVENTS = ("state.unavailable", "state.breaker_open", "state.renew_failed", "policy.timeout")
+
+# the systems that judge calls, by the policy file each runs (sipguard+pol+redis: a copy of
+# bench_policy.yaml with a state: section, written by RedisBench)
+POLICY_FILES = {POLICIES: BENCH_POLICY, PATTERNS: BENCH_PATTERNS}
+JUDGING_SYSTEMS = (POLICIES, PATTERNS, POLICIES_REDIS)
 
 
 class BenchmarkError(RuntimeError):
@@ -335,6 +367,7 @@ class LogReader(threading.Thread):
         self.first_lines: list[str] = []
         self.last_lines: list[str] = []
         self.decisions: Counter[tuple[str, str, str]] = Counter()  # (verdict, rule, caller_e164)
+        self.warnings: Counter[str] = Counter()  # rules' warnings (Warn: the call goes on, tagged), by rule
         self.fields: dict[str, dict[str, Any]] = {}  # the last line of a few events, whole
 
     def run(self) -> None:
@@ -356,6 +389,8 @@ class LogReader(threading.Thread):
             if event == "call.decision":
                 key = (str(entry.get("verdict")), str(entry.get("rule")), str(entry.get("caller_e164")))
                 self.decisions[key] += 1
+                for warning in entry.get("warnings") or ():
+                    self.warnings[str(warning.get("rule") if isinstance(warning, dict) else warning)] += 1
             elif event in ("policy.loaded", "proxy.stopped"):
                 self.fields[event] = entry
             if entry.get("event") == self._start_event:
@@ -682,6 +717,7 @@ class RunResult:
     # call.decision rejections of the load by (rule, caller), proxy.stopped's counters
     policy_rules: list[str] | None = None
     policy_rejections: dict[str, int] = field(default_factory=dict)
+    policy_warnings: dict[str, int] = field(default_factory=dict)  # accepted calls a rule warned about
     proxy_counters: dict[str, int] = field(default_factory=dict)
     # the positive control of the check: one call from an unowned caller, which must get 403
     control_refused_403: bool | None = None
@@ -710,16 +746,45 @@ class RunResult:
         return self.clean and (self.achieved_cps or 0.0) >= CARRIED_RATE_SHARE * self.rate
 
 
+def sipguard_exe() -> str:
+    sipguard = REPO_ROOT / ".venv" / "bin" / "sipguard"
+    return str(sipguard) if sipguard.exists() else (shutil.which("sipguard") or "sipguard")
+
+
+def policy_rules(path: Path) -> list[str]:
+    """The rules a policy file makes sipguard run, in order, as ``sipguard check`` lists them
+    (which also validates the file before any run uses it)."""
+    try:
+        done = subprocess.run(
+            [sipguard_exe(), "check", str(path)], cwd=REPO_ROOT, stdin=subprocess.DEVNULL,
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as error:
+        raise BenchmarkError(f"sipguard check {path.name}: {error}") from None
+    if done.returncode != 0:
+        raise BenchmarkError(
+            f"sipguard check {path.name} failed: {(done.stdout + done.stderr).strip()[-500:]}"
+        )
+    lines = done.stdout.splitlines()
+    header = next((i for i, line in enumerate(lines) if re.match(r"rules \(\d+\)", line)), None)
+    if header is None:
+        raise BenchmarkError(f"sipguard check {path.name}: no rule list in its output")
+    rules = []
+    for line in lines[header + 1 :]:
+        if not line.startswith("  "):
+            break
+        rules.append(line.split()[0])
+    return rules
+
+
 def proxy_command(
     system: str, port: int, upstream: int, log_level: str = "warning", policy_file: Path = BENCH_POLICY
 ) -> list[str]:
-    if system in ("sipguard", POLICIES, POLICIES_REDIS):
-        sipguard = REPO_ROOT / ".venv" / "bin" / "sipguard"
-        exe = str(sipguard) if sipguard.exists() else (shutil.which("sipguard") or "sipguard")
-        config = ["--config", str(policy_file)] if system in STATE_SYSTEMS else []
+    if system == "sipguard" or system in JUDGING_SYSTEMS:
+        config = ["--config", str(policy_file)] if system in JUDGING_SYSTEMS else []
         return [
-            exe, "run", *config, "--listen", f"udp:{HOST}:{port}", "--upstream", f"udp:{HOST}:{upstream}",
-            "--log-level", log_level, "--log-format", "json",
+            sipguard_exe(), "run", *config, "--listen", f"udp:{HOST}:{port}",
+            "--upstream", f"udp:{HOST}:{upstream}", "--log-level", log_level, "--log-format", "json",
         ]  # fmt: skip
     return [
         sys.executable,
@@ -787,7 +852,7 @@ def run_once(
 ) -> RunResult:
     """One run through ``system``. ``mix``: the --with-policies UAC (uac_mix.xml from the
     account's address, owned callers in turn) instead of the built-in uac; ``control``
-    (sipguard+pol only): once the load is done, one spoofed call that must be refused;
+    (a system judging calls): once the load is done, one spoofed call that must be refused;
     ``redis`` (--state-compare): the benchmark's redis-server, whose CPU is read over the run's
     window, and which sipguard+pol+redis uses as its store (flushed before, its command
     statistics read before and after)."""
@@ -800,9 +865,9 @@ def run_once(
         result.uac = f"{MIX_SCENARIO.name}, -i {POLICY_UAC_HOST}, {POLICY_CALLERS[1]} callers in turn"
     if system != "relay":
         result.log_level = log_level
-    if system == POLICIES:
-        result.policy_file = str(BENCH_POLICY.relative_to(REPO_ROOT))
-    policy_file = BENCH_POLICY
+    policy_file = POLICY_FILES.get(system, BENCH_POLICY)
+    if system in POLICY_FILES:
+        result.policy_file = str(policy_file.relative_to(REPO_ROOT))
     if system == POLICIES_REDIS:
         if redis is None:
             raise BenchmarkError(f"{POLICIES_REDIS} needs the benchmark's redis-server")
@@ -897,7 +962,7 @@ def run_once(
         reader.join(timeout=5)
         result.proxy_log_events = dict(reader.events)
         result.state_events = {event: reader.events[event] for event in STATE_EVENTS if reader.events[event]}
-        if system in STATE_SYSTEMS:
+        if system in JUDGING_SYSTEMS:
             loaded = reader.fields.get("policy.loaded")
             result.policy_rules = list(loaded["rules"]) if loaded and "rules" in loaded else None
             stopped = reader.fields.get("proxy.stopped", {})
@@ -906,6 +971,7 @@ def run_once(
                 if verdict == "reject":
                     side = result.control_rejections if caller == SPOOFED_CALLER else result.policy_rejections
                     side[rule] = side.get(rule, 0) + count
+            result.policy_warnings = dict(reader.warnings)
         if reader.levels.get("warning") or reader.levels.get("error"):
             (workdir / "proxy_stderr_head.txt").write_text("\n".join(reader.first_lines) + "\n")
             (workdir / "proxy_stderr_tail.txt").write_text("\n".join(reader.last_lines) + "\n")
@@ -1169,11 +1235,43 @@ def policy_costs(runs: list[RunResult]) -> list[dict[str, Any]]:
     return rows
 
 
-def micro_benchmark() -> dict[str, Any]:
-    """bench_policies.py --json in a subprocess, alone on the machine (after the load runs)."""
+def pattern_costs(runs: list[RunResult]) -> list[dict[str, Any]]:
+    """--with-patterns: what the pattern rules add per call under load, sipguard+pol+pat against
+    sipguard+pol (medians of the repeats); and, for scale, what the mission rules add to sipguard."""
+    rows = []
+    for rate in sorted({run.rate for run in runs}):
+        mission, patterns = _median_cpu(runs, POLICIES, rate), _median_cpu(runs, PATTERNS, rate)
+        plain = _median_cpu(runs, "sipguard", rate)
+        if mission is None or patterns is None:
+            continue
+        ratio = round(patterns / mission, 3) if mission else None
+        added = round(patterns - mission, 1)
+        mission_cost = None if plain is None else round(mission - plain, 1)
+        clean = all(r.clean for r in runs if r.rate == rate and r.system in (POLICIES, PATTERNS))
+        rows.append(
+            {
+                "rate": rate,
+                "clean": clean,  # False: calls failed, retransmissions are in the CPU
+                "mission_us_per_call": mission,
+                "patterns_us_per_call": patterns,
+                "ratio": ratio,
+                "patterns_added_us_per_call": added,
+                "target_max": TARGET_PATTERN_RATIO,
+                "met": ratio is not None and ratio <= TARGET_PATTERN_RATIO,
+                "sipguard_us_per_call": plain,
+                "mission_added_us_per_call": mission_cost,
+                "patterns_over_mission_added": round(added / mission_cost, 2) if mission_cost else None,
+            }
+        )
+    return rows
+
+
+def micro_benchmark(only: str | None = None) -> dict[str, Any]:
+    """bench_policies.py --json in a subprocess, alone on the machine (after the load runs);
+    ``only``: one of its two sets of rows ("example": the three policies, "patterns")."""
     try:
         done = subprocess.run(
-            [sys.executable, str(BENCH_POLICIES_SCRIPT), "--json"],
+            [sys.executable, str(BENCH_POLICIES_SCRIPT), "--json", *(["--only", only] if only else [])],
             cwd=REPO_ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300, check=False,
         )  # fmt: skip
     except (OSError, subprocess.SubprocessError) as error:
@@ -1209,25 +1307,32 @@ def zero_failed_target(
     return {"target": name, "met": None, "measured": "not run"}
 
 
-def policy_check_target(check: RunResult, label: str = "") -> dict[str, Any]:
-    """The allowed mix met no limit: no call.decision reject in the info-level check run, which
-    did load the three rules and did refuse its spoofed control call (so rejections would show)."""
+def policy_check_target(check: RunResult, expected: list[str], label: str = "") -> dict[str, Any]:
+    """The allowed mix met no limit: no call.decision reject (and no rule's warning) in the
+    info-level check run, which did load the rules of its policy file (``expected``, in order)
+    and did refuse its spoofed control call (so rejections would show)."""
     rejected = sum(check.policy_rejections.values())
+    warned = sum(check.policy_warnings.values())
     problems = []
-    if check.policy_rules != POLICY_RULES:
-        problems.append(f"rules loaded {check.policy_rules}, expected {POLICY_RULES}")
+    if check.policy_rules != expected:
+        problems.append(f"rules loaded {check.policy_rules}, expected {expected}")
     if not check.control_refused_403 or check.control_rejections != {"caller_id": 1}:
         problems.append(
             f"control call: 403 {'yes' if check.control_refused_403 else 'no'}, "
             f"decision log {check.control_rejections or 'no reject'} (expected caller_id x1)"
         )
     by_rule = ", ".join(f"{rule} {n}" for rule, n in sorted(check.policy_rejections.items()))
-    measured = f"{rejected} rejected" + (f" ({by_rule})" if by_rule else "") + f" of {check.calls} calls"
+    measured = f"{rejected} rejected" + (f" ({by_rule})" if by_rule else "")
+    if warned:
+        measured += ", warned " + ", ".join(
+            f"{rule} {n}" for rule, n in sorted(check.policy_warnings.items())
+        )
+    measured += f" of {check.calls} calls"
     if problems:
         measured += "; check invalid: " + "; ".join(problems)
     return {
-        "target": f"0 policy rejections of the allowed mix at {check.rate} CPS{label} (decision log)",
-        "met": rejected == 0 and not problems,
+        "target": f"0 rejections/warnings of the allowed mix at {check.rate} CPS{label} (decision log)",
+        "met": rejected == 0 and warned == 0 and not problems,
         "measured": measured,
     }
 
@@ -1326,7 +1431,7 @@ def state_targets(
         }
     )
     if check is not None:
-        targets.append(policy_check_target(check, ", Redis store"))
+        targets.append(policy_check_target(check, POLICY_RULES, ", Redis store"))
     return targets
 
 
@@ -1406,8 +1511,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         return run_state_compare(args, env)
     wall = time.monotonic()
     runs: list[RunResult] = []
-    systems = POLICY_SYSTEMS if args.with_policies else SYSTEMS
+    systems = PATTERN_SYSTEMS if args.with_patterns else POLICY_SYSTEMS if args.with_policies else SYSTEMS
     stepped = POLICIES if args.with_policies else "sipguard"  # the system the step-up drives
+    # the check run's system: the one with the most rules (bench_patterns.yaml holds the mission rules)
+    checked = PATTERNS if args.with_patterns else POLICIES
+    expected_rules = policy_rules(POLICY_FILES[checked]) if args.with_policies else []
     progress(f"main runs: {', '.join(map(str, args.rates))} CPS, {', '.join(systems)} (order alternated)")
     for index, rate in enumerate(args.rates):
         order = systems if index % 2 == 0 else tuple(reversed(systems))
@@ -1462,16 +1570,18 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     micro: dict[str, Any] | None = None
     if args.with_policies:
         rate = max(args.rates)
-        progress(f"policy check: {POLICIES} at {rate} CPS, --log-level info, then one spoofed call (403)")
-        check = measure(POLICIES, rate, args, log_level="info", control=True)
-        progress(f"micro-benchmark: {BENCH_POLICIES_SCRIPT.name} --json")
-        micro = micro_benchmark()
+        progress(f"policy check: {checked} at {rate} CPS, --log-level info, then one spoofed call (403)")
+        check = measure(checked, rate, args, log_level="info", control=True)
+        only = "patterns" if args.with_patterns else "example"
+        progress(f"micro-benchmark: {BENCH_POLICIES_SCRIPT.name} --json --only {only}")
+        micro = micro_benchmark(only)
 
     comparisons = compare(runs)
+    patterns = pattern_costs(runs) if args.with_patterns else []
     targets = []
     if args.with_policies:
         for rate in args.rates:
-            for system in ("sipguard", POLICIES):
+            for system in systems[1:]:  # all but the relay
                 targets.append(zero_failed_target(runs, system, rate, args.step_up, f", {system}"))
         if args.step_up:
             for rate in TARGET_ZERO_FAILED_AT:
@@ -1489,8 +1599,17 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 "measured": f"{row['ratio']}x",
             }
         )
+    for row in patterns:
+        targets.append(
+            {
+                "target": f"{PATTERNS} CPU/call <= {row['target_max']:g}x {POLICIES}'s at {row['rate']} CPS",
+                "met": row["met"],
+                "measured": f"{_fmt(row['ratio'], '.2f')}x, {row['patterns_added_us_per_call']:+.0f} us/call"
+                + ("" if row["clean"] else " (calls failed: retransmissions in the CPU)"),
+            }
+        )
     if check is not None:
-        targets.append(policy_check_target(check))
+        targets.append(policy_check_target(check, expected_rules))
     env["loadavg_end"] = [round(value, 2) for value in os.getloadavg()]
     report: dict[str, Any] = {
         "environment": env,
@@ -1502,6 +1621,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "step_up": args.step_up,
             "step_rates": args.step_rates,
             "with_policies": args.with_policies,
+            "with_patterns": args.with_patterns,
         },
         "runs": [asdict(run) | {"clean": run.clean, "carried": run.carried} for run in runs],
         "comparisons": comparisons,
@@ -1514,6 +1634,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "callers": {"first": f"+{POLICY_CALLERS[0]}", "count": POLICY_CALLERS[1]},
         }
         report["policy_costs"] = policy_costs(runs)
+        report["policy_check_rules"] = expected_rules
+        if args.with_patterns:
+            report["settings"]["patterns_file"] = str(BENCH_PATTERNS.relative_to(REPO_ROOT))
+            report["pattern_costs"] = patterns
         report["policy_micro"] = micro
         report["policy_check"] = None if check is None else asdict(check) | {"clean": check.clean}
     report["targets"] = targets
@@ -1559,7 +1683,16 @@ def print_table(report: dict[str, Any]) -> None:
     if settings.get("with_policies"):
         print(
             f"{POLICIES}: sipguard --config {settings['policy_file']} ({', '.join(POLICY_RULES)} enforcing), "
-            f"--log-level warning;\nUAC for all systems: {settings['uac']}, owned callers "
+            "--log-level warning;"
+        )
+        if settings.get("with_patterns"):
+            added = [rule for rule in report.get("policy_check_rules") or () if rule not in POLICY_RULES]
+            print(
+                f"{PATTERNS}: sipguard --config {settings['patterns_file']} (the same + "
+                f"{', '.join(added) or 'n/a'} enforcing), --log-level warning;"
+            )
+        print(
+            f"UAC for all systems: {settings['uac']}, owned callers "
             f"{settings['callers']['first']}.. ({settings['callers']['count']}) in turn, each at most "
             f"{POLICY_BURST}x a run"
         )
@@ -1733,13 +1866,15 @@ def print_policy_costs(report: dict[str, Any]) -> None:
         "  (CPU is read in 10 ms ticks: 1 us/call at 10,000 calls; run-to-run noise on this shared\n"
         "  machine is larger: compare with the same difference at the other rate)"
     )
+    if "pattern_costs" in report:
+        print_pattern_costs(report)
     micro = report.get("policy_micro") or {}
     print(
         f"\nthe policies' cost on their own, per INVITE ({BENCH_POLICIES_SCRIPT.name}, in process, no I/O):"
     )
-    if "error" in micro or "us_per_invite" not in micro:
+    if "error" in micro or not ("us_per_invite" in micro or "patterns" in micro):
         print(f"  not measured: {micro.get('error', 'no result')}")
-    else:
+    if "us_per_invite" in micro:
         per = micro["us_per_invite"]
         print(
             f"  policies/example.yaml (3 rules enforcing), {micro['iterations']} INVITEs "
@@ -1754,9 +1889,57 @@ def print_policy_costs(report: dict[str, Any]) -> None:
             f"  new to the process, which is every call of the load runs above ({POLICY_CALLERS[1]} callers, "
             "each\n  at most once a run at these rates and 10 s). min is the closest to the code's own cost."
         )
+    if "patterns" in micro:
+        print_micro_patterns(micro)
     check = report.get("policy_check")
     if check:
-        print_policy_check(check)
+        print_policy_check(check, report.get("policy_check_rules"))
+
+
+def print_pattern_costs(report: dict[str, Any]) -> None:
+    """--with-patterns: sipguard+pol+pat against sipguard+pol, proxy CPU per call, per rate."""
+    print(
+        f"\nthe pattern rules' cost, under load: {PATTERNS} vs {POLICIES}, proxy CPU per call "
+        f"(target <= {TARGET_PATTERN_RATIO:g}x)"
+    )
+    for row in report["pattern_costs"]:
+        verdict = "met" if row["met"] else "NOT met"
+        share = row["patterns_over_mission_added"]
+        print(
+            f"  {row['rate']:>5} CPS: {row['patterns_us_per_call']:.0f} / "
+            f"{row['mission_us_per_call']:.0f} us "
+            f"= {_fmt(row['ratio'], '.2f')}x, {row['patterns_added_us_per_call']:+.0f} us/call "
+            f"(target <= {row['target_max']:g}x: {verdict});\n             the mission rules add "
+            f"{_fmt(row['mission_added_us_per_call'], '+.0f')} us/call to sipguard, the pattern rules "
+            f"{_fmt(None if share is None else 100 * share)}% of that"
+            + (
+                ""
+                if row["clean"]
+                else "\n             calls failed in one of the runs: retransmissions are in the CPU"
+            )
+        )
+
+
+def print_micro_patterns(micro: dict[str, Any]) -> None:
+    """bench_policies.py's mission vs mission + patterns rows."""
+    section = micro["patterns"]
+    added = [rule for rule in section["rules"] if rule not in section["mission_rules"]]
+    print(
+        f"  mission: {section['mission_file']} ({', '.join(section['mission_rules'])}); mission + patterns:\n"
+        f"  {section['patterns_file']} (+ {', '.join(added)}); {micro['iterations']} calls x "
+        f"{micro['repeats']} repeats, Python {micro['python']}"
+    )
+    print(f"  {'us per call (INVITE, answer, end)':<52} {'min':>7} {'median':>7}")
+    for name, figures in section["us_per_invite"].items():
+        print(f"  {name:<52} {figures['min']:7.1f} {figures['median']:7.1f}")
+    for name, figures in section["ratio"].items():
+        print(f"  {name:<52} {figures['min']:6.2f}x {figures['median']:6.2f}x")
+    print(
+        f"  {section['callers']} callers in turn, each call answered and ended by the caller (the dialer's\n"
+        "  history and usage's talk time work then), so every dialer measure reaches its min_calls;\n"
+        "  cold: the caller new to the process (E.164 cache emptied, its history forgotten), as in the\n"
+        "  load runs. The ratio: (mission + pattern policies) / mission policies, the rules alone."
+    )
 
 
 def print_state_compare(report: dict[str, Any]) -> None:
@@ -1843,24 +2026,32 @@ def print_state_compare(report: dict[str, Any]) -> None:
         print_policy_check(check)
 
 
-def print_policy_check(check: dict[str, Any]) -> None:
-    """The info-level check run: rules loaded, 0 rejections, proxy.stopped, the control call."""
+def print_policy_check(check: dict[str, Any], expected: list[str] | None = None) -> None:
+    """The info-level check run: rules loaded, 0 rejections and warnings, proxy.stopped, the control call."""
     if check:
         counters = check["proxy_counters"]
         rejected = sum(check["policy_rejections"].values())
+        warnings = check.get("policy_warnings") or {}
         print(
             f"\npolicy check ({check['system']}* above: {check['rate']} CPS, --log-level info, "
             "call.decision lines):"
         )
         print(
-            f"  rules loaded: {', '.join(check['policy_rules'] or ['none seen'])}; "
-            f"load: {check['ok']} ok / {check['failed']} failed of {check['calls']} calls, "
+            f"  rules loaded: {', '.join(check['policy_rules'] or ['none seen'])}"
+            + (
+                ""
+                if expected is None or check["policy_rules"] == expected
+                else f" (expected {', '.join(expected)})"
+            )
+            + f"; load: {check['ok']} ok / {check['failed']} failed of {check['calls']} calls, "
             f"{rejected} rejected by a rule"
             + (
                 ""
                 if not rejected
                 else " (" + ", ".join(f"{k} {v}" for k, v in check["policy_rejections"].items()) + ")"
             )
+            + f", {sum(warnings.values())} warned"
+            + ("" if not warnings else " (" + ", ".join(f"{k} {v}" for k, v in warnings.items()) + ")")
         )
         print(
             f"  proxy.stopped: calls_answered {counters.get('calls_answered', 'n/a')}, "
@@ -1921,6 +2112,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "Turns the step-up off unless --step-up is given (it then steps sipguard+pol)",
     )  # fmt: skip
     parser.add_argument(
+        "--with-patterns", action="store_true",
+        help=f"--with-policies plus a fourth system at each rate, {PATTERNS}: sipguard enforcing "
+        f"{BENCH_PATTERNS.name} (the mission rules + the pattern rules), its CPU per call against "
+        f"{POLICIES}'s (target <= {TARGET_PATTERN_RATIO:g}x); the check run is then of {PATTERNS} "
+        "(0 rejections, 0 warnings), and the micro-benchmark's rows are mission vs mission + patterns",
+    )  # fmt: skip
+    parser.add_argument(
         "--state-compare", action="store_true",
         help=f"memory vs Redis state store in one run: at each rate, {POLICIES} with its counters in memory "
         f"and {POLICIES_REDIS} with them in a redis-server this script starts (loopback, no persistence, "
@@ -1945,14 +2143,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.hold_ms < 0:
         parser.error("--repeats must be >= 1 and --hold-ms >= 0")
-    if args.state_compare and args.with_policies:
-        parser.error("--state-compare and --with-policies are separate runs: give one")
+    if args.state_compare and (args.with_policies or args.with_patterns):
+        parser.error("--state-compare and --with-policies/--with-patterns are separate runs: give one")
+    mode = "--with-patterns" if args.with_patterns else "--with-policies"
+    args.with_policies = args.with_policies or args.with_patterns  # patterns: policies and one more system
     if args.state_compare and args.step_up:
         parser.error("--state-compare has no step-up")
     if args.step_up is None:
         args.step_up = not (args.with_policies or args.state_compare)
     if args.with_policies or args.state_compare:
-        mode = "--with-policies" if args.with_policies else "--state-compare"
+        mode = mode if args.with_policies else "--state-compare"
         highest = max(args.rates + (args.step_rates if args.step_up else []))
         if highest * args.duration > POLICY_BURST * POLICY_CALLERS[1]:
             parser.error(

@@ -100,3 +100,15 @@ def test_an_unknown_time_zone_is_refused_with_its_line() -> None:
         compile_policy({"rules": {"usage": {"timezone": "Mars/Olympus"}}}, lines, "p.yaml")
     [error] = refused.value.errors
     assert error.startswith("p.yaml:7: rules.usage.timezone: Value error, unknown time zone 'Mars/Olympus'")
+
+
+def test_a_day_with_a_dst_change_lasts_25_hours() -> None:
+    from policies.usage import _period
+
+    zone = "America/New_York"
+    morning = datetime(2026, 11, 1, 0, 30, tzinfo=ZoneInfo(zone)).timestamp()  # DST ends at 02:00
+    name, kept = _period(morning, zone, "day")
+    assert name == "day:2026-11-01"
+    assert kept == 24.5 * 3600 + 3600  # to the next midnight (25 h after the last), plus the margin
+    assert _period(morning + 24.4 * 3600, zone, "day")[0] == "day:2026-11-01"
+    assert _period(morning + 24.6 * 3600, zone, "day")[0] == "day:2026-11-02"

@@ -29,7 +29,7 @@ class HistorySettings:
     short_call: float = 30.0  # an answered call shorter than this is short
     abandoned_call: float = 2.0  # an answered call the caller ends within this is abandoned
     pacing_samples: int = 20  # how many hang-up → next call gaps the pacing measure keeps
-    max_subjects: int = 200_000
+    max_subjects: int = 100_000  # ~1.5-3 KB each: at most ~300 MB of history
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,10 +55,12 @@ class SubjectHistory:
         "last_seen",
         "run",
         "run_step",
+        "samples",
         "short",
     )
 
     def __init__(self, samples: int) -> None:
+        self.samples = samples
         self.attempts: deque[tuple[float, int | None]] = deque()
         self.callees: Counter[int] = Counter()
         self.ends: deque[tuple[float, bool, bool, bool]] = deque()  # (at, answered, short, abandoned)
@@ -67,7 +69,7 @@ class SubjectHistory:
         self.run_step = 0  # +1 or -1 once a run has a direction
         self.run = 0
         self.last_hangup: float | None = None
-        self.gaps: deque[float] = deque(maxlen=samples)
+        self.gaps: deque[float] | None = None  # made at the first gap: most numbers never have one
         self.gap_sum = self.gap_sum_sq = 0.0
         self.last_seen = 0.0
 
@@ -88,10 +90,11 @@ class SubjectHistory:
 
     def gap_stats_with(self, gap: float | None) -> tuple[int, float, float]:
         """(samples, mean, coefficient of variation) of the gaps, with ``gap`` added."""
-        count, total, total_sq = len(self.gaps), self.gap_sum, self.gap_sum_sq
+        gaps = self.gaps
+        count, total, total_sq = len(gaps) if gaps else 0, self.gap_sum, self.gap_sum_sq
         if gap is not None:
-            if count == self.gaps.maxlen:  # the oldest would make way
-                oldest = self.gaps[0]
+            if gaps and count == self.samples:  # the oldest would make way
+                oldest = gaps[0]
                 total, total_sq, count = total - oldest, total_sq - oldest * oldest, count - 1
             total, total_sq, count = total + gap, total_sq + gap * gap, count + 1
         if count == 0:
@@ -126,7 +129,9 @@ class SubjectHistory:
         self.last_callee = callee
         if self.last_hangup is not None:
             gap = max(0.0, now - self.last_hangup)
-            if len(self.gaps) == self.gaps.maxlen:
+            if self.gaps is None:
+                self.gaps = deque(maxlen=self.samples)
+            elif len(self.gaps) == self.samples:
                 oldest = self.gaps[0]
                 self.gap_sum -= oldest
                 self.gap_sum_sq -= oldest * oldest
@@ -167,9 +172,11 @@ class CallHistory:
         """A reload: new measures apply from now on; what was recorded stays."""
         if settings.pacing_samples != self.settings.pacing_samples:
             for subject in self._subjects.values():
-                subject.gaps = deque(subject.gaps, maxlen=settings.pacing_samples)
-                subject.gap_sum = sum(subject.gaps)
-                subject.gap_sum_sq = sum(gap * gap for gap in subject.gaps)
+                subject.samples = settings.pacing_samples
+                if subject.gaps is not None:
+                    subject.gaps = deque(subject.gaps, maxlen=settings.pacing_samples)
+                    subject.gap_sum = sum(subject.gaps)
+                    subject.gap_sum_sq = sum(gap * gap for gap in subject.gaps)
         self.settings = settings
 
     def subject(self, key: str, now: float) -> SubjectHistory | None:
