@@ -499,6 +499,8 @@ def test_check_the_shipped_example(capsys: pytest.CaptureFixture[str]) -> None:
         "caller_id",
         "concurrency",
         "call_rate",
+        "dialer",
+        "usage",
         "destinations",
         "calling_hours",
         "do_not_call",
