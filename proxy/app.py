@@ -1,8 +1,10 @@
 """The running proxy: binds the listeners, feeds the core, executes its actions.
 
-This is the only place where the clock is read (``loop.time()``, monotonic) and where
-the core's single timer is armed. Each initial INVITE's verdict is awaited in its own
-task, so a slow state store delays that call only.
+This is the only place where the clock is read (``loop.time()``, monotonic; the wall
+clock once, at start, to show operators when a ban ends) and where the core's single
+timer is armed. Each initial INVITE's verdict is awaited in its own task, so a slow
+state store delays that call only. Every message first passes the flood guard, which
+drops those of banned sources before anything is parsed.
 """
 
 from __future__ import annotations
@@ -12,14 +14,17 @@ import gc
 import ipaddress
 import os
 import signal
+import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import structlog
 
+from .flood import Ban, BanListFull, Banned, FloodEvent, FloodGuard, FloodSettings, Unbanned
 from .hooks import AcceptAll, DecisionHook
-from .policyfile import CompiledPolicy
+from .policyfile import CompiledPolicy, FloodSection
 from .sip.core import CoreConfig, Listener, ProxyCore
 from .sip.events import (
     Action,
@@ -33,9 +38,13 @@ from .sip.events import (
     Send,
     Verdict,
 )
+from .sip.hosts import is_ip
 from .transport import Transports
 
 log = structlog.get_logger("sipguard")
+FLOOD_TICK = 1.0  # seconds between sweeps of ended bans
+FLOOD_LINES_PER_TICK = 20  # flood.* log lines per tick at most: a flood must not become a log flood
+_FLOOD_COUNTERS = {Banned: "flood_bans", Unbanned: "flood_unbans", BanListFull: "flood_ban_list_full"}
 
 
 @dataclass(kw_only=True)
@@ -50,6 +59,7 @@ class ProxySettings:
     decision_timeout: float = 5.0
     shutdown_grace: float = 10.0
     server_header: str | None = "sipguard"
+    flood: FloodSettings = field(default_factory=FloodSettings)
 
     @classmethod
     def from_policy(
@@ -57,18 +67,41 @@ class ProxySettings:
     ) -> ProxySettings:
         """The policy file's ``proxy:`` section, with command-line flags taking precedence."""
         section = policy.proxy
+        trusted = tuple(ipaddress.ip_network(text, strict=False) for text in section.trusted_peers)
+        upstream = upstream or policy.upstream
         return cls(
             listen=listen or policy.listen,
-            upstream=upstream or policy.upstream,
-            trusted_networks=tuple(
-                ipaddress.ip_network(text, strict=False) for text in section.trusted_peers
-            ),
+            upstream=upstream,
+            trusted_networks=trusted,
             advertise=section.advertise,
             max_calls=section.max_calls,
             max_call_lifetime=section.max_call_lifetime,
             early_timeout=section.ringing_timeout,
             server_header=section.server_header,
+            flood=flood_settings(policy.flood, trusted, upstream),
         )
+
+
+def flood_settings(
+    section: FloodSection,
+    trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...],
+    upstream: Address,
+) -> FloodSettings:
+    """The policy file's ``flood:`` section; trusted peers and the upstream PBX's host (any
+    port: a PBX may send from several) are exempt besides the section's own networks."""
+    exempt = [*trusted, *(ipaddress.ip_network(text, strict=False) for text in section.exempt)]
+    if is_ip(upstream.host):
+        exempt.append(ipaddress.ip_network(upstream.host))
+    return FloodSettings(
+        enabled=section.enabled,
+        messages_per_second=section.messages_per_second,
+        burst=section.burst,
+        ban_seconds=section.ban_seconds,
+        max_ban_seconds=section.max_ban_seconds,
+        user_agents=tuple(section.user_agents),
+        exempt=tuple(exempt),
+        max_sources=section.max_sources,
+    )
 
 
 class SipGuard:
@@ -85,6 +118,11 @@ class SipGuard:
         self.transports = Transports(self.deliver)
         self.core: ProxyCore | None = None
         self.counters: Counter[str] = Counter()
+        self.flood = FloodGuard(settings.flood)
+        self.wall_offset = 0.0  # loop.time() + wall_offset: the wall clock, set at start
+        self._flood_tick: asyncio.TimerHandle | None = None
+        self._flood_lines = 0
+        self._flood_lines_suppressed = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when: float | None = None
@@ -94,6 +132,7 @@ class SipGuard:
 
     async def start(self) -> list[Address]:
         self._loop = asyncio.get_running_loop()
+        self.wall_offset = time.time() - self._loop.time()
         bound = [await self.transports.listen(address) for address in self.settings.listen]
         self.core = ProxyCore(
             CoreConfig(
@@ -111,6 +150,7 @@ class SipGuard:
         # Everything built so far lives as long as the process: keep it out of every GC pass.
         gc.collect()
         gc.freeze()
+        self._flood_tick = self._loop.call_later(FLOOD_TICK, self._on_flood_tick)
         log.info("proxy.started", listen=[str(a) for a in bound], upstream=str(self.settings.upstream))
         return bound
 
@@ -118,8 +158,16 @@ class SipGuard:
     def deliver(self, data: bytes, source: Address, local: Address) -> None:
         assert self.core is not None and self._loop is not None
         self.counters["messages_in"] += 1
+        now = self._loop.time()
+        flood = self.flood
         try:
-            actions = self.core.receive(data, source, local, self._loop.time())
+            admitted = flood.admit(source.host, data, now)
+            if flood.events:
+                self._log_flood(flood.take_events())
+            if not admitted:
+                self.counters["flood_dropped"] += 1  # silently: no reply, no log line per message
+                return
+            actions = self.core.receive(data, source, local, now)
         except Exception:  # a bug must cost one message, never the proxy
             self.counters["internal_errors"] += 1
             log.exception("proxy.internal_error", source=str(source), size=len(data))
@@ -143,6 +191,84 @@ class SipGuard:
             log.exception("policy.error", call_id=attempt.request.call_id)
             verdict = Reject(status=500, reason="Policy Error")
         self._execute(self.core.decided(attempt.attempt_id, verdict, self._loop.time()))
+
+    # -- flood defence ----------------------------------------------------------------------------
+    def reconfigure_flood(self, section: FloodSection) -> None:
+        """A reloaded policy's ``flood:`` section; bans are kept."""
+        settings = self.settings
+        self.flood.configure(flood_settings(section, settings.trusted_networks, settings.upstream))
+        self._log_flood(self.flood.take_events(), always=True)
+
+    def unban(self, address: str) -> dict[str, object] | None:
+        """An operator lifts a ban: the ban as it was listed, or None if ``address`` had none."""
+        assert self._loop is not None
+        ban = self.flood.unban(address)
+        self._log_flood(self.flood.take_events(), always=True)
+        return None if ban is None else self._describe(ban, self._loop.time())
+
+    def list_bans(self) -> list[dict[str, object]]:
+        """The current bans as operators see them (times in ISO 8601 UTC)."""
+        assert self._loop is not None
+        now = self._loop.time()
+        return [self._describe(ban, now) for ban in self.flood.bans if ban.until > now]
+
+    def _describe(self, ban: Ban, now: float) -> dict[str, object]:
+        return {
+            "address": ban.host,
+            "reason": ban.reason,
+            "detail": ban.detail,
+            "since": self._wall(ban.since),
+            "until": self._wall(ban.until),
+            "seconds_left": round(max(0.0, ban.until - now), 1),
+            "dropped": ban.dropped,
+            "offences": ban.offences,
+        }
+
+    def _wall(self, moment: float) -> str:
+        return datetime.fromtimestamp(moment + self.wall_offset, UTC).isoformat(timespec="seconds")
+
+    def _on_flood_tick(self) -> None:
+        assert self._loop is not None
+        self.sweep_flood()
+        self._flood_tick = self._loop.call_later(FLOOD_TICK, self._on_flood_tick)
+
+    def sweep_flood(self) -> None:
+        """Every FLOOD_TICK: end the bans that are over, and say how many flood.* lines
+        the last tick left out."""
+        assert self._loop is not None
+        if self._flood_lines_suppressed:
+            log.warning("flood.lines_suppressed", count=self._flood_lines_suppressed, seconds=FLOOD_TICK)
+        self._flood_lines = self._flood_lines_suppressed = 0
+        self.flood.expire(self._loop.time())
+        self._log_flood(self.flood.take_events())
+
+    def _log_flood(self, events: list[FloodEvent], *, always: bool = False) -> None:
+        """One line per event, at most FLOOD_LINES_PER_TICK a tick unless ``always`` (what
+        an operator did is always logged)."""
+        for event in events:
+            self.counters[_FLOOD_COUNTERS[type(event)]] += 1
+            if self._flood_lines >= FLOOD_LINES_PER_TICK and not always:
+                self._flood_lines_suppressed += 1
+                continue
+            self._flood_lines += 1
+            if isinstance(event, Banned):
+                log.warning(
+                    "flood.banned",
+                    host=event.host,
+                    reason=event.reason,
+                    detail=event.detail,
+                    rate=round(event.rate, 1),
+                    messages=event.messages,
+                    seconds=event.seconds,
+                    until=self._wall(event.until),
+                    offences=event.offences,
+                )
+            elif isinstance(event, Unbanned):
+                log.info(
+                    "flood.unbanned", host=event.host, by=event.by, reason=event.reason, dropped=event.dropped
+                )
+            elif isinstance(event, BanListFull):
+                log.error("flood.ban_list_full", host=event.host, size=event.size)
 
     # -- the core's outputs -----------------------------------------------------------------
     def _execute(self, actions: list[Action]) -> None:
@@ -227,6 +353,8 @@ class SipGuard:
     async def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        if self._flood_tick is not None:
+            self._flood_tick.cancel()
         await self.transports.close()
         live = self.core.calls.live if self.core else 0
         log.info("proxy.stopped", live_calls=live, **dict(sorted(self.counters.items())))

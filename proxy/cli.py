@@ -1,26 +1,43 @@
-"""The ``sipguard`` command: run, check, demo."""
+"""The ``sipguard`` command: run, check, demo; bans and unban (through the admin listener)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 import structlog
 import uvloop
 
+from .admin import AdminServer
 from .app import ProxySettings, SipGuard
 from .engine import PolicyEngine
 from .logs import configure_logging
-from .policyfile import CompiledPolicy, PolicyFileError, default_policy, load_policy
+from .policyfile import (
+    AdminSection,
+    CompiledPolicy,
+    FloodSection,
+    PolicyFileError,
+    default_policy,
+    load_policy,
+    parse_admin_address,
+)
 from .sip.events import parse_address
 from .state import MemoryStore, StateStore
 from .state.redis_store import RedisStore
 
 log = structlog.get_logger("sipguard")
+DEFAULT_ADMIN = AdminSection().listen or "127.0.0.1:5065"
+TOKEN_VARIABLE = "SIPGUARD_ADMIN_TOKEN"
+ADMIN_TIMEOUT = 10.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +69,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-format console also shows it on stderr.",
     )
     _logging_flags(demo, "debug")
+    bans = commands.add_parser(
+        "bans", help="list the sources the flood defence has banned", description=_ADMIN_HELP
+    )
+    _admin_flags(bans)
+    bans.add_argument("--json", action="store_true", help="print the admin listener's JSON as it is")
+    unban = commands.add_parser("unban", help="lift a source's ban", description=_ADMIN_HELP)
+    unban.add_argument("address", metavar="ADDRESS", help="the banned IP address")
+    _admin_flags(unban)
+    unban.add_argument("--json", action="store_true", help="print the admin listener's JSON as it is")
     return parser
+
+
+_ADMIN_HELP = (
+    "Asks a running sipguard through its admin listener (the policy file's admin: section). "
+    f"The token, if the listener wants one, comes from --token or ${TOKEN_VARIABLE}. "
+    "Exit status: 0 done, 1 not banned (unban), 2 the listener could not be asked."
+)
+
+
+def _admin_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--admin",
+        metavar="HOST:PORT",
+        default=DEFAULT_ADMIN,
+        help=f"admin listener (default {DEFAULT_ADMIN})",
+    )
+    parser.add_argument("--token", metavar="TOKEN", help=f"bearer token (default: ${TOKEN_VARIABLE})")
 
 
 def _instant(text: str) -> float:
@@ -72,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "check":
         return check_command(args.file)
+    if args.command == "bans":
+        return bans_command(args.admin, args.token, as_json=args.json)
+    if args.command == "unban":
+        return unban_command(args.address, args.admin, args.token, as_json=args.json)
     if args.command == "demo":
         from .demo import run_demo
 
@@ -121,9 +168,16 @@ async def _serve(
         except PolicyFileError as error:
             log.error("policy.reload_failed", path=path, errors=error.errors, kept=engine.policy.path)
             return
-        if new.proxy != engine.policy.proxy or new.state != engine.policy.state:
-            log.warning("policy.restart_needed", detail="proxy: and state: changes apply after a restart")
+        if (new.proxy, new.state, new.admin) != (
+            engine.policy.proxy,
+            engine.policy.state,
+            engine.policy.admin,
+        ):
+            log.warning(
+                "policy.restart_needed", detail="proxy:, state: and admin: changes apply after a restart"
+            )
         engine.replace(new)
+        guard.reconfigure_flood(new.flood)
         log.info(
             "policy.reloaded", path=path, accounts=len(new.accounts), rules=[r.name for r, _ in new.rules]
         )
@@ -140,11 +194,156 @@ async def _serve(
         accounts=len(policy.accounts),
         rules=[r.name for r, _ in policy.rules],
     )
+    admin = await _start_admin(guard, policy.admin)
     await guard.run_until_stopped()
+    if admin is not None:
+        await admin.close()
     close = getattr(engine.store, "close", None)
     if close is not None:  # a shared store's connections and lease renewal
         await close()
     return 0
+
+
+async def _start_admin(guard: SipGuard, section: AdminSection) -> AdminServer | None:
+    """The admin listener, if configured. One that cannot bind (its port taken, say by
+    another instance) is logged and left out: the proxy serves calls without it."""
+    if section.listen is None:
+        return None
+    host, port = parse_admin_address(section.listen)
+    admin = AdminServer(guard, host, port, section.token)
+    try:
+        host, port = await admin.start()
+    except OSError as error:
+        log.error("admin.cannot_listen", listen=section.listen, error=str(error))
+        return None
+    log.info("admin.started", host=host, port=port, token=section.token is not None)
+    return admin
+
+
+# -- bans, unban: clients of the admin listener -----------------------------------------------------
+class AdminUnreachableError(Exception):
+    pass
+
+
+def _admin_call(admin: str, token: str | None, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    """One request to the admin listener: (HTTP status, JSON body)."""
+    host, port = parse_admin_address(admin)
+    netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"http://{netloc}{path}", data=data, method=method)
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    token = token or os.environ.get(TOKEN_VARIABLE)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=ADMIN_TIMEOUT) as answer:
+            return answer.status, json.load(answer)
+    except urllib.error.HTTPError as error:
+        try:
+            return error.code, json.load(error)
+        except ValueError:
+            return error.code, {"error": error.reason}
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        reason = getattr(error, "reason", error)
+        raise AdminUnreachableError(f"cannot ask the admin listener at {admin}: {reason}") from None
+
+
+def _admin_failed(status: int, answer: Any) -> int:
+    message = answer.get("error") if isinstance(answer, dict) else answer
+    print(f"sipguard: the admin listener answered {status}: {message}", file=sys.stderr)
+    return 2
+
+
+def bans_command(admin: str, token: str | None, *, as_json: bool = False) -> int:
+    """``sipguard bans``: a table of the banned sources, or their JSON with --json."""
+    try:
+        status, bans = _admin_call(admin, token, "GET", "/bans")
+    except (AdminUnreachableError, ValueError) as error:
+        print(f"sipguard: {error}", file=sys.stderr)
+        return 2
+    if status != 200:
+        return _admin_failed(status, bans)
+    if as_json:
+        print(json.dumps(bans, indent=2))
+        return 0
+    if not bans:
+        print("no source is banned")
+        return 0
+    rows = [("ADDRESS", "REASON", "LEFT", "DROPPED", "OFFENCES", "UNTIL", "DETAIL")]
+    rows += [
+        (
+            ban["address"], ban["reason"], _duration(ban["seconds_left"]), str(ban["dropped"]),
+            str(ban["offences"]), ban["until"], ban["detail"],
+        )
+        for ban in bans
+    ]  # fmt: skip
+    _print_table(rows, right_aligned={3, 4})
+    print(f"{len(bans)} source{'s' if len(bans) != 1 else ''} banned")
+    return 0
+
+
+def unban_command(address: str, admin: str, token: str | None, *, as_json: bool = False) -> int:
+    """``sipguard unban ADDRESS``: 0 lifted, 1 it was not banned."""
+    try:
+        status, answer = _admin_call(admin, token, "POST", "/unban", {"address": address})
+    except (AdminUnreachableError, ValueError) as error:
+        print(f"sipguard: {error}", file=sys.stderr)
+        return 2
+    if as_json:
+        print(json.dumps(answer, indent=2))
+    if status == 404:
+        if not as_json:
+            print(f"{address} was not banned")
+        return 1
+    if status != 200:
+        return _admin_failed(status, answer)
+    if not as_json:
+        ban = answer["unbanned"]
+        print(f"{ban['address']} unbanned ({ban['reason']}: {ban['detail']}; "
+              f"{ban['dropped']} messages dropped while banned)")  # fmt: skip
+    return 0
+
+
+def _print_table(rows: Sequence[tuple[str, ...]], right_aligned: set[int]) -> None:
+    """Columns padded to their widest cell."""
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        cells = [
+            cell.rjust(width) if column in right_aligned else cell.ljust(width)
+            for column, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ]
+        print("  ".join(cells).rstrip())
+
+
+def _duration(seconds: float) -> str:
+    """4m58s, 2h05m, 1d03h: how long a ban still runs."""
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
+
+
+def _describe_flood(flood: FloodSection) -> str:
+    if not flood.enabled:
+        return "flood: off (every message admitted)"
+    exempt = ["trusted peers", "the upstream", *flood.exempt]
+    rate = flood.messages_per_second
+    return (
+        f"flood: {int(rate) if rate.is_integer() else rate} messages/s per source, burst {flood.burst}; "
+        f"ban {flood.ban_seconds:g} s, doubling for repeat offenders up to {flood.max_ban_seconds:g} s; "
+        f"{len(flood.user_agents)} scanner user agents; exempt {', '.join(exempt)}"
+    )
+
+
+def _describe_admin(admin: AdminSection) -> str:
+    if admin.listen is None:
+        return "admin: off"
+    return f"admin: http://{admin.listen} (GET /bans, POST /unban); token {'set' if admin.token else 'none'}"
 
 
 def check_command(path: str) -> int:
@@ -160,6 +359,8 @@ def check_command(path: str) -> int:
     print(
         f"numbering: default region {policy.region}; emergency {', '.join(sorted(policy.emergency.numbers))}"
     )
+    print(_describe_flood(policy.flood))
+    print(_describe_admin(policy.admin))
     print(f"\nrules ({len(policy.rules)}), in the order they run:")
     for rule, config in policy.rules:
         settings = config.model_dump(exclude={"mode", "reply"}, exclude_none=True)

@@ -30,10 +30,19 @@ from policies.lists import POLICY_FILE
 from policies.numbering import EmergencyNumbers, NumberSet
 from policies.registry import available_policies
 
+from .flood import (
+    DEFAULT_BAN_SECONDS,
+    DEFAULT_BURST,
+    DEFAULT_MAX_BAN_SECONDS,
+    DEFAULT_MAX_SOURCES,
+    DEFAULT_MESSAGES_PER_SECOND,
+    DEFAULT_SCANNER_USER_AGENTS,
+)
 from .sip.events import Address, parse_address
 from .state.redis_url import NODES_SCHEMES, REDIS_SCHEMES, parse_nodes_url
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+SECRET_KEYS = frozenset({"token"})
 DEFAULT_EMERGENCY_NUMBERS = ["911", "112", "999", "000", "110", "119", "933", "988"]
 
 
@@ -161,9 +170,119 @@ class StateSection(_Strict):
         return value
 
 
+class FloodSection(_Strict):
+    """Flood and scanner defence, applied to every message before it is parsed."""
+
+    enabled: bool = Field(default=True, description="false: admit every message (bans still listed)")
+    messages_per_second: float = Field(
+        default=DEFAULT_MESSAGES_PER_SECOND,
+        gt=0,
+        description="sustained messages per second one source address may send (requests and "
+        "responses alike); a busy office behind one NAT sends a few hundred at most",
+    )
+    burst: int = Field(
+        default=DEFAULT_BURST,
+        ge=1,
+        description="messages a source may send at once, after which it must keep to the rate",
+    )
+    ban_seconds: float = Field(default=DEFAULT_BAN_SECONDS, gt=0, description="first ban of a source")
+    max_ban_seconds: float = Field(
+        default=DEFAULT_MAX_BAN_SECONDS,
+        gt=0,
+        description="bans double for a source banned again within this long, up to this long",
+    )
+    user_agents: list[str] = Field(
+        default=list(DEFAULT_SCANNER_USER_AGENTS),
+        description="User-Agent substrings (any case) that ban a source at its first message",
+    )
+    exempt: list[str] = Field(
+        default=[],
+        description="networks never counted or banned, besides proxy.trusted_peers and the upstream",
+    )
+    max_sources: int = Field(
+        default=DEFAULT_MAX_SOURCES, ge=100, description="source addresses tracked (and banned) at most"
+    )
+
+    _exempt = field_validator("exempt")(_networks)
+
+    @field_validator("user_agents")
+    @classmethod
+    def _signatures(cls, value: list[str]) -> list[str]:
+        for agent in value:
+            if len(agent.strip()) < 4 or not agent.isascii() or not agent.isprintable():
+                raise ValueError(f"{agent!r}: a signature is at least 4 printable ASCII characters")
+        return value
+
+    @model_validator(mode="after")
+    def _ban_lengths(self) -> FloodSection:
+        if self.max_ban_seconds < self.ban_seconds:
+            raise ValueError(
+                f"max_ban_seconds {self.max_ban_seconds:g} is less than ban_seconds {self.ban_seconds:g}"
+            )
+        return self
+
+
+def parse_admin_address(text: str) -> tuple[str, int]:
+    """``127.0.0.1:5065``, ``[::1]:5065`` or ``localhost:5065`` as (host, port); port 0
+    takes any free port."""
+    if text.startswith("["):
+        host, _, port = text[1:].partition("]:")
+    else:
+        host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"not HOST:PORT: {text!r} (e.g. 127.0.0.1:5065, [::1]:5065)")
+    if host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IP address (or localhost)") from None
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    return host == "localhost" or ipaddress.ip_address(host).is_loopback
+
+
+class AdminSection(_Strict):
+    """The admin HTTP listener (GET /bans, POST /unban)."""
+
+    listen: str | None = Field(
+        default="127.0.0.1:5065", description="HOST:PORT to listen on, [::1]:PORT for IPv6; null: none"
+    )
+    token: str | None = Field(
+        default=None,
+        min_length=16,
+        description="clients must send Authorization: Bearer TOKEN; required beyond loopback",
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_admin_address(value)
+        return value
+
+    @field_validator("token")
+    @classmethod
+    def _header_safe(cls, value: str | None) -> str | None:
+        if value is not None and not all("!" <= char <= "~" for char in value):
+            raise ValueError("a token is printable ASCII with no spaces (it goes in an HTTP header)")
+        return value
+
+    @model_validator(mode="after")
+    def _token_beyond_loopback(self) -> AdminSection:
+        if self.listen is None or self.token is not None:
+            return self
+        if not is_loopback(parse_admin_address(self.listen)[0]):
+            raise ValueError(f"listening on {self.listen} beyond loopback needs a token")
+        return self
+
+
 class PolicyFileModel(_Strict):
     proxy: ProxySection = ProxySection()
     state: StateSection = StateSection()
+    flood: FloodSection = FloodSection()
+    admin: AdminSection = AdminSection()
     numbering: NumberingSection = NumberingSection()
     emergency_numbers: list[str] = Field(default=DEFAULT_EMERGENCY_NUMBERS)
     mode_override: Mode | None = Field(default=None, description="run every rule in this mode")
@@ -187,6 +306,8 @@ class CompiledPolicy:
     loaded_at: float  # wall-clock time of loading, for operators
     proxy: ProxySection
     state: StateSection
+    flood: FloodSection
+    admin: AdminSection
     region: str
     emergency: EmergencyNumbers
     rules: RuleSet  # in file order, as configured for callers of no account
@@ -300,6 +421,8 @@ def compile_policy(data: Any, lines: dict[tuple[Any, ...], int], name: str) -> C
         loaded_at=time.time(),
         proxy=model.proxy,
         state=model.state,
+        flood=model.flood,
+        admin=model.admin,
         region=region,
         emergency=EmergencyNumbers(model.emergency_numbers),
         rules=tuple(rules),
@@ -386,6 +509,8 @@ class _Errors:
                 known = _known_keys(model, location[:-1])
                 hint = _suggest(str(location[-1]), known) if known else ""
                 message = f"unknown key {location[-1]!r}{hint}"
+            elif location and location[-1] in SECRET_KEYS:
+                message = f"{problem['msg']}"  # never echo a secret into a log
             else:
                 message = f"{problem['msg']}; found {_shown(problem.get('input'))}"
             self.add(path, message)

@@ -10,16 +10,17 @@ fail: a failed call takes SIPp ~32 s of retransmissions to give up on):
     .venv/bin/python sipp-scenarios/bench_proxy.py --with-patterns    # + the pattern policies too
     .venv/bin/python sipp-scenarios/bench_proxy.py --state-compare    # policies: memory vs Redis store
 
-What runs: for each rate in --rates, one SIPp run through (a) sipguard (``sipguard run``
-without --config: no accounts and no rules, so every INVITE is accepted at once on the
-no-op decision path; --log-level warning, JSON logs) and one through (b) udp_relay.py
-beside this file, a uvloop UDP relay that parses nothing: the floor for moving
-datagrams through Python on uvloop. The order of (a) and (b) alternates from one rate
-to the next, so neither always gets the quieter moment. Then, unless --no-step-up, a
-step-up for sipguard alone through --step-rates (runs above at the same rate are
-reused) that stops at the first step not carried, and one relay run at that last step
-as a control: when the relay does not carry it either, the limit is the rig (SIPp, the
-machine), not sipguard.
+What runs: for each rate in --rates, one SIPp run through (a) sipguard (``sipguard run
+--config bench_plain.yaml``: no accounts and no rules, so every INVITE is accepted at
+once on the no-op decision path, and the flood guard's per-source rate lifted, as the
+UAC is one address sending for a whole customer base; --log-level warning, JSON logs)
+and one through (b) udp_relay.py beside this file, a uvloop UDP relay that parses
+nothing: the floor for moving datagrams through Python on uvloop. The order of (a) and
+(b) alternates from one rate to the next, so neither always gets the quieter moment.
+Then, unless --no-step-up, a step-up for sipguard alone through --step-rates (runs above
+at the same rate are reused) that stops at the first step not carried, and one relay run
+at that last step as a control: when the relay does not carry it either, the limit is
+the rig (SIPp, the machine), not sipguard.
 
 Every run starts fresh processes: a SIPp UAS (built-in ``uas``) as the stand-in PBX,
 the proxy under test, and a SIPp UAC (built-in ``uac``: INVITE, 180, 200, ACK, pause
@@ -190,6 +191,7 @@ QUIET_EVENTS = frozenset(
 POLICIES = "sipguard+pol"
 POLICY_SYSTEMS = ("relay", "sipguard", POLICIES)
 BENCH_POLICY = HERE / "bench_policy.yaml"
+BENCH_PLAIN = HERE / "bench_plain.yaml"  # plain sipguard: no rules; the flood rate lifted
 MIX_SCENARIO = HERE / "uac_mix.xml"  # caller numbers from -inf callers.csv
 SPOOFED_SCENARIO = HERE / "uac_spoofed.xml"  # the check's positive control: must get 403
 BENCH_POLICIES_SCRIPT = HERE / "bench_policies.py"
@@ -781,7 +783,7 @@ def proxy_command(
     system: str, port: int, upstream: int, log_level: str = "warning", policy_file: Path = BENCH_POLICY
 ) -> list[str]:
     if system == "sipguard" or system in JUDGING_SYSTEMS:
-        config = ["--config", str(policy_file)] if system in JUDGING_SYSTEMS else []
+        config = ["--config", str(policy_file if system in JUDGING_SYSTEMS else BENCH_PLAIN)]
         return [
             sipguard_exe(), "run", *config, "--listen", f"udp:{HOST}:{port}",
             "--upstream", f"udp:{HOST}:{upstream}", "--log-level", log_level, "--log-format", "json",

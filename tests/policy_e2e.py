@@ -102,15 +102,17 @@ class Caller(Sipp):
     """A SIPp UAC placing calls from the loopback address ``source``."""
 
     def __init__(self, workdir: Path, name: str, *, source: str, **options: Any) -> None:
-        super().__init__(workdir, name, **options)
-        self.argv[self.argv.index("-i") + 1] = source
+        super().__init__(workdir, name, host=source, **options)
 
 
 @dataclass
 class PolicyLab:
-    """One sipguard with a policy file, a stand-in PBX (uas_pbx.xml unless told) and the callers."""
+    """One sipguard with a policy file, a stand-in PBX (uas_pbx.xml unless told, on
+    ``pbx_host``) and the callers."""
 
     lab: Lab
+    pbx_host: str = LOOPBACK
+    pbx_calls: int = PBX_CALLS
     proxy: int = 0
     pbx_port: int = 0
     path: Path = field(default_factory=Path)
@@ -120,11 +122,13 @@ class PolicyLab:
 
     def __post_init__(self) -> None:
         self.proxy, self.pbx_port = free_ports(2)
+        if self.pbx_host != LOOPBACK:
+            self.pbx_port = free_udp_port(self.pbx_host)
         self.path = self.lab.workdir / "policy.yaml"
 
     def write_policy(self, body: str) -> Path:
         """The policy file: a ``proxy:`` section for this lab's ports, then ``body``."""
-        listen, upstream = f"udp:{LOOPBACK}:{self.proxy}", f"udp:{LOOPBACK}:{self.pbx_port}"
+        listen, upstream = f"udp:{LOOPBACK}:{self.proxy}", f"udp:{self.pbx_host}:{self.pbx_port}"
         section = f"proxy:\n  listen: [{listen}]\n  upstream: {upstream}\n"
         self.path.write_text(section + textwrap.dedent(body).lstrip("\n"))
         return self.path
@@ -137,8 +141,9 @@ class PolicyLab:
         ``wall_clock`` (ISO 8601) is passed as ``--wall-clock``, for calendar rules."""
         self.write_policy(body)
         self.pbx = Sipp(
-            self.lab.workdir, "pbx", scenario=pbx_scenario, port=self.pbx_port, calls=PBX_CALLS, timeout=120
-        )
+            self.lab.workdir, "pbx", scenario=pbx_scenario, port=self.pbx_port, calls=self.pbx_calls,
+            timeout=120, host=self.pbx_host,
+        )  # fmt: skip
         self.lab.sipps.append(self.pbx)
         self.pbx.start().wait_listening()
         argv = [installed_sipguard(), "run", "--config", str(self.path)]

@@ -11,6 +11,7 @@ wait here by a deadline.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -123,6 +124,14 @@ def installed_sipguard() -> str:
     return found
 
 
+def checkout_env() -> dict[str, str]:
+    """The environment for a sipguard subprocess that runs this checkout's code: the
+    console script imports whichever checkout the venv was installed from (another git
+    worktree, say) unless this one comes first on the path."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path}
+
+
 class GuardProcess:
     def __init__(self, argv: Sequence[str], log_path: Path | None = None) -> None:
         self.argv = list(argv)
@@ -135,7 +144,12 @@ class GuardProcess:
 
     def start(self, timeout: float = 15.0) -> GuardProcess:
         self._process = subprocess.Popen(
-            self.argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            self.argv,
+            cwd=REPO,
+            env=checkout_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -288,8 +302,10 @@ class Sipp:
         rate: float = 10.0,
         timeout: float = 30.0,
         extra: Sequence[str] = (),
+        host: str = LOOPBACK,
     ) -> None:
         self.name = name
+        self.host = host
         self.port = port
         self.transport = transport
         self.timeout = timeout
@@ -298,7 +314,7 @@ class Sipp:
         assert SIPP is not None, "SIPp is not installed"
         self.argv = [
             SIPP, *scenario_args,
-            "-i", LOOPBACK, "-p", str(port), "-t", transport,
+            "-i", host, "-p", str(port), "-t", transport,
             "-m", str(calls), "-r", str(rate), "-timeout", str(int(timeout)), "-timeout_error",
             "-nostdin",
             "-trace_msg", "-message_file", str(self._files["messages"]),
@@ -325,7 +341,7 @@ class Sipp:
             assert self._process is not None
             if self._process.poll() is not None:
                 raise AssertionError(f"SIPp {self.name} exited early:\n{self._read_screen()}")
-            return socket_bound(self.port, kind)
+            return socket_bound(self.port, kind, self.host)
 
         wait_until(ready, timeout, f"SIPp {self.name} to bind {kind} port {self.port}")
         return self

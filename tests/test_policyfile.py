@@ -234,8 +234,8 @@ def test_a_known_rule_not_enabled_cannot_be_overridden(tmp_path: Path) -> None:
 
 def test_an_unknown_key_with_no_close_match_lists_the_known_ones(tmp_path: Path) -> None:
     assert errors(tmp_path, "zzz: 1\n") == [
-        "1: zzz: unknown key 'zzz' (expected one of: accounts, emergency_numbers, mode_override, "
-        "numbering, proxy, rules, state)"
+        "1: zzz: unknown key 'zzz' (expected one of: accounts, admin, emergency_numbers, flood, "
+        "mode_override, numbering, proxy, rules, state)"
     ]
 
 

@@ -1,0 +1,230 @@
+"""The admin listener: a minimal HTTP/1.1 server (stdlib asyncio) for operators.
+
+Endpoints are a table, path -> method -> handler; a handler takes the parsed request and
+returns a status and a JSON body. To add one, add a row to ``AdminServer.routes``.
+
+Robustness, because this runs inside the proxy: one request per connection (answered
+with ``Connection: close``: no keep-alive state to get wrong); the request head is at
+most 8 KiB and the body 64 KiB, and both must arrive within 5 s; at most 16
+connections at once; anything malformed gets a 4xx and a closed connection, a bug in a
+handler a 500; nothing raised here reaches the event loop. When a token is configured,
+every request must carry ``Authorization: Bearer TOKEN`` (compared in constant time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+import structlog
+
+from .app import SipGuard
+
+log = structlog.get_logger("sipguard.admin")
+
+MAX_HEAD = 8 * 1024
+MAX_BODY = 64 * 1024
+REQUEST_TIMEOUT = 5.0
+MAX_CONNECTIONS = 16
+
+
+class HttpError(Exception):
+    """Answer ``status`` with ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HttpRequest:
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]  # names in lower case
+    body: bytes
+
+    def json(self) -> Any:
+        """The body as JSON, whatever Content-Type says (``curl -d`` sends a form type)."""
+        try:
+            return json.loads(self.body)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise HttpError(400, f"the body is not JSON: {error}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class HttpResponse:
+    status: int
+    body: Any
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
+
+
+class AdminServer:
+    def __init__(self, guard: SipGuard, host: str, port: int, token: str | None = None) -> None:
+        self.guard = guard
+        self.host = host
+        self.port = port
+        self._token = token.encode("ascii") if token is not None else None
+        self._server: asyncio.Server | None = None
+        self._connections = 0
+        self.routes: dict[str, dict[str, Handler]] = {
+            "/bans": {"GET": self.list_bans},
+            "/unban": {"POST": self.unban},
+        }
+
+    async def start(self) -> tuple[str, int]:
+        """Listen; returns the address bound (the real port when 0 was asked for)."""
+        self._server = await asyncio.start_server(self._serve, self.host, self.port, limit=MAX_HEAD)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.host, self.port
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    # -- endpoints ----------------------------------------------------------------------------
+    async def list_bans(self, request: HttpRequest) -> HttpResponse:
+        """``GET /bans``: every banned source, oldest ban first."""
+        return HttpResponse(200, self.guard.list_bans())
+
+    async def unban(self, request: HttpRequest) -> HttpResponse:
+        """``POST /unban`` with ``{"address": "192.0.2.7"}``: lift that source's ban."""
+        body = request.json()
+        address = body.get("address") if isinstance(body, dict) else None
+        if not isinstance(address, str):
+            raise HttpError(400, 'expected {"address": "IP address"}')
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise HttpError(400, f"{address!r} is not an IP address") from None
+        lifted = self.guard.unban(address)
+        if lifted is None:
+            raise HttpError(404, f"{address} is not banned")
+        return HttpResponse(200, {"unbanned": lifted})
+
+    # -- HTTP ------------------------------------------------------------------------------------
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._connections += 1
+        request: HttpRequest | None = None
+        try:
+            if self._connections > MAX_CONNECTIONS:
+                response = _error(503, "too many admin connections")
+            else:
+                try:
+                    async with asyncio.timeout(REQUEST_TIMEOUT):
+                        request = await _read_request(reader)
+                    response = await self._respond(request)
+                except HttpError as error:
+                    response = _error(error.status, error.message, error.headers)
+                except TimeoutError:
+                    response = _error(408, f"the request did not arrive within {REQUEST_TIMEOUT:g} s")
+            await _write(writer, response)
+            log.info(
+                "admin.request",
+                method=request.method if request else None,
+                path=request.path if request else None,
+                status=response.status,
+            )
+            await _finish(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+            pass  # the client went away: nothing to answer
+        except Exception:  # a bug must cost one admin request, never the proxy
+            log.exception("admin.internal_error")
+        finally:
+            self._connections -= 1
+            writer.close()
+
+    async def _respond(self, request: HttpRequest) -> HttpResponse:
+        if self._token is not None:
+            offered = request.headers.get("authorization", "").encode("latin-1")
+            if not hmac.compare_digest(offered, b"Bearer " + self._token):
+                raise HttpError(401, "a valid bearer token is required", (("WWW-Authenticate", "Bearer"),))
+        methods = self.routes.get(request.path)
+        if methods is None:
+            raise HttpError(404, f"no such endpoint: {request.path} (try {', '.join(sorted(self.routes))})")
+        handler = methods.get(request.method)
+        if handler is None:
+            allowed = ", ".join(sorted(methods))
+            raise HttpError(405, f"{request.path} takes {allowed}", (("Allow", allowed),))
+        try:
+            return await handler(request)
+        except HttpError:
+            raise
+        except Exception:
+            log.exception("admin.handler_error", method=request.method, path=request.path)
+            return _error(500, "internal error (logged)")
+
+
+async def _read_request(reader: asyncio.StreamReader) -> HttpRequest:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.LimitOverrunError:
+        raise HttpError(431, f"the request head is over {MAX_HEAD} bytes") from None
+    lines = head[:-4].decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[0].isalpha() or not parts[1].startswith("/"):
+        raise HttpError(400, "expected a request line: METHOD /path HTTP/1.1")
+    method, target, version = parts
+    if version not in ("HTTP/1.1", "HTTP/1.0"):
+        raise HttpError(505, f"{version!r}: only HTTP/1.1 and 1.0")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon or not name or name != name.strip():
+            raise HttpError(400, f"malformed header line {line[:40]!r}")
+        key = name.lower()
+        if key in headers and key in ("content-length", "authorization", "content-type"):
+            raise HttpError(400, f"more than one {name} header")
+        headers[key] = value.strip()
+    if "transfer-encoding" in headers:
+        raise HttpError(501, "chunked bodies are not supported: send Content-Length")
+    length_text = headers.get("content-length", "0")
+    if not length_text.isdigit():
+        raise HttpError(400, f"Content-Length {length_text!r} is not a number")
+    length = int(length_text)
+    if length > MAX_BODY:
+        raise HttpError(413, f"the body is over {MAX_BODY} bytes")
+    body = await reader.readexactly(length) if length else b""
+    path, _, query = target.partition("?")
+    return HttpRequest(method=method, path=path, query=query, headers=headers, body=body)
+
+
+def _error(status: int, message: str, headers: tuple[tuple[str, str], ...] = ()) -> HttpResponse:
+    return HttpResponse(status, {"error": message}, headers)
+
+
+async def _finish(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Half-close, then read what the client may still send (an oversized request's
+    rest) until it closes, bounded: closing with unread bytes would reset the connection
+    and could destroy the answer before the client reads it."""
+    if writer.can_write_eof():
+        writer.write_eof()
+    async with asyncio.timeout(1.0):
+        for _ in range(MAX_BODY // 4096 + 1):
+            if not await reader.read(4096):
+                return
+
+
+async def _write(writer: asyncio.StreamWriter, response: HttpResponse) -> None:
+    body = json.dumps(response.body, indent=2).encode() + b"\n"
+    head = [
+        f"HTTP/1.1 {response.status} {HTTPStatus(response.status).phrase}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+        *(f"{name}: {value}" for name, value in response.headers),
+    ]
+    writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+    async with asyncio.timeout(REQUEST_TIMEOUT):
+        await writer.drain()
