@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import re
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
 from pydantic import BeforeValidator, PlainSerializer, PlainValidator, ValidationInfo
@@ -274,6 +274,7 @@ def _parse_lines(
 
 
 # -- loading, shared while in use -----------------------------------------------------------------
+ListFile = TypeVar("ListFile", PrefixFile, NumberFile)
 _loaded: weakref.WeakValueDictionary[tuple[str, str, int, int, int], Any] = weakref.WeakValueDictionary()
 
 
@@ -288,25 +289,23 @@ def _load(kind: type[PrefixFile] | type[NumberFile], path: Path) -> Any:
     return found
 
 
-def _prefix_file(value: Any, info: ValidationInfo) -> PrefixFile:
-    if isinstance(value, PrefixFile):
-        return value
-    if not isinstance(value, str):
-        raise ValueError("expected a file name")
-    loaded: PrefixFile = _load(PrefixFile, list_path(value, info))
-    return loaded
+def _list_file(kind: type[ListFile]) -> Callable[[Any, ValidationInfo], ListFile]:
+    """A pydantic validator: a file name in the policy file becomes the loaded ``kind``."""
+
+    def validate(value: Any, info: ValidationInfo) -> ListFile:
+        if isinstance(value, kind):
+            return value
+        if not isinstance(value, str):
+            raise ValueError("expected a file name")
+        loaded: ListFile = _load(kind, list_path(value, info))
+        return loaded
+
+    return validate
 
 
-def _number_file(value: Any, info: ValidationInfo) -> NumberFile:
-    if isinstance(value, NumberFile):
-        return value
-    if not isinstance(value, str):
-        raise ValueError("expected a file name")
-    loaded: NumberFile = _load(NumberFile, list_path(value, info))
-    return loaded
-
-
-# Config field types: validated from a file name (the file is read, or found loaded), and
-# written back as the file's path.
-PrefixFileField = Annotated[PrefixFile, PlainValidator(_prefix_file), PlainSerializer(lambda f: str(f.path))]
-NumberFileField = Annotated[NumberFile, PlainValidator(_number_file), PlainSerializer(lambda f: str(f.path))]
+PrefixFileField = Annotated[
+    PrefixFile, PlainValidator(_list_file(PrefixFile)), PlainSerializer(lambda f: str(f.path))
+]
+NumberFileField = Annotated[
+    NumberFile, PlainValidator(_list_file(NumberFile)), PlainSerializer(lambda f: str(f.path))
+]

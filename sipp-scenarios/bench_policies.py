@@ -122,6 +122,18 @@ def baseline(messages: list[bytes], cold: bool = False) -> None:
         core_reads(data)
 
 
+def accepted(engine: PolicyEngine, data: bytes, n: int, now: float) -> CallInfo:
+    """INVITE ``n`` judged (it must be accepted: a refusal is not what is timed); its call."""
+    attempt_id = f"a{now}"
+    verdict = engine.decide_now(
+        CallAttempt(attempt_id=attempt_id, request=core_reads(data), source=SOURCE, now=now)
+    )
+    if not isinstance(verdict, Accept):
+        raise SystemExit(f"call {n} was not accepted: {verdict}; the benchmark would time a refusal")
+    return CallInfo(call_id=f"bench-{n}", from_tag=str(n), attempt_id=attempt_id, source=SOURCE,
+                    from_customer=True, started_at=now)  # fmt: skip
+
+
 def release_only(
     engine: PolicyEngine, messages: list[bytes], clock: itertools.count[int], cold: bool
 ) -> None:
@@ -130,14 +142,7 @@ def release_only(
         if cold:
             _normalise.cache_clear()
         now = next(clock) * STEP_S
-        attempt_id = f"a{now}"
-        verdict = engine.decide_now(
-            CallAttempt(attempt_id=attempt_id, request=core_reads(data), source=SOURCE, now=now)
-        )
-        if not isinstance(verdict, Accept):
-            raise SystemExit(f"call {n} was not accepted: {verdict}; the benchmark would time a refusal")
-        info = CallInfo(call_id=f"bench-{n}", from_tag=str(n), attempt_id=attempt_id, source=SOURCE,
-                        from_customer=True, started_at=now)  # fmt: skip
+        info = accepted(engine, data, n, now)
         engine.call_ended(CallEnded(call=info, reason=EndReason.BYE, now=now + 1.0))
 
 
@@ -151,14 +156,7 @@ def with_outcome(
             _normalise.cache_clear()
             history.release(f"num:{callers[n % len(callers)]}")
         now = next(clock) * STEP_S
-        attempt_id = f"a{now}"
-        verdict = engine.decide_now(
-            CallAttempt(attempt_id=attempt_id, request=core_reads(data), source=SOURCE, now=now)
-        )
-        if not isinstance(verdict, Accept):
-            raise SystemExit(f"call {n} was not accepted: {verdict}; the benchmark would time a refusal")
-        info = CallInfo(call_id=f"bench-{n}", from_tag=str(n), attempt_id=attempt_id, source=SOURCE,
-                        from_customer=True, started_at=now)  # fmt: skip
+        info = accepted(engine, data, n, now)
         answered = now + ANSWER_S
         engine.call_answered(CallAnswered(call=info, now=answered))
         engine.call_ended(

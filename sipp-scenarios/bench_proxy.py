@@ -775,7 +775,8 @@ def policy_rules(path: Path) -> list[str]:
     for line in lines[header + 1 :]:
         if not line.startswith("  "):
             break
-        rules.append(line.split()[0])
+        if not line.startswith("   "):  # a rule; deeper lines describe it (list sizes ...)
+            rules.append(line.split()[0])
     return rules
 
 
