@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 import textwrap
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,9 +221,13 @@ def assert_calls(result: SippResult, statuses: list[int]) -> dict[str, int]:
     assert result.returncode == 0, result.summary()
     assert (result.successful, result.failed) == (len(statuses), 0), result.summary()
     outcome = final_statuses(result)
-    in_order = sorted(outcome.items(), key=lambda item: int(item[0].split("-", 1)[0]))  # N-pid@ip
-    assert [status for _, status in in_order] == statuses, (outcome, result.summary())
+    assert [outcome[call_id] for call_id in in_call_order(outcome)] == statuses, (outcome, result.summary())
     return outcome
+
+
+def in_call_order(call_ids: Iterable[str]) -> list[str]:
+    """SIPp's Call-IDs (``N-pid@ip``) in the order its calls were placed."""
+    return sorted(call_ids, key=lambda call_id: int(call_id.split("-", 1)[0]))
 
 
 def only_call_id(result: SippResult) -> str:

@@ -9,7 +9,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from policy_e2e import ACME, CALLEE, PolicyLab, assert_calls, assert_pbx_clean, decision_of, final_statuses
+from policy_e2e import (
+    ACME,
+    CALLEE,
+    PolicyLab,
+    assert_calls,
+    assert_pbx_clean,
+    decision_of,
+    final_statuses,
+    in_call_order,
+)
 from sipp import Lab
 
 pytestmark = [pytest.mark.sipp]
@@ -23,10 +32,6 @@ def policy_lab(tmp_path: Path) -> Iterator[PolicyLab]:
     lab = Lab(tmp_path)
     yield PolicyLab(lab)
     lab.close()
-
-
-def in_call_order(statuses: dict[str, int]) -> list[str]:
-    return [call_id for call_id in sorted(statuses, key=lambda call_id: int(call_id.split("-", 1)[0]))]
 
 
 # -- dialer signatures: sequential dialing and the penalty box ---------------------------------------

@@ -70,6 +70,21 @@ def pbx_call_ids(pbx: SippResult) -> set[str]:
     return {m.headers("call-id")[0] for m in pbx.requests("received", "INVITE")}
 
 
+# acme with one number, one call at a time and one call a minute from it
+ONE_CALL_AT_A_TIME = f"""
+accounts:
+  acme:
+    sources: [{ACME}/32]
+    numbers: ["{ACME_NUMBER}"]
+rules:
+  caller_id: {{}}
+  concurrency: {{per_number: 1, per_account: null}}
+  call_rate:
+    per_number: {{per_minute: 1, burst: 1}}
+    per_account: null
+"""
+
+
 def index_of(log: GuardLog, event: str, call_id: str) -> int:
     """Where in the log the one ``event`` line about ``call_id`` is."""
     (found,) = [i for i, e in enumerate(log.events) if (e.get("event"), e.get("call_id")) == (event, call_id)]
@@ -270,18 +285,7 @@ def test_emergency_call_connects_over_every_limit_and_is_not_counted(policy_lab:
     """A caller at its concurrency cap and over its call rate is refused a normal call, but
     its call to 911 connects; the emergency call takes no slot and no rate: a normal call
     placed while it is up sees the very same counters as the one before it."""
-    guard = policy_lab.start(f"""
-        accounts:
-          acme:
-            sources: [{ACME}/32]
-            numbers: ["{ACME_NUMBER}"]
-        rules:
-          caller_id: {{}}
-          concurrency: {{per_number: 1, per_account: null}}
-          call_rate:
-            per_number: {{per_minute: 1, burst: 1}}
-            per_account: null
-        """)
+    guard = policy_lab.start(ONE_CALL_AT_A_TIME)
 
     mark = guard.mark()
     holder = policy_lab.call("uac_caller.xml", ACME_NUMBER, hold_ms=6000)
@@ -330,19 +334,7 @@ def test_monitor_mode_forwards_everything_and_logs_would_be_rejections(policy_la
     """``mode_override: monitor``: three simultaneous calls from a number acme does not
     own, over a cap of 1 and a rate of 1, all connect; each call.decision is an accept
     that names every rule that would have refused it, in mode monitor."""
-    policy_lab.start(f"""
-        mode_override: monitor
-        accounts:
-          acme:
-            sources: [{ACME}/32]
-            numbers: ["{ACME_NUMBER}"]
-        rules:
-          caller_id: {{}}
-          concurrency: {{per_number: 1, per_account: null}}
-          call_rate:
-            per_number: {{per_minute: 1, burst: 1}}
-            per_account: null
-        """)
+    policy_lab.start("mode_override: monitor\n" + ONE_CALL_AT_A_TIME)
 
     calls = policy_lab.run("uac_caller.xml", NOBODYS_NUMBER, calls=3, rate=20, hold_ms=1000)
 
