@@ -25,6 +25,8 @@ from typing import Any
 import structlog
 
 from .app import SipGuard
+from .engine import PolicyEngine
+from .reload import Reloader
 
 log = structlog.get_logger("sipguard.admin")
 
@@ -71,8 +73,19 @@ Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
 
 
 class AdminServer:
-    def __init__(self, guard: SipGuard, host: str, port: int, token: str | None = None) -> None:
+    def __init__(
+        self,
+        guard: SipGuard,
+        host: str,
+        port: int,
+        token: str | None = None,
+        *,
+        engine: PolicyEngine | None = None,
+        reloader: Reloader | None = None,
+    ) -> None:
         self.guard = guard
+        self.engine = engine  # None when sipguard runs without policies (tests of the listener)
+        self.reloader = reloader
         self.host = host
         self.port = port
         self._token = token.encode("ascii") if token is not None else None

@@ -110,11 +110,11 @@ class SipGuard:
         settings: ProxySettings,
         hook: DecisionHook | None = None,
         *,
-        reload: Callable[[], None] | None = None,
+        on_reload: Callable[[], object] | None = None,
     ) -> None:
         self.settings = settings
         self.hook: DecisionHook = hook or AcceptAll()
-        self._reload = reload  # called on SIGHUP
+        self.on_reload = on_reload  # called on SIGHUP
         self.transports = Transports(self.deliver)
         self.core: ProxyCore | None = None
         self.counters: Counter[str] = Counter()
@@ -341,8 +341,8 @@ class SipGuard:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        if self._reload is not None:
-            loop.add_signal_handler(signal.SIGHUP, self._reload)
+        if self.on_reload is not None:
+            loop.add_signal_handler(signal.SIGHUP, self.on_reload)
         await self._stopping.wait()
         try:
             await asyncio.wait_for(self._drained.wait(), self.settings.shutdown_grace)

@@ -30,6 +30,7 @@ from .policyfile import (
     load_policy,
     parse_admin_address,
 )
+from .reload import Reloader
 from .sip.events import parse_address
 from .state import MemoryStore, StateStore
 from .state.redis_store import RedisStore
@@ -159,30 +160,9 @@ async def _serve(
     for warning in policy.warnings:
         log.warning("policy.warning", detail=warning)
 
-    def reload() -> None:
-        if path is None:
-            log.warning("policy.reload_skipped", reason="no --config file")
-            return
-        try:
-            new = load_policy(path)
-        except PolicyFileError as error:
-            log.error("policy.reload_failed", path=path, errors=error.errors, kept=engine.policy.path)
-            return
-        if (new.proxy, new.state, new.admin) != (
-            engine.policy.proxy,
-            engine.policy.state,
-            engine.policy.admin,
-        ):
-            log.warning(
-                "policy.restart_needed", detail="proxy:, state: and admin: changes apply after a restart"
-            )
-        engine.replace(new)
-        guard.reconfigure_flood(new.flood)
-        log.info(
-            "policy.reloaded", path=path, accounts=len(new.accounts), rules=[r.name for r, _ in new.rules]
-        )
-
-    guard = SipGuard(settings, engine, reload=reload)
+    guard = SipGuard(settings, engine)
+    reloader = Reloader(engine, guard, path)
+    guard.on_reload = reloader.reload  # SIGHUP
     try:
         await guard.start()
     except OSError as error:
@@ -194,7 +174,7 @@ async def _serve(
         accounts=len(policy.accounts),
         rules=[r.name for r, _ in policy.rules],
     )
-    admin = await _start_admin(guard, policy.admin)
+    admin = await _start_admin(guard, policy.admin, engine, reloader)
     await guard.run_until_stopped()
     if admin is not None:
         await admin.close()
@@ -204,13 +184,15 @@ async def _serve(
     return 0
 
 
-async def _start_admin(guard: SipGuard, section: AdminSection) -> AdminServer | None:
+async def _start_admin(
+    guard: SipGuard, section: AdminSection, engine: PolicyEngine, reloader: Reloader
+) -> AdminServer | None:
     """The admin listener, if configured. One that cannot bind (its port taken, say by
     another instance) is logged and left out: the proxy serves calls without it."""
     if section.listen is None:
         return None
     host, port = parse_admin_address(section.listen)
-    admin = AdminServer(guard, host, port, section.token)
+    admin = AdminServer(guard, host, port, section.token, engine=engine, reloader=reloader)
     try:
         host, port = await admin.start()
     except OSError as error:

@@ -1,0 +1,77 @@
+"""Reloading the policy file while the proxy runs (SIGHUP, or ``POST /reload``).
+
+A reload is atomic: the file is read and validated whole, then swapped in for new
+INVITEs; live calls keep their slots and counters survive (see ``PolicyEngine.replace``).
+A file that does not validate changes nothing: the running policy stays, and the
+errors (``file:line: key: reason``) are logged and returned to whoever asked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import structlog
+
+from .policyfile import PolicyFileError, load_policy
+
+if TYPE_CHECKING:
+    from .app import SipGuard
+    from .engine import PolicyEngine
+
+log = structlog.get_logger("sipguard")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReloadResult:
+    ok: bool
+    path: str | None  # the file asked for (None: the proxy runs without one)
+    running: str  # the policy file in force afterwards
+    errors: list[str] = field(default_factory=list)  # why it was refused
+    restart_needed: bool = False  # proxy:, state: or admin: changed: they apply after a restart
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "reloaded": self.ok,
+            "path": self.path,
+            "running": self.running,
+            "errors": self.errors,
+            "restart_needed": self.restart_needed,
+        }
+
+
+class Reloader:
+    """Reloads ``path`` into the engine and the flood guard; counts how reloads went."""
+
+    def __init__(self, engine: PolicyEngine, guard: SipGuard, path: str | None) -> None:
+        self.engine = engine
+        self.guard = guard
+        self.path = path
+        self.succeeded = 0
+        self.failed = 0
+
+    def reload(self) -> ReloadResult:
+        running = self.engine.policy
+        if self.path is None:
+            log.warning("policy.reload_skipped", reason="no --config file")
+            self.failed += 1
+            return ReloadResult(
+                ok=False, path=None, running=running.path, errors=["sipguard runs without a policy file"]
+            )
+        try:
+            new = load_policy(self.path)
+        except PolicyFileError as error:
+            self.failed += 1
+            log.error("policy.reload_failed", path=self.path, errors=error.errors, kept=running.path)
+            return ReloadResult(ok=False, path=self.path, running=running.path, errors=error.errors)
+        restart_needed = (new.proxy, new.state, new.admin) != (running.proxy, running.state, running.admin)
+        if restart_needed:
+            log.warning(
+                "policy.restart_needed", detail="proxy:, state: and admin: changes apply after a restart"
+            )
+        self.engine.replace(new)
+        self.guard.reconfigure_flood(new.flood)
+        self.succeeded += 1
+        rules = [rule.name for rule, _ in new.rules]
+        log.info("policy.reloaded", path=self.path, accounts=len(new.accounts), rules=rules)
+        return ReloadResult(ok=True, path=self.path, running=new.path, restart_needed=restart_needed)
