@@ -1,14 +1,19 @@
-"""``sipguard demo``: the Acceptable Use Policy at work, with SIPp callers, on loopback.
+"""``sipguard demo``: the Acceptable Use Policy at work, with SIPp callers and a real
+scanner, on loopback.
 
 Starts sipguard in this process with the bundled demo policy (demo_policy.yaml: two
-accounts, acme on 127.0.0.2 and callcenter on 127.0.0.3, and the three rules), a SIPp
-UAS as the PBX behind it (sipp-scenarios/uas_pbx.xml), and plays one scenario per row:
-bounded SIPp runs from the loopback address of the account they stand for. Each call's
-outcome is taken from both ends: the final response the caller got (SIPp's short
-message trace) and the rule sipguard refused it by (the policy engine's counters, noted
-per call). A table sets that beside what the policy should do; the demo exits 1 when a
-row differs. The decision log goes to a JSON-lines file in a fresh temporary directory,
-next to SIPp's traces. Nothing leaves loopback; the ports are picked at run time.
+accounts, acme on 127.0.0.2 and callcenter on 127.0.0.3, four rules and the flood guard),
+a SIPp UAS as the PBX behind it (sipp-scenarios/uas_pbx.xml), and plays the scenarios of
+demo_plan.py step by step, those of a step at once: bounded SIPp runs from the loopback
+address of the account they stand for, and SIPVicious svmap scanning from its own.
+A call's outcome is taken from both ends: the final response the caller got (SIPp's
+short message trace) and the rule sipguard refused it by (the policy engine's counters,
+noted per call); the scan's from svmap's own log (messages sent, answers received) and
+sipguard's ban list (messages dropped). A table sets that beside what the policy should
+do; the demo exits 1 when a row differs (a missing svmap included). The decision log
+goes to a JSON-lines file in a fresh temporary directory, next to SIPp's and svmap's
+output. Nothing leaves loopback; the ports are picked at run time; every SIPp and svmap
+process is ended on the way out, Ctrl-C included.
 """
 
 from __future__ import annotations
@@ -22,122 +27,48 @@ import shutil
 import socket
 import sys
 import tempfile
+import textwrap
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from .app import ProxySettings, SipGuard
+from .demo_plan import (
+    ACME,
+    CALLCENTER,
+    CALLEE,
+    LOOPBACK,
+    PLAN,
+    SCANNER,
+    CallRow,
+    DemoRow,
+    Scan,
+    ScanRow,
+    Scenario,
+)
 from .engine import PolicyEngine
+from .flood import FloodGuard
 from .policyfile import PolicyFileError, load_policy
 from .sip.events import Address, CallAnswered, CallAttempt, CallEnded, Verdict
 
 POLICY = Path(__file__).resolve().with_name("demo_policy.yaml")
 SCENARIO_DIR = Path(__file__).resolve().parent.parent / "sipp-scenarios"
-LOOPBACK = "127.0.0.1"  # sipguard and the stand-in PBX (a trusted peer in the demo policy)
-ACME = "127.0.0.2"  # the demo policy's sources: of account acme ...
-CALLCENTER = "127.0.0.3"  # ... and of callcenter
-CALLEE = "+12125551234"  # whom the customers call
 SIPP_TIMEOUT = 20  # seconds: every SIPp caller stops by itself within this (-timeout)
 PBX_TIMEOUT = 120  # seconds: the stand-in PBX too, should the demo not stop it first
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Scenario:
-    name: str
-    who: str  # shown in the table: which account, which number
-    source: str  # the account's loopback address (its sources: in the demo policy)
-    callers: tuple[str, ...]  # caller numbers: one SIPp run each, all at once
-    xml: str  # the caller's scenario in sipp-scenarios/
-    calls: int  # per caller (-m)
-    rate: float  # new calls per second (-r)
-    hold_ms: int  # how long a connected call lasts (-d)
-    at_once: int | None = None  # at most this many calls in flight per caller (-l)
-    dialled: str = CALLEE
-    expect_connected: int
-    expect_refused: tuple[tuple[int, int, str], ...] = ()  # (calls, status, rule)
-    expect_emergency: int = 0  # calls sipguard passes unjudged as call.emergency
-
-    @property
-    def sent(self) -> int:
-        return self.calls * len(self.callers)
-
-
-SCENARIOS_PLAYED = (
-    Scenario(
-        name="legitimate calls",
-        who="callcenter, 5 agents",
-        source=CALLCENTER,
-        callers=tuple(f"+1415555200{agent}" for agent in range(5)),
-        xml="uac_caller.xml",
-        calls=2,
-        rate=2,
-        hold_ms=500,
-        at_once=1,
-        expect_connected=10,
-    ),
-    Scenario(
-        name="spoofed caller ID",
-        who="callcenter as +14155559999",  # acme's number
-        source=CALLCENTER,
-        callers=("+14155559999",),
-        xml="uac_spoofed.xml",
-        calls=5,
-        rate=10,
-        hold_ms=0,
-        expect_connected=0,
-        expect_refused=((5, 403, "caller_id"),),
-    ),
-    Scenario(
-        name="trunking burst",
-        who="acme +14155550100",
-        source=ACME,
-        callers=("+14155550100",),
-        xml="uac_trunking.xml",
-        calls=6,
-        rate=50,
-        hold_ms=2000,  # the first two hold their slots while the rest arrive
-        expect_connected=2,
-        expect_refused=((4, 486, "concurrency"),),
-    ),
-    Scenario(
-        name="dialer burst",
-        who="acme +14155550101",
-        source=ACME,
-        callers=("+14155550101",),
-        xml="uac_dialer.xml",
-        calls=8,
-        rate=100,
-        hold_ms=0,
-        at_once=1,  # back to back: never two at once, so only the rate can refuse
-        expect_connected=3,
-        expect_refused=((5, 503, "call_rate"),),
-    ),
-    Scenario(
-        name="emergency over limits",
-        who="acme +14155550101 to 911",  # over its call rate since the dialer burst
-        source=ACME,
-        callers=("+14155550101",),
-        xml="uac_caller.xml",
-        calls=3,
-        rate=50,
-        hold_ms=1000,  # three at once: over concurrent_per_number (2) as well
-        dialled="911",
-        expect_connected=3,
-        expect_emergency=3,
-    ),
-)
+SVMAP = "sipvicious_svmap"  # SIPVicious's scanner, from the test extras (pip install sipvicious)
+SCAN_TIMEOUT = 20  # seconds: svmap ends 3 s after its last message; killed if it is not done by then
+NOTE_WIDTH = 100  # the notes under the table are wrapped to this, like the table itself
 
 
 # -- what happened ---------------------------------------------------------------------------------
 class JudgedCalls:
     """The policy engine as the proxy's DecisionHook, noting how it judged each call:
     Call-ID -> the rule that refused it, ``accepted`` or ``emergency`` (from the engine's
-    own counters, which move by one per judged INVITE)."""
+    own counters, which move by one per judged INVITE), in the order judged."""
 
     def __init__(self, engine: PolicyEngine) -> None:
         self.engine = engine
@@ -168,34 +99,6 @@ class JudgedCalls:
         if outcome is None:
             outcome = "emergency" if moved["emergency"] else "accepted"
         self.by_call_id[attempt.request.call_id] = outcome
-
-
-@dataclass(slots=True)
-class Row:
-    scenario: Scenario
-    sent: int = 0
-    connected: int = 0
-    refused: Counter[tuple[int, str]] = field(default_factory=Counter)  # (status, rule) -> calls
-    unanswered: int = 0
-    emergency: int = 0
-    sipp_failed: list[str] = field(default_factory=list)  # SIPp runs whose scenario failed a call
-    retry_after: list[int] = field(default_factory=list)  # each 503's, as the caller logged it
-
-    @property
-    def expected(self) -> tuple[int, Counter[tuple[int, str]], int]:
-        refused = Counter({(status, rule): n for n, status, rule in self.scenario.expect_refused})
-        return self.scenario.expect_connected, refused, self.scenario.expect_emergency
-
-    @property
-    def ok(self) -> bool:
-        seen = (self.connected, self.refused, self.emergency)
-        return seen == self.expected and self.sent == self.scenario.sent and not self.sipp_failed
-
-
-def _refusals(refused: Counter[tuple[int, str]], unanswered: int = 0) -> str:
-    parts = [f"{n} × {status} {rule}" for (status, rule), n in sorted(refused.items())]
-    parts += [f"{unanswered} × no answer"] if unanswered else []
-    return ", ".join(parts) or "0"
 
 
 def _final_statuses(path: Path) -> dict[str, int | None]:
@@ -229,7 +132,7 @@ def _invites_received(path: Path) -> set[str]:
     return found
 
 
-# -- running SIPp ----------------------------------------------------------------------------------
+# -- running SIPp and svmap ------------------------------------------------------------------------
 def free_udp_ports(host: str, count: int) -> list[int]:
     """Distinct UDP ports free on ``host`` right now (held together, so never the same twice)."""
     with contextlib.ExitStack() as stack:
@@ -254,24 +157,27 @@ async def _wait_until_bound(port: int, process: asyncio.subprocess.Process) -> N
 
 
 class Lab:
-    """The SIPp processes of one demo, their files in ``workdir``; ``close`` ends them all."""
+    """The SIPp and svmap processes of one demo, their files in ``workdir``; ``close`` ends them all."""
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.processes: list[asyncio.subprocess.Process] = []
+
+    async def start(self, argv: list[str], output: Path) -> asyncio.subprocess.Process:
+        """Start ``argv``, its stdout and stderr into ``output``; ``close`` ends it."""
+        with output.open("wb") as file:
+            process = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=file, stderr=asyncio.subprocess.STDOUT
+            )
+        self.processes.append(process)
+        return process
 
     async def sipp(self, name: str, argv: list[str], *, logs: bool = False) -> asyncio.subprocess.Process:
         """Start SIPp with its short message trace (and its <log> actions) in ``workdir``."""
         traces = ["-trace_shortmsg", "-shortmessage_file", str(self.workdir / f"{name}.shortmsg")]
         if logs:
             traces += ["-trace_logs", "-log_file", str(self.workdir / f"{name}.logs")]
-        with (self.workdir / f"{name}.screen").open("wb") as screen:
-            process = await asyncio.create_subprocess_exec(
-                "sipp", *argv, "-nostdin", *traces,
-                stdin=asyncio.subprocess.DEVNULL, stdout=screen, stderr=asyncio.subprocess.STDOUT,
-            )  # fmt: skip
-        self.processes.append(process)
-        return process
+        return await self.start(["sipp", *argv, "-nostdin", *traces], self.workdir / f"{name}.screen")
 
     async def close(self) -> None:
         for process in self.processes:
@@ -284,11 +190,14 @@ class Lab:
                     await process.wait()
 
 
-async def _play(lab: Lab, scenario: Scenario, index: int, proxy: Address, judged: JudgedCalls) -> Row:
+async def play_calls(
+    lab: Lab, scenario: Scenario, index: int, proxy: Address, judged: JudgedCalls
+) -> CallRow:
     """Every caller of the scenario at once, each a bounded SIPp run; then read the outcome."""
     ports = free_udp_ports(scenario.source, len(scenario.callers))
     logs = "<log " in (SCENARIO_DIR / scenario.xml).read_text(errors="replace")  # uac_dialer.xml: Retry-After
-    names = [f"{index}-{scenario.xml.removesuffix('.xml')}-{n}" for n in range(len(scenario.callers))]
+    stem = f"{index}-{scenario.name.replace(' ', '-')}"  # 2-trunking-burst-0.shortmsg ...
+    names = [f"{stem}-{n}" for n in range(len(scenario.callers))]
     runs = []
     for name, caller, port in zip(names, scenario.callers, ports, strict=True):
         argv = [
@@ -301,11 +210,13 @@ async def _play(lab: Lab, scenario: Scenario, index: int, proxy: Address, judged
             argv += ["-l", str(scenario.at_once)]
         runs.append(await lab.sipp(name, [*argv, proxy.host_port], logs=logs))
     codes = await asyncio.gather(*(run.wait() for run in runs))
-    row = Row(scenario)
+    row = CallRow(scenario)
     for name, code in zip(names, codes, strict=True):
         if code != 0:
             row.sipp_failed.append(f"{name} (exit {code}, see {lab.workdir / name}.screen)")
-        for call_id, status in _final_statuses(lab.workdir / f"{name}.shortmsg").items():
+        statuses = _final_statuses(lab.workdir / f"{name}.shortmsg")
+        row.statuses.update(statuses)
+        for call_id, status in statuses.items():
             row.sent += 1
             outcome = judged.by_call_id.get(call_id, "unjudged")
             row.emergency += outcome == "emergency"
@@ -319,6 +230,42 @@ async def _play(lab: Lab, scenario: Scenario, index: int, proxy: Address, judged
         if logged.exists():  # uac_dialer.xml logs each 503's Retry-After
             found = re.findall(r" 503 Retry-After: (\d+)", logged.read_text(errors="replace"))
             row.retry_after += [int(seconds) for seconds in found]
+    return row
+
+
+def find_svmap() -> str | None:
+    """svmap beside this Python (a venv's bin/, where `pip install sipvicious` puts it), or on PATH."""
+    beside = Path(sys.executable).parent / SVMAP
+    return str(beside) if beside.exists() else shutil.which(SVMAP)
+
+
+async def play_scan(lab: Lab, scan: Scan, proxy: Address, flood: FloodGuard, svmap: str | None) -> ScanRow:
+    """svmap, bounded: one target (sipguard's port), one message per method; then what it
+    logged (-vv: each message sent, each answer received) and sipguard's ban of its address."""
+    if svmap is None:
+        return ScanRow(scan, problem="svmap not installed")
+    (port,) = free_udp_ports(scan.source, 1)
+    output = lab.workdir / "svmap.out"
+    process = await lab.start(
+        [
+            svmap, "-vv", "-b", scan.source, "-P", str(port), "-p", str(proxy.port),
+            "-m", ",".join(scan.methods), proxy.host,
+        ],
+        output,
+    )  # fmt: skip
+    row = ScanRow(scan, output=output)
+    try:
+        code = await asyncio.wait_for(process.wait(), SCAN_TIMEOUT)
+    except TimeoutError:
+        row.problem = f"svmap ran {SCAN_TIMEOUT} s"  # Lab.close ends it
+        return row
+    log = output.read_text(errors="replace").splitlines()
+    row.sent = sum(f"sending packet to {proxy.host_port}" in line for line in log)
+    row.answered = sum("got data from" in line for line in log)
+    # svmap exits 30 when it got fewer answers than it sent: here, the point
+    if code not in (0, 30) or any(line.startswith(("ERROR:", "CRITICAL:")) for line in log):
+        row.problem = f"svmap failed (exit {code})"
+    row.ban = next((ban for ban in flood.bans if ban.host == scan.source), None)
     return row
 
 
@@ -353,17 +300,18 @@ def decision_log(path: Path, level: str, fmt: str) -> Iterator[None]:
         yield
 
 
-def _events(path: Path) -> Counter[str]:
-    events: Counter[str] = Counter()
+def _events(path: Path) -> list[dict[str, Any]]:
+    events = []
     for line in path.read_text(errors="replace").splitlines():
         with contextlib.suppress(ValueError):
-            events[json.loads(line).get("event", "")] += 1
+            events.append(json.loads(line))
     return events
 
 
 # -- the demo -------------------------------------------------------------------------------------
-COLUMNS = "{:<22}  {:<26}  {:>5}  {:>9}  {:<22}  {:<30}  {}"
-HEADER = ("scenario", "from", "calls", "connected", "refused", "expected (connected + refused)", "result")
+# Two spaces between columns; at most 100 characters wide (a row that differs may be longer).
+COLUMNS = "{:<17}  {:<10}  {:>4}  {:>8}  {:<19}  {:<23}  {}"
+HEADER = ("scenario", "from", "sent", "answered", "refused / dropped", "expected", "result")
 
 
 async def run_demo(log_level: str = "debug", log_format: str = "auto") -> int:
@@ -380,6 +328,7 @@ async def run_demo(log_level: str = "debug", log_format: str = "auto") -> int:
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="sipguard-demo-"))
     log_path = workdir / "sipguard.log"
+    svmap = find_svmap()
     started = time.monotonic()
     with decision_log(log_path, log_level, log_format):
         (pbx_port,) = free_udp_ports(LOOPBACK, 1)
@@ -388,7 +337,7 @@ async def run_demo(log_level: str = "debug", log_format: str = "auto") -> int:
         settings = ProxySettings.from_policy(policy, listen=[Address("udp", LOOPBACK, 0)], upstream=pbx)
         guard = SipGuard(settings, judged)
         lab = Lab(workdir)
-        rows: list[Row] = []
+        rows: list[DemoRow] = []
         try:
             proxy = (await guard.start())[0]
             uas = await lab.sipp("pbx", [
@@ -398,65 +347,95 @@ async def run_demo(log_level: str = "debug", log_format: str = "auto") -> int:
             await _wait_until_bound(pbx.port, uas)
             print(f"sipguard {proxy}, policy {POLICY}")
             print(f"in front of a stand-in PBX (SIPp, uas_pbx.xml) at {pbx}")
-            print(f"callers (SIPp): acme from {ACME}, callcenter from {CALLCENTER}; they call {CALLEE}\n")
+            print(f"customers (SIPp): acme from {ACME}, callcenter from {CALLCENTER}, calling {CALLEE}")
+            print(f"a scanner (SIPVicious svmap) from {SCANNER}\n")
             header = COLUMNS.format(*HEADER)
             print(header)
             print("-" * len(header), flush=True)
-            for index, scenario in enumerate(SCENARIOS_PLAYED):
-                row = await _play(lab, scenario, index, proxy, judged)
-                rows.append(row)
-                print(_table_row(row), flush=True)
+
+            async def play(item: Scenario | Scan, index: int) -> DemoRow:
+                if isinstance(item, Scan):
+                    return await play_scan(lab, item, proxy, guard.flood, svmap)
+                return await play_calls(lab, item, index, proxy, judged)
+
+            for index, step in enumerate(PLAN):
+                for row in await asyncio.gather(*(play(item, index) for item in step)):
+                    rows.append(row)
+                    print(table_row(row), flush=True)
         finally:
             await lab.close()  # the PBX too: its trace is complete once SIPp has exited
             await guard.close()
     pbx_calls = len(_invites_received(workdir / "pbx.shortmsg"))
-    return _report(rows, guard, pbx_calls, log_path, time.monotonic() - started)
+    return _report(rows, guard, judged, pbx_calls, log_path, time.monotonic() - started)
 
 
-def _table_row(row: Row) -> str:
-    scenario = row.scenario
-    connected, refused, _ = row.expected
-    return COLUMNS.format(
-        scenario.name,
-        scenario.who,
-        row.sent,
-        row.connected,
-        _refusals(row.refused, row.unanswered),
-        f"{connected} + {_refusals(refused)}",
-        "ok" if row.ok else "DIFFERS",
-    )
+def table_row(row: DemoRow) -> str:
+    return COLUMNS.format(*row.cells(), "ok" if row.ok else "DIFFERS")
 
 
-def _report(rows: list[Row], guard: SipGuard, pbx_calls: int, log_path: Path, elapsed: float) -> int:
+def _note(text: str) -> str:
+    return textwrap.fill(text, NOTE_WIDTH, subsequent_indent="  ", break_on_hyphens=False)
+
+
+def _penalty_notes(
+    row: CallRow, rows: list[DemoRow], judged: JudgedCalls, events: list[dict[str, Any]]
+) -> list[str]:
+    """The penalty box at work: for a dialer it boxed, why and what the box refused after;
+    for the scenario played beside it, how many of its calls connected after the box."""
+    notes = []
+    boxed = [e for e in events if e.get("event") == "penalty.boxed" and e.get("call_id") in row.statuses]
+    by_the_box = sum(n for (_, rule), n in row.refused.items() if rule == "dialer") - len(boxed)
+    notes += [
+        f"{e['reason']}: refused, boxed {e['seconds']:g} s; then {by_the_box} refused by the box"
+        for e in boxed
+    ]
+    if row.scenario.beside:
+        order = {call_id: position for position, call_id in enumerate(judged.by_call_id)}
+        dialer = next(r for r in rows if isinstance(r, CallRow) and r.name == row.scenario.beside)
+        refused = [order[c] for c in dialer.statuses if judged.by_call_id.get(c) == "dialer"]
+        box = min(refused, default=len(order))
+        after = sum(status == 200 and order.get(c, -1) > box for c, status in row.statuses.items())
+        notes.append(f"{row.connected} connected, {after} of them after the dialer's number was boxed")
+    return notes
+
+
+def _report(
+    rows: list[DemoRow], guard: SipGuard, judged: JudgedCalls, pbx_calls: int, log_path: Path, elapsed: float
+) -> int:
     print()
+    events = _events(log_path)
     for row in rows:
-        name = row.scenario.name
-        refused_503 = sum(n for (status, _), n in row.refused.items() if status == 503)
-        if refused_503:
-            seconds = ", ".join(str(s) for s in sorted(set(row.retry_after))) or "none"
-            print(f"{name}: {len(row.retry_after)} of {refused_503} × 503 carried Retry-After ({seconds} s)")
-        if row.scenario.expect_emergency:
-            print(
-                f"{name}: {row.emergency} × call.emergency, passed unjudged and uncounted: placed at once "
-                "(over concurrent_per_number, 2), from the number call_rate refused above"
-            )
-        for failed in row.sipp_failed:
-            print(f"{name}: a SIPp run failed a call its scenario expected to go otherwise: {failed}")
-    connected = sum(row.connected for row in rows)
+        notes = row.notes()
+        if isinstance(row, CallRow):
+            notes += _penalty_notes(row, rows, judged, events)
+        print(_note(f"{row.name}: {'; '.join(notes)}"))
+    connected = sum(row.connected for row in rows if isinstance(row, CallRow))
     pbx_ok = pbx_calls == connected
     if pbx_ok:
         print(f"the PBX saw {pbx_calls} calls: the {connected} that connected; no refused call reached it")
     else:
         print(f"the PBX saw {pbx_calls} calls, but {connected} connected: DIFFERS")
+    banned = [ban.host for ban in guard.flood.bans]
+    bans_ok = set(banned) <= {SCANNER}  # whether the scanner is, its row says
+    verdict = (
+        "no customer, and not the PBX" if bans_ok else f"DIFFERS: the scanner ({SCANNER}) alone should be"
+    )
+    print(f"banned: {', '.join(banned) or 'nobody'}; {verdict}")
     assert guard.core is not None
     counters = guard.counters
     print(
-        f"sipguard saw {counters['messages_in']} messages; calls answered {counters['calls_answered']}, "
-        f"ended {counters['calls_ended']}, still tracked {guard.core.calls.live}"
+        f"sipguard saw {counters['messages_in']} messages, dropped {counters['flood_dropped']}; calls "
+        f"answered {counters['calls_answered']}, ended {counters['calls_ended']}, "
+        f"still tracked {guard.core.calls.live}"
     )
-    events = _events(log_path)
-    print(f"\ndecision log (JSON lines, SIPp's traces beside it): {log_path}")
-    print(f"  {events['call.decision']} call.decision, {events['call.emergency']} call.emergency")
-    differs = [row.scenario.name for row in rows if not row.ok] + ([] if pbx_ok else ["the PBX"])
+    named = Counter(event.get("event", "") for event in events)
+    print(f"\ndecision log (JSON lines, SIPp's and svmap's output beside it): {log_path}")
+    print(
+        f"  {named['call.decision']} call.decision, {named['call.emergency']} call.emergency, "
+        f"{named['penalty.boxed']} penalty.boxed, {named['flood.banned']} flood.banned"
+    )
+    differs = [row.name for row in rows if not row.ok]
+    differs += [] if pbx_ok else ["the PBX"]
+    differs += [] if bans_ok else ["the bans"]
     print(f"\n{'DIFFERS: ' + ', '.join(differs) if differs else 'every row as expected'} ({elapsed:.1f} s)")
     return 1 if differs else 0
