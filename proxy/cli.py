@@ -455,10 +455,10 @@ def _print_replay(report: ReplayReport) -> None:
         print()
         _print_table(rows, right_aligned={1, 2, 3, 4, 5})
     if report.judged:
-        answered, let_through = report.seen("reject", "answered"), report.seen("accept", "refused")
-        print(f"\nagainst the capture: {answered} of the calls it would refuse were answered there; "
-              f"{let_through} it lets through were refused there (taken as ringing until that "
-              "refusal)")  # fmt: skip
+        print("\nagainst the capture:")
+        print(f"  {report.seen('reject', 'answered')} of the calls it would refuse were answered there")
+        print(f"  {report.seen('accept', 'refused')} of the calls it lets through were refused there "
+              "(taken as ringing until that refusal)")  # fmt: skip
     if report.examples:
         print(f"\nrefused calls, the first {len(report.examples)} of {report.refused}:")
         rows = [("TIME", "CALL-ID", "ACCOUNT", "CALLER", "CALLEE", "RULE", "DETAIL")]

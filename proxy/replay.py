@@ -106,7 +106,7 @@ class ReplayReport:
     """What the policy would have done with the capture's calls."""
 
     policy: str
-    capture: str
+    capture: str = ""
     capture_format: str = ""
     link_type: str = ""
     first_at: float | None = None
@@ -169,14 +169,13 @@ class CallReplay:
     def __init__(
         self,
         policy: CompiledPolicy,
-        report: ReplayReport,
         *,
         upstream: Address | None = None,
         examples: int = 10,
         keep_calls: bool = False,
     ) -> None:
         self.policy = policy
-        self.report = report
+        self.report = report = ReplayReport(policy=policy.path)
         self.engine = PolicyEngine(policy, MemoryStore(slot_lease=policy.local_slot_lease))
         self.engine.on_decision = self._decided
         self.calls = CallTable(
@@ -214,19 +213,17 @@ class CallReplay:
         self._expire(now)
         self._now = now
         message = packet.message
-        from_pbx = self._from_pbx_side(packet.source)
-        self._pbx_messages += from_pbx
-        try:
-            key = (message.call_id, message.from_.tag or "", message.cseq.seq)
+        try:  # (headers are parsed when first read: only those of messages that matter)
             if isinstance(message, Response):
-                if message.cseq.method == "INVITE" and message.status_code >= 200:
-                    self._final_response(key, message, from_pbx, now)
+                if message.status_code >= 200 and message.cseq.method == "INVITE":
+                    from_pbx = self._from_pbx_side(packet.source)
+                    self._final_response(_attempt_key(message), message, from_pbx, now)
             elif message.method == "INVITE" and message.to.tag is None:
-                self._invite(key, packet, from_pbx, now)
+                self._invite(_attempt_key(message), packet, now)
             elif message.method == "BYE":
                 self._bye(message, now)
-            elif message.method == "CANCEL" and key in self._open:
-                self._open[key].cancelled = True
+            elif message.method == "CANCEL" and (attempt := self._open.get(_attempt_key(message))):
+                attempt.cancelled = True
         except ParseError:
             self.unusable += 1
 
@@ -246,7 +243,7 @@ class CallReplay:
         return self.report
 
     # -- calls -----------------------------------------------------------------------------------
-    def _invite(self, key: tuple[str, str, int], packet: SipPacket, from_pbx: bool, now: float) -> None:
+    def _invite(self, key: tuple[str, str, int], packet: SipPacket, now: float) -> None:
         if key in self._seen:  # a retransmission, or the copy sent on to the next hop
             attempt = self._open.get(key)
             if attempt is not None and packet.source != attempt.source:
@@ -254,7 +251,7 @@ class CallReplay:
             return
         self._forget_old_invites(now)
         self._seen[key] = now
-        if from_pbx:
+        if self._from_pbx_side(packet.source):
             self.report.from_pbx_side += 1
             return
         request = packet.message
@@ -387,10 +384,12 @@ class CallReplay:
             del seen[oldest]
 
     def _from_pbx_side(self, source: Address) -> bool:
+        """Whether the live proxy would take a request from ``source`` as the PBX's."""
         host = normal_host(source.host)
-        if (host, source.port) == self._upstream:
-            return True
-        return bool(self._trusted) and in_networks(host, self._trusted)
+        trusted = bool(self._trusted) and in_networks(host, self._trusted)
+        pbx = trusted or (host, source.port) == self._upstream
+        self._pbx_messages += pbx
+        return pbx
 
     # -- the report ------------------------------------------------------------------------------
     def _count(self, judged: JudgedCall) -> None:
@@ -474,6 +473,11 @@ class CallReplay:
                             f"as live): first {self.policy_errors[0]}")  # fmt: skip
 
 
+def _attempt_key(message: Request | Response) -> tuple[str, str, int]:
+    """An INVITE transaction's messages by Call-ID, From tag and CSeq number (a CANCEL's too)."""
+    return (message.call_id, message.from_.tag or "", message.cseq.seq)
+
+
 def wall_time(at: float | None) -> str | None:
     """ISO 8601 in UTC, to the millisecond: 2026-01-12T09:00:00.123Z."""
     if at is None:
@@ -491,24 +495,24 @@ def replay_capture(
 ) -> ReplayReport:
     """Read the capture at ``path`` and judge its calls by ``policy``; CaptureError when
     the file cannot be read as a capture at all."""
-    report = ReplayReport(policy=policy.path, capture=path)
-    replay = CallReplay(policy, report, upstream=upstream, examples=examples, keep_calls=keep_calls)
+    replay = CallReplay(policy, upstream=upstream, examples=examples, keep_calls=keep_calls)
+    report = replay.report
+    report.capture = path
+    first = last = None
     try:
-        file = open(path, "rb")  # noqa: SIM115 - closed below, after the reader is done
-    except OSError as error:
-        raise CaptureError(f"cannot read {path}: {error.strerror or error}") from None
-    with file:
-        reader = CaptureReader(file, path)
-        decoder = PacketDecoder(reader.link_type)
-        report.capture_format, report.link_type = reader.format, LINK_TYPE_NAMES[reader.link_type]
-        first = last = None
-        for at, frame in reader:
-            first = at if first is None else first
-            last = at if last is None else max(last, at)
-            for packet in decoder.decode(at, frame):
+        with open(path, "rb") as file:
+            reader = CaptureReader(file, path)
+            decoder = PacketDecoder(reader.link_type)
+            report.capture_format, report.link_type = reader.format, LINK_TYPE_NAMES[reader.link_type]
+            for at, frame in reader:
+                first = at if first is None else first
+                last = at if last is None else max(last, at)
+                for packet in decoder.decode(at, frame):
+                    replay.feed(packet)
+            for packet in decoder.finish(last or 0.0):
                 replay.feed(packet)
-        for packet in decoder.finish(last or 0.0):
-            replay.feed(packet)
+    except OSError as error:  # (not found, a directory, no permission)
+        raise CaptureError(f"cannot read {path}: {error.strerror or error}") from None
     report.first_at, report.last_at = first, last
     report.counts = decoder.counts
     report.counts.malformed += replay.unusable

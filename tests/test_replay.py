@@ -14,6 +14,7 @@ decision log, then replays it against changed policies.
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import random
@@ -25,7 +26,7 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import dpkt
 import pytest
@@ -38,6 +39,7 @@ from sipsim import invite, request, response
 from proxy.capture import (
     GAP_PATIENCE,
     MAX_OUT_OF_ORDER,
+    CaptureError,
     CaptureReader,
     PacketDecoder,
     SipPacket,
@@ -140,13 +142,16 @@ class Capture:
 
     def write(self, path: Path, kind: str = "pcap") -> Path:
         with path.open("wb") as file:
-            if kind == "pcapng":
-                writer: Any = dpkt.pcapng.Writer(file, snaplen=65535, linktype=self.link)
-            else:
-                writer = dpkt.pcap.Writer(file, snaplen=65535, linktype=self.link, nano=kind == "pcap-nano")
-            for at, data in self.frames:
-                writer.writepkt(data, ts=at)
+            self.write_to(file, kind)
         return path
+
+    def write_to(self, file: IO[bytes], kind: str) -> None:
+        if kind == "pcapng":
+            writer: Any = dpkt.pcapng.Writer(file, snaplen=65535, linktype=self.link)
+        else:
+            writer = dpkt.pcap.Writer(file, snaplen=65535, linktype=self.link, nano=kind == "pcap-nano")
+        for at, data in self.frames:
+            writer.writepkt(data, ts=at)
 
 
 def facing(customer: tuple[str, int]) -> tuple[str, int]:
@@ -339,6 +344,49 @@ def test_a_call_left_ringing_ends_at_the_ringing_timeout(tmp_path: Path) -> None
         "while-that-rings": ("reject", "concurrency"),
     }  # fmt: skip
     assert captured(report)["ringing"] == "unanswered"
+
+
+def test_an_answered_call_ends_at_the_rules_maximum_duration(tmp_path: Path) -> None:
+    """usage.max_call_duration 60: the call answered at 1 s is over at 61 s (live, sipguard
+    would have sent the BYEs), so a call at 62 s is accepted although the capture's BYE
+    only comes at 200 s."""
+    capture = Capture()
+    long_call = call_invite("long", OWNED)
+    capture.to_pbx(T0, long_call)
+    capture.to_customer(T0 + 1, response(long_call, 200))
+    capture.to_pbx(T0 + 60, call_invite("at-60-s", OWNED))
+    capture.to_pbx(T0 + 62, call_invite("at-62-s", OWNED))
+    capture.to_pbx(T0 + 200, bye("long"))
+    rules = {"concurrency": {"per_number": 1, "per_account": None}, "usage": {"max_call_duration": 60}}
+
+    report = replayed(capture, tmp_path, policy(rules))
+
+    assert verdicts(report) == {
+        "long": ("accept", None), "at-60-s": ("reject", "concurrency"), "at-62-s": ("accept", None),
+    }  # fmt: skip
+
+
+def test_a_cancelled_call_ends_with_its_487(tmp_path: Path) -> None:
+    capture = Capture()
+    cancelled = call_invite("cancelled", OWNED)
+    capture.to_pbx(T0, cancelled)
+    capture.to_customer(T0 + 0.1, response(cancelled, 180))
+    capture.to_pbx(
+        T0 + 2,
+        request("CANCEL", call_id="cancelled", vias=("SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bKcancelled",)),
+    )
+    capture.to_pbx(T0 + 2.5, call_invite("while-cancelling", OWNED))  # the 487 has not passed yet
+    capture.to_customer(T0 + 3, response(cancelled, 487))
+    capture.to_pbx(T0 + 4, call_invite("after", OWNED))
+
+    report = replayed(capture, tmp_path)
+
+    assert verdicts(report) == {
+        "cancelled": ("accept", None),
+        "while-cancelling": ("reject", "concurrency"),
+        "after": ("accept", None),
+    }
+    assert captured(report)["cancelled"] == "cancelled"
 
 
 def test_a_call_refused_in_the_capture_but_accepted_now_rings_until_that_refusal(tmp_path: Path) -> None:
@@ -668,6 +716,31 @@ def test_a_gzipped_capture_is_read(tmp_path: Path) -> None:
     path.write_bytes(gzip.compress(capture.write(tmp_path / "calls.pcap").read_bytes()))
     report = replay_capture(policy(), str(path), keep_calls=True)
     assert len(verdicts(report)) == 4
+
+
+def capture_file_starts() -> list[bytes]:
+    """The first bytes of a pcap, a nanosecond pcap and a pcapng file with one call."""
+    capture = Capture()
+    capture.to_pbx(T0, call_invite("A", OWNED))
+    starts = []
+    for kind in ("pcap", "pcap-nano", "pcapng"):
+        buffer = io.BytesIO()
+        capture.write_to(buffer, kind)
+        starts.append(buffer.getvalue()[:200])
+    return starts
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(capture_file_starts()), st.integers(0, 200), st.binary(max_size=300))
+def test_a_damaged_file_is_refused_or_read_up_to_the_damage(start: bytes, keep: int, tail: bytes) -> None:
+    data = start[:keep] + tail
+    try:
+        reader = CaptureReader(io.BytesIO(data), "damaged.pcap")
+        decoder = PacketDecoder(reader.link_type)
+        for at, frame in reader:
+            decoder.decode(at, frame)
+    except CaptureError as error:
+        assert "\n" not in str(error)
 
 
 def test_reader_yields_timestamps_as_floats(tmp_path: Path) -> None:
