@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import uvloop
@@ -34,6 +34,9 @@ from .reload import Reloader
 from .sip.events import parse_address
 from .state import MemoryStore, StateStore
 from .state.redis_store import RedisStore
+
+if TYPE_CHECKING:
+    from .replay import ReplayReport
 
 log = structlog.get_logger("sipguard")
 DEFAULT_ADMIN = AdminSection().listen or "127.0.0.1:5065"
@@ -79,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     unban.add_argument("address", metavar="ADDRESS", help="the banned IP address")
     _admin_flags(unban)
     unban.add_argument("--json", action="store_true", help="print the admin listener's JSON as it is")
+    _add_replay_parser(commands)
     return parser
 
 
@@ -114,6 +118,8 @@ def _logging_flags(parser: argparse.ArgumentParser, level: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "replay":
+        return replay_command(args)
     if args.command == "check":
         return check_command(args.file)
     if args.command == "bans":
@@ -370,6 +376,101 @@ def check_command(path: str) -> int:
         for warning in policy.warnings:
             print(f"  {warning}")
     return 0
+
+
+# -- replay: a policy tried on a capture, offline ---------------------------------------------------
+def _add_replay_parser(commands: Any) -> None:
+    replay = commands.add_parser(
+        "replay",
+        help="what a policy would have done with the calls in a capture (pcap, pcapng)",
+        description="Judges every call in a capture of SIP traffic (tcpdump or tshark; UDP and TCP, "
+        "IPv4 and IPv6; .gz too) by the policy file, offline, with the capture's timestamps as the "
+        "clock, and prints per rule and per account the calls it would refuse, with the first "
+        "examples. Counters start empty and live in memory: a Redis named by the policy is not "
+        "touched. Exit status: 0 done, 2 the policy or the capture cannot be read. See docs/replay.md.",
+    )
+    replay.add_argument("policy", metavar="POLICY", help="the policy file (YAML) to try")
+    replay.add_argument("capture", metavar="CAPTURE", help="a pcap or pcapng file")
+    replay.add_argument("--json", action="store_true", help="the report as JSON")
+    replay.add_argument(
+        "--examples", type=int, default=10, metavar="N", help="refused calls to show (default 10)"
+    )
+    replay.add_argument("--calls", action="store_true", help="also list every judged call")
+    replay.add_argument(
+        "--upstream", metavar="URI", help="the PBX (udp:HOST:PORT), if not the policy's proxy.upstream"
+    )
+
+
+def replay_command(args: argparse.Namespace) -> int:
+    """``sipguard replay POLICY CAPTURE``: the report on stdout; 2 when an input is unusable."""
+    from .capture import CaptureError
+    from .replay import replay_capture
+
+    configure_logging("error")  # the report is the output, not the engine's decision lines
+    try:
+        policy = load_policy(args.policy)
+        upstream = parse_address(args.upstream) if args.upstream else None
+        report = replay_capture(
+            policy, args.capture, upstream=upstream, examples=max(0, args.examples), keep_calls=args.calls
+        )
+    except PolicyFileError as error:
+        print(error, file=sys.stderr)
+        return 2
+    except (CaptureError, ValueError) as error:
+        print(f"sipguard replay: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report.as_json(), indent=2))
+    else:
+        _print_replay(report)
+    return 0
+
+
+def _print_replay(report: ReplayReport) -> None:
+    from .replay import wall_time
+
+    counts = report.counts
+    print(f"replay of {report.capture} ({report.capture_format}, {report.link_type}) against {report.policy}")
+    if report.first_at is not None and report.last_at is not None:
+        span = _duration(report.last_at - report.first_at)
+        print(f"capture: {wall_time(report.first_at)} to {wall_time(report.last_at)} ({span})")
+    print(f"  {counts.packets} packets: {counts.messages} SIP messages (UDP {counts.udp_messages}, "
+          f"TCP {counts.tcp_messages}), {counts.malformed} malformed (skipped), "
+          f"{counts.not_sip} without SIP")  # fmt: skip
+    for warning in report.warnings:
+        print(f"warning: {warning}")
+    print(f"\ncalls judged: {report.judged}: {report.accepted} accepted, {report.refused} would be "
+          f"refused, {report.emergency} emergency (and {report.from_pbx_side} from the PBX side, "
+          "not judged)")  # fmt: skip
+    rows: list[tuple[str, ...]] = [("RULE", "JUDGED", "REFUSED", "MONITOR", "TAGGED", "WARNINGS", "REPLY")]
+    rows += [(name, str(c.judged), str(c.refused), str(c.monitor), str(c.tagged), str(c.warnings),
+              report.replies.get(name, "")) for name, c in report.rules.items()]  # fmt: skip
+    if len(rows) > 1:
+        print()
+        _print_table(rows, right_aligned={1, 2, 3, 4, 5})
+    rows = [("ACCOUNT", "JUDGED", "ACCEPTED", "REFUSED", "MONITOR", "TAGGED")]
+    rows += [(name, str(c.judged), str(c.accepted), str(c.refused), str(c.monitor), str(c.tagged))
+             for name, c in sorted(report.accounts.items())]  # fmt: skip
+    if len(rows) > 1:
+        print()
+        _print_table(rows, right_aligned={1, 2, 3, 4, 5})
+    if report.judged:
+        print("\nagainst the capture:")
+        print(f"  {report.seen('reject', 'answered')} of the calls it would refuse were answered there")
+        print(f"  {report.seen('accept', 'refused')} of the calls it lets through were refused there "
+              "(taken as ringing until that refusal)")  # fmt: skip
+    if report.examples:
+        print(f"\nrefused calls, the first {len(report.examples)} of {report.refused}:")
+        rows = [("TIME", "CALL-ID", "ACCOUNT", "CALLER", "CALLEE", "RULE", "DETAIL")]
+        rows += [(wall_time(c.at) or "", c.call_id, c.account or "-", c.caller_e164 or c.caller or "-",
+                  c.callee or "-", c.rule or "-", c.detail or "") for c in report.examples]  # fmt: skip
+        _print_table(rows, right_aligned=set())
+    if report.calls:
+        print(f"\nevery judged call ({len(report.calls)}):")
+        rows = [("TIME", "CALL-ID", "ACCOUNT", "CALLER", "CALLEE", "VERDICT", "RULE", "IN THE CAPTURE")]
+        rows += [(wall_time(c.at) or "", c.call_id, c.account or "-", c.caller_e164 or c.caller or "-",
+                  c.callee or "-", c.verdict, c.rule or "-", c.captured) for c in report.calls]  # fmt: skip
+        _print_table(rows, right_aligned=set())
 
 
 if __name__ == "__main__":

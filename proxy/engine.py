@@ -19,7 +19,7 @@ import logging
 import math
 import re
 from collections import Counter
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -111,6 +111,8 @@ class PolicyEngine:
         )
         self.held_locally: set[str] = set()
         self._planned: dict[str, _Plan] = {}  # judged by decide_now, waiting for decide
+        # Given each judged call's call.decision fields whatever the log level (what-if replay)
+        self.on_decision: Callable[[dict[str, Any]], None] | None = None
 
     def replace(self, policy: CompiledPolicy) -> None:
         """Apply a reloaded policy to new INVITEs; held slots and counters stay."""
@@ -408,7 +410,7 @@ class PolicyEngine:
         others: list[tuple[str, str]] | None = None,
     ) -> None:
         loud = verdict == "reject" or bool(others) or bool(plan.warnings)
-        if not log.is_enabled_for(logging.INFO if loud else logging.DEBUG):
+        if self.on_decision is None and not log.is_enabled_for(logging.INFO if loud else logging.DEBUG):
             return  # accepted calls log at debug: don't build the line nobody will see
         context = plan.context
         request = plan.attempt.request
@@ -433,6 +435,8 @@ class PolicyEngine:
             fields["also"] = [
                 {"rule": name, "mode": plan.configs[name].mode.value, "detail": text} for name, text in others
             ]
+        if self.on_decision is not None:
+            self.on_decision(fields)
         if loud:
             log.info("call.decision", **fields)
         else:
