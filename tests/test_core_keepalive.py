@@ -166,6 +166,31 @@ def test_probe_cseqs_stay_below_each_partys_own_and_leave_the_bye_above() -> Non
     assert [end.reason for end in ended(sim)] == [EndReason.MAX_DURATION]
 
 
+def test_a_party_that_moved_mid_call_is_probed_at_its_new_contact() -> None:
+    """A re-INVITE or UPDATE is a target refresh (§12.2): the Contact of the request, and of
+    its 2xx, is where requests to that party go from then on; probes to a party's old
+    address would all be missed, and its call ended for nothing."""
+    sim = Sim.make()
+    answered_call(sim, PROBED)
+    sim.now = 10.0
+    moved_caller, moved_callee = "sip:alice@192.0.2.99:5080", "sip:bob@127.0.0.1:5099"
+    reinvite = only_send(sim.customer(in_dialog_from_customer("INVITE", cseq=2, contact=moved_caller)))
+    only_send(sim.pbx(response(reinvite.data, 200, contact=moved_callee)))
+    sent = probes(sim.run_until(35.0))
+    caller_now = Address("udp", "192.0.2.99", 5080)
+    assert set(sent) == {UPSTREAM, caller_now}
+    assert str(parse_request(sent[caller_now].data).uri) == moved_caller
+    assert str(parse_request(sent[UPSTREAM].data).uri) == moved_callee
+    assert [answer(sim, probe) for probe in sent.values()] == [[], []]
+    sim.now = 40.0  # and the callee moves again, by an UPDATE of its own
+    moved_again = "sip:bob@127.0.0.1:5100"
+    update = only_send(sim.pbx(in_dialog_from_pbx("UPDATE", cseq=5, contact=moved_again)))
+    only_send(sim.customer(response(update.data, 200, contact=None)))  # a 2xx without Contact moves nobody
+    sent = probes(sim.run_until(65.0))
+    assert str(parse_request(sent[UPSTREAM].data).uri) == moved_again
+    assert str(parse_request(sent[caller_now].data).uri) == moved_caller
+
+
 def test_a_ringing_call_is_not_probed_and_the_first_round_counts_from_the_answer() -> None:
     sim = Sim.make()
     forwarded = sim.forward(verdict=PROBED)

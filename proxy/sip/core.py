@@ -321,7 +321,7 @@ class ProxyCore:
             if call is not None:
                 from_caller = request.from_.tag == call.info.from_tag
                 if call.dialog is not None:
-                    call.dialog.saw_request(from_caller, request.cseq.seq)
+                    call.dialog.saw_request(from_caller, request)
                 if method == "BYE":
                     # A BYE on an early dialog (§15) ends the call when the INVITE's final
                     # response passes: ended now, a 2xx crossing it would go uncounted.
@@ -577,6 +577,8 @@ class ProxyCore:
         if tx.is_session_refresh:
             if status < 300 and call.state is CallState.CONFIRMED:  # not a call ended meanwhile
                 self._refresh_session(call, response, now)
+                if call.dialog is not None:  # the party answering may have moved too
+                    call.dialog.target_refreshed(response.from_.tag != call.info.from_tag, response)
             return
         if status >= 300:
             reason = EndReason.CANCELLED if tx.cancelled and status == 487 else EndReason.REJECTED

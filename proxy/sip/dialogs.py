@@ -2,10 +2,11 @@
 
 Strategy: a call accepted with a maximum duration or a keepalive keeps a ``Dialog``: what
 each party would put in an in-dialog request (RFC 3261 §12.2.1.1), as header text: its
-identity (From with tag; the callee's is the 2xx's To), its remote target (Contact), the
-route set from sipguard toward it (cut out of the 2xx's Record-Route), and the highest
-CSeq it has sent. When the duration is up the core sends a BYE to each party as if the
-other had hung up. Other calls keep no dialog: tracking costs one empty slot per call.
+identity (From with tag; the callee's is the 2xx's To), its remote target (Contact, as
+the last target refresh left it), the route set from sipguard toward it (cut out of the
+2xx's Record-Route), and the highest CSeq it has sent. When the duration is up the core
+sends a BYE to each party as if the other had hung up. Other calls keep no dialog:
+tracking costs one empty slot per call.
 
 Each BYE is an ``OwnRequest``, a non-INVITE client transaction (§17.1.2) with one
 timer at a time, as every object in the core's heap: the next retransmission (Timer E,
@@ -90,12 +91,28 @@ class Dialog:
         self._record_routes = ok.values("record-route")
         self._is_us = is_us
 
-    def saw_request(self, from_caller: bool, cseq: int) -> None:
-        """A party sent a request in the dialog: ours must come after it (§12.2.1.1)."""
+    def saw_request(self, from_caller: bool, request: Request) -> None:
+        """A party sent a request in the dialog: ours must come after it (§12.2.1.1); a
+        target refresh (re-INVITE, UPDATE) may move that party."""
+        cseq = request.cseq.seq
         if from_caller:
             self.caller_cseq = max(self.caller_cseq, cseq)
         else:
             self.callee_cseq = max(self.callee_cseq, cseq)
+        if request.method in ("INVITE", "UPDATE"):
+            self.target_refreshed(from_caller, request)
+
+    def target_refreshed(self, caller: bool, message: Request | Response) -> None:
+        """A target refresh from one party, or its 2xx to one: its Contact, if it carries
+        one, is where requests to that party go from now on (§12.2.1.2, §12.2.2). Without
+        this a party that moved (a new address mid-call) would miss every probe."""
+        contacts = message.values("contact")
+        if not contacts:
+            return
+        if caller:
+            self._caller_contacts = contacts
+        else:
+            self._callee_contacts = contacts
 
     def request_to(self, caller: bool) -> InDialogRequest | None:
         """A request to the caller (as if from the callee) or to the callee (as if from
