@@ -22,6 +22,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from proxy.sip.events import Keepalive
 from proxy.state import Operation
 from proxy.state.history import HistorySettings
 
@@ -134,10 +135,12 @@ class Warn:
 @dataclass(frozen=True, slots=True)
 class Require:
     """State operations to run atomically with every other rule's; and, optionally, the
-    longest the call may last once answered (sipguard then sends BYE to both sides)."""
+    longest the call may last once answered (sipguard then sends BYE to both sides), and
+    keepalive probes of both parties (a call whose party vanished is ended the same way)."""
 
     operations: tuple[Operation, ...]
     max_duration: float | None = None
+    keepalive: Keepalive | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -8,23 +8,35 @@
 - A maximum call duration: once answered, a call may last ``max_call_duration``
   seconds, then sipguard ends it with a BYE to both sides (the proxy core has the
   dialog's route set, tags and CSeqs from call tracking).
+- A keepalive (off unless configured): once answered, sipguard sends each party an
+  in-dialog OPTIONS every ``interval``; a party that misses ``failed_limit`` in a row
+  (no answer within ``timeout``, or 408 / 481) has vanished, and the call is ended the
+  same way, so its slots and minutes stop counting (a phone that lost power never
+  sends BYE).
 """
 
 from __future__ import annotations
 
 import math
 from datetime import datetime, timedelta
+from functools import cached_property
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from proxy.sip.events import Keepalive
 from proxy.state import UseQuota
 
 from .base import ALLOW, CallContext, CallOutcome, Policy, Reply, Require, RuleConfig, Verdict, is_time_zone
 
 PERIODS = ("day", "month")
 MARGIN = 3600.0  # a total outlives its period by this much (clock skew between instances)
+# A probe's answer comes back in well under a second from a live party; over UDP ten
+# seconds are five sends (0, 0.5, 1.5, 3.5, 7.5 s), so one lost datagram is never a miss.
+# Kamailio waits tm's fr_timer (30 s by default) as long as its shortest interval: a
+# third of the interval ends a vanished party's call 20 s sooner.
+PROBE_TIMEOUT = 10.0
 
 
 class QuotaLimits(BaseModel):
@@ -32,6 +44,41 @@ class QuotaLimits(BaseModel):
 
     per_number: int | None = Field(default=None, ge=1, description="for each caller number")
     per_account: int | None = Field(default=None, ge=1, description="for the whole account")
+
+
+class KeepaliveConfig(BaseModel):
+    """In-dialog OPTIONS probes of both parties of an answered call. The defaults:
+    Kamailio's dialog module probes no more often than every 30 s (the floor of its
+    ka_interval), and by default ends a call at the first failed probe (ka_failed_limit
+    1), which one lost UDP burst or a busy PBX turns into a dropped call; three in a row
+    means a party silent for a minute and a half."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    interval: float = Field(default=30.0, ge=1, description="seconds between probes of each party")
+    failed_limit: int = Field(
+        default=3, ge=1, description="probes in a row a party may miss (unanswered, 408, 481); then BYE"
+    )
+    timeout: float | None = Field(
+        default=None,
+        gt=0,
+        description=f"seconds a probe waits for its answer ({PROBE_TIMEOUT:g}, or the interval)",
+    )
+
+    @model_validator(mode="after")
+    def _over_before_the_next(self) -> KeepaliveConfig:
+        if self.timeout is not None and self.timeout > self.interval:
+            raise ValueError(
+                f"timeout ({self.timeout:g} s) is longer than interval ({self.interval:g} s): "
+                "a probe must be over before the next one is due"
+            )
+        return self
+
+    @cached_property
+    def settings(self) -> Keepalive:
+        """What the proxy core is given (one object for every call this config judges)."""
+        timeout = self.timeout if self.timeout is not None else min(PROBE_TIMEOUT, self.interval)
+        return Keepalive(interval=self.interval, failed_limit=self.failed_limit, timeout=timeout)
 
 
 class UsageConfig(RuleConfig):
@@ -44,6 +91,9 @@ class UsageConfig(RuleConfig):
     calls_per_month: QuotaLimits | None = None
     minutes_per_day: QuotaLimits | None = Field(default=None, description="answered minutes")
     minutes_per_month: QuotaLimits | None = None
+    keepalive: KeepaliveConfig | None = Field(
+        default=None, description="probe both parties of answered calls; end calls whose party vanished"
+    )
 
     @field_validator("timezone")
     @classmethod
@@ -56,7 +106,9 @@ class UsageConfig(RuleConfig):
 class UsagePolicy(Policy[UsageConfig]):
     name = "usage"
     Config = UsageConfig
-    description = "excessive use: daily and monthly quotas of calls and minutes, maximum call duration"
+    description = (
+        "excessive use: daily and monthly quotas of calls and minutes, maximum call duration, keepalive"
+    )
 
     def check(self, call: CallContext, config: UsageConfig) -> Verdict:
         subjects = _subjects(call.caller, call.account.name if call.account else None)
@@ -75,9 +127,10 @@ class UsagePolicy(Policy[UsageConfig]):
                     key, what = f"quota:secs:{name}:{subject}", f"seconds talked this {period} {label}"
                     operations.append(UseQuota(key=key, limit=limit * 60, amount=0, ttl=ttl, label=what,
                                                rule=self.name, enforced=config.enforced))  # fmt: skip
-        if not operations and config.max_call_duration is None:
+        keepalive = config.keepalive.settings if config.keepalive is not None else None
+        if not operations and config.max_call_duration is None and keepalive is None:
             return ALLOW
-        return Require(tuple(operations), max_duration=config.max_call_duration)
+        return Require(tuple(operations), max_duration=config.max_call_duration, keepalive=keepalive)
 
     def call_ended(self, outcome: CallOutcome, config: UsageConfig) -> tuple[UseQuota, ...]:
         seconds = math.ceil(outcome.talk_time)
@@ -114,9 +167,24 @@ class UsagePolicy(Policy[UsageConfig]):
 
     def warnings(self, config: UsageConfig) -> list[str]:
         quotas = (*_quotas(config, "day"), *_quotas(config, "month"))
-        if config.max_call_duration is None and all(quota is None for quota in quotas):
-            return ["usage has no limit set (max_call_duration, calls_per_*, minutes_per_*): it never fires"]
+        unset = config.max_call_duration is None and config.keepalive is None
+        if unset and all(quota is None for quota in quotas):
+            return [
+                "usage has no limit set (max_call_duration, calls_per_*, minutes_per_*, keepalive): "
+                "it never fires"
+            ]
         return []
+
+    def describe(self, config: UsageConfig) -> list[str]:
+        if config.keepalive is None:
+            return []
+        probes = config.keepalive.settings
+        worst = probes.interval * probes.failed_limit + probes.timeout
+        return [
+            f"keepalive: OPTIONS to both parties every {probes.interval:g} s once answered; "
+            f"{probes.failed_limit} in a row unanswered within {probes.timeout:g} s (or 408/481) "
+            f"end the call, at most {worst:g} s after a party vanished"
+        ]
 
 
 def _quotas(config: UsageConfig, period: str) -> tuple[QuotaLimits | None, QuotaLimits | None]:

@@ -42,7 +42,7 @@ from policies.numbering import dialled_digits, is_anonymous, normalise
 
 from .policyfile import CompiledPolicy
 from .sip import NameAddr, ParseError, Request
-from .sip.events import Accept, CallAnswered, CallAttempt, CallEnded, Reject, Verdict
+from .sip.events import Accept, CallAnswered, CallAttempt, CallEnded, Keepalive, Reject, Verdict
 from .state import MemoryStore, Operation, OpResult, StateStore, TakeSlot, UseQuota
 from .state.history import CallHistory, HistorySettings
 from .state.redis_store import StoreUnavailableError
@@ -68,6 +68,7 @@ class _Plan:
     strip: tuple[str, ...]
     final: Verdict | None = None  # decided without the store (emergency, malformed)
     max_duration: float | None = None  # the shortest any rule allows, once answered
+    keepalive: Keepalive | None = None  # probes of both parties, from the first rule asking
     warnings: list[tuple[str, str]] = field(default_factory=list)  # (rule, detail) of every Warn
     history_keys: tuple[str, ...] = ()  # the call's subjects, when a rule reads the history
     hooked: tuple[tuple[Policy[Any], RuleConfig], ...] = ()  # rules told how the call ends
@@ -290,6 +291,8 @@ class PolicyEngine:
                 if verdict.max_duration is not None and config.mode is Mode.ENFORCE:
                     limits = (verdict.max_duration, plan.max_duration or math.inf)
                     plan.max_duration = min(limits)
+                if verdict.keepalive is not None and config.mode is Mode.ENFORCE:
+                    plan.keepalive = plan.keepalive or verdict.keepalive
         return plan
 
     def _finish(self, plan: _Plan, results: list[OpResult]) -> Verdict:
@@ -349,9 +352,14 @@ class PolicyEngine:
             self.counters[f"warning_{rule}"] += 1
         self.counters["accepted"] += 1
         self._log(plan, "accept", None, None, counters, failures)
-        if not tags and not plan.strip and plan.max_duration is None:
+        if not tags and not plan.strip and plan.max_duration is None and plan.keepalive is None:
             return ACCEPT
-        return Accept(add_headers=tags, remove_headers=plan.strip, max_duration=plan.max_duration)
+        return Accept(
+            add_headers=tags,
+            remove_headers=plan.strip,
+            max_duration=plan.max_duration,
+            keepalive=plan.keepalive,
+        )
 
     # -- helpers ------------------------------------------------------------------------------------
     def _account_for(self, host: str, request: Request) -> Account | None:

@@ -253,6 +253,7 @@ def in_dialog_from_customer(
 def in_dialog_from_pbx(method: str, *, cseq: int = 1, branch: str = "z9hG4bKpbx2", **kwargs: Any) -> bytes:
     """A request the callee (behind the PBX) sends inside the answered call."""
     kwargs.setdefault("headers", (("Route", OUR_RR),))
+    kwargs.setdefault("contact", CALLEE_CONTACT)
     return request(
         method,
         CALLER_CONTACT,
@@ -262,6 +263,5 @@ def in_dialog_from_pbx(method: str, *, cseq: int = 1, branch: str = "z9hG4bKpbx2
         to=CALLER,
         to_tag=CALLER_TAG,
         cseq=cseq,
-        contact=CALLEE_CONTACT,
         **kwargs,
     )

@@ -5,7 +5,8 @@ Every test feeds wire bytes (built in sipsim.py) with a fake clock and asserts t
 list of actions; forwarded bytes are compared whole where the edit is the point, or
 parsed with proxy.sip.parse_message where one header is. Timers, bounds and the
 Hypothesis property are in test_core_timers.py; calls sipguard ends itself (a maximum
-duration, BYEs of its own) in test_core_max_duration.py.
+duration, BYEs of its own) in test_core_max_duration.py, and its keepalive probes in
+test_core_keepalive.py.
 """
 
 from __future__ import annotations

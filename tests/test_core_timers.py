@@ -43,6 +43,7 @@ from proxy.sip.events import (
     Decide,
     Discarded,
     EndReason,
+    Keepalive,
     Reject,
     Send,
 )
@@ -352,11 +353,18 @@ def _script() -> dict[str, bytes]:
 
 SCRIPT = _script()
 FROM_CUSTOMER = {"invite", "cancel", "ack", "ack-non2xx", "bye-customer", "bye-pbx-200"}
+VERDICTS = {
+    "accept": Accept(),
+    "accept-limited": Accept(max_duration=60.0),
+    "accept-probed": Accept(keepalive=Keepalive(interval=30.0, failed_limit=2, timeout=10.0)),
+    "reject": Reject(status=403, reason="Forbidden"),
+}
 STEPS = st.one_of(
     st.sampled_from(sorted(SCRIPT)),
     # accept-limited: a 60 s maximum duration, so sipguard sends BYEs of its own;
-    # answer-our-byes: both parties answer them 200
-    st.sampled_from(["accept", "accept-limited", "reject", "answer-our-byes"]),
+    # accept-probed: a keepalive, so it sends OPTIONS (and BYEs when they go unanswered);
+    # answer-our-byes / answer-our-probes: both parties answer them 200
+    st.sampled_from([*VERDICTS, "answer-our-byes", "answer-our-probes"]),
     # around the timers that matter: T1, a slow verdict, Timer B, Timer C, a long call
     st.sampled_from([0.5, 5.0, 31.9, 32.0, 60.0, 175.0, 180.0, 3600.0]).map(
         lambda seconds: ("wait", seconds)
@@ -379,18 +387,12 @@ def check(actions: list[Action], ended_calls: list[CallInfo]) -> None:
             assert action.status in (None, 403, 408, 481, 487, 503)
 
 
-VERDICTS = {
-    "accept": Accept(),
-    "accept-limited": Accept(max_duration=60.0),
-    "reject": Reject(status=403, reason="Forbidden"),
-}
-
-
-def answer_our_byes(sim: Sim) -> list[Action]:
-    """Each party answers 200 to every BYE sipguard sent it on its own (one Via: its own)."""
+def answer_ours(sim: Sim, method: str) -> list[Action]:
+    """Each party answers 200 to every ``method`` request sipguard sent it on its own (one
+    Via: its own)."""
     actions: list[Action] = []
     for send in of_type(sim.log, Send):
-        if send.data.startswith(b"BYE ") and len(parse_request(send.data).values("via")) == 1:
+        if send.data.startswith(f"{method} ".encode()) and len(parse_request(send.data).values("via")) == 1:
             ok = response(send.data, 200, to_tag=None)
             actions += sim.pbx(ok) if send.destination == UPSTREAM else sim.customer(ok)
     return actions
@@ -409,6 +411,9 @@ def answer_our_byes(sim: Sim) -> list[Action]:
 # the maximum duration: our BYEs answered; a party's BYE crossing them; a late 2xx after them
 @example(steps=["invite", "accept-limited", "200", "ack", ("wait", 60.0), "answer-our-byes", "bye-pbx"])
 @example(steps=["invite", "accept-limited", "200", ("wait", 60.0), "bye-customer", "200", "answer-our-byes"])
+# the keepalive: probes answered, then not; a BYE crossing a probe; probes ended with the call
+@example(steps=["invite", "accept-probed", "200", ("wait", 31.9), "answer-our-probes", ("wait", 200.0)])
+@example(steps=["invite", "accept-probed", "200", ("wait", 60.0), "bye-pbx", "answer-our-probes"])
 def test_any_interleaving_ends_each_call_at_most_once(steps: list[object]) -> None:
     """Any order and duplication of one call's messages, verdicts and waits: each call ends
     at most once, is never answered after it ended, and every table drains in the end."""
@@ -420,8 +425,10 @@ def test_any_interleaving_ends_each_call_at_most_once(steps: list[object]) -> No
         if isinstance(step, tuple):
             actions = sim.run_until(sim.now + step[1])
         elif step == "answer-our-byes":
-            actions = answer_our_byes(sim)
-        elif step in ("accept", "accept-limited", "reject"):
+            actions = answer_ours(sim, "BYE")
+        elif step == "answer-our-probes":
+            actions = answer_ours(sim, "OPTIONS")
+        elif step in VERDICTS:
             if not attempts:
                 continue
             verdict = VERDICTS[str(step)]

@@ -2,7 +2,8 @@
 
 Each test writes a small policy file to tmp_path, runs ``sipguard run --config FILE
 --log-format json --log-level debug`` and the PBX (sipp-scenarios/uas_pbx.xml; for the
-maximum call duration, uas_max_duration.xml, which waits for sipguard's BYE), places
+maximum call duration, uas_max_duration.xml, which waits for sipguard's BYE; for the
+keepalive, uas_keepalive*.xml, which answer its probes or stop answering them), places
 calls with SIPp from the customers' loopback addresses (acme 127.0.0.2, globex
 127.0.0.3), and checks both sides of every call: how SIPp saw it end (the final response
 to each INVITE in its message trace; the scenarios fail a call that ends any other way)
@@ -482,12 +483,12 @@ def test_max_call_duration_byes_both_sides_and_frees_the_slot(policy_lab: Policy
     assert log.counter("calls_answered") == log.counter("calls_ended_max-duration") == 2, log.summary()
 
 
-def in_dialog(bye: TracedMessage) -> tuple[str, list[str], list[str], str]:
-    """A BYE's Request-URI, From, To and CSeq number."""
-    method, uri, version = bye.first_line.split()
-    (cseq,) = bye.headers("cseq")
-    assert (method, version, cseq.split()[1]) == ("BYE", "SIP/2.0", "BYE"), bye.text
-    return uri, bye.headers("from"), bye.headers("to"), cseq.split()[0]
+def in_dialog(request: TracedMessage) -> tuple[str, list[str], list[str], str]:
+    """An in-dialog request's Request-URI, From, To and CSeq number."""
+    method, uri, version = request.first_line.split()
+    (cseq,) = request.headers("cseq")
+    assert (version, cseq.split()[1]) == ("SIP/2.0", method), request.text
+    return uri, request.headers("from"), request.headers("to"), cseq.split()[0]
 
 
 def call_id(caller: SippResult) -> str:
@@ -507,9 +508,141 @@ def first_of(result: SippResult, direction: str, start: str, call: SippResult | 
     )
 
 
-def assert_from_sipguard(bye: TracedMessage, proxy_port: int) -> None:
-    """A BYE sipguard wrote: one Via, its own, and no Route (its Record-Route was the route set)."""
-    (via,) = bye.headers("via")
-    assert via.startswith(f"SIP/2.0/UDP {LOOPBACK}:{proxy_port};branch=z9hG4bK-sg"), bye.text
-    assert bye.headers("route") == [] and bye.headers("max-forwards") == ["70"], bye.text
-    assert bye.headers("reason") == ['SIP;cause=200;text="Maximum call duration reached"'], bye.text
+MAX_DURATION_REASON = 'SIP;cause=200;text="Maximum call duration reached"'
+KEEPALIVE_REASON = 'SIP;cause=408;text="Keepalive failed"'
+
+
+def assert_from_sipguard(
+    request: TracedMessage, proxy_port: int, reason: str | None = MAX_DURATION_REASON
+) -> None:
+    """A request sipguard wrote: one Via, its own, no Route (its Record-Route was the route
+    set), and for a BYE the RFC 3326 Reason naming why (a probe has none)."""
+    (via,) = request.headers("via")
+    assert via.startswith(f"SIP/2.0/UDP {LOOPBACK}:{proxy_port};branch=z9hG4bK-sg"), request.text
+    assert request.headers("route") == [] and request.headers("max-forwards") == ["70"], request.text
+    assert request.headers("reason") == ([] if reason is None else [reason]), request.text
+
+
+# -- 8. keepalive -------------------------------------------------------------------------------------
+PROBED = f"""
+accounts:
+  acme:
+    sources: [{ACME}/32]
+    numbers: ["{ACME_NUMBER}"]
+rules:
+  usage: {{keepalive: {{interval: 1, failed_limit: 2, timeout: 0.5}}}}
+  concurrency: {{per_number: 1}}
+"""
+
+
+def of_call(result: SippResult, direction: str, start: str, call_id: str) -> list[TracedMessage]:
+    """The messages of one call ``result`` sent or received whose first line starts with ``start``."""
+    return [
+        m
+        for m in result.messages
+        if m.direction == direction and m.first_line.startswith(start) and m.headers("call-id") == [call_id]
+    ]
+
+
+def answers_to_probes(result: SippResult, direction: str) -> list[TracedMessage]:
+    """Responses to OPTIONS that ``result`` sent or received."""
+    return [
+        m
+        for m in result.messages
+        if m.direction == direction and m.method is None and m.headers("cseq")[0].endswith(" OPTIONS")
+    ]
+
+
+def assert_probes(caller: SippResult, pbx: SippResult, proxy_port: int, count: int) -> None:
+    """The call ``caller`` placed was probed ``count`` times each way, each probe written as the
+    other party would ask, with a CSeq below that party's own (0: the callee sent nothing, the
+    caller only its INVITE's 1); the caller answered all of them."""
+    call = call_id(caller)
+    to_caller = of_call(caller, "received", "OPTIONS", call)
+    to_callee = of_call(pbx, "received", "OPTIONS", call)
+    assert (len(to_caller), len(to_callee)) == (count, count)
+    assert len(of_call(caller, "sent", "SIP/2.0 200", call)) == count + 1  # and the BYE's
+    invite, ok = first_of(caller, "sent", "INVITE"), first_of(caller, "received", "SIP/2.0 200")
+    target = invite.headers("contact")[0]
+    for probe in to_caller:
+        assert in_dialog(probe) == (target, ok.headers("to"), invite.headers("from"), "0")
+        assert_from_sipguard(probe, proxy_port, reason=None)
+    invite, ok = first_of(pbx, "received", "INVITE", caller), first_of(pbx, "sent", "SIP/2.0 200", caller)
+    target = ok.headers("contact")[0].strip("<>")
+    for probe in to_callee:
+        assert in_dialog(probe) == (target, invite.headers("from"), ok.headers("to"), "0")
+        assert_from_sipguard(probe, proxy_port, reason=None)
+    assert len({probe.top_via for probe in to_caller + to_callee}) == 2 * count  # a transaction each
+
+
+def test_keepalive_ends_a_call_whose_callee_vanished_and_frees_the_slot(policy_lab: PolicyLab) -> None:
+    """``usage: {keepalive: {interval: 1, failed_limit: 2, timeout: 0.5}}``: once answered,
+    sipguard sends each party an in-dialog OPTIONS every second. The callee answers the first,
+    then nothing more: the probes of 2 s and 3 s go unanswered for 0.5 s each, so 3.5 s after
+    the answer (2.5 s, interval × failed_limit + timeout, after the callee was last heard)
+    sipguard sends BYE to both sides naming why and logs the call ended ``keepalive-failed``.
+    The caller answered every probe: its own call is not what failed. While the call is up a
+    second call from the number is busy (``per_number: 1``); after it a third connects."""
+    guard = policy_lab.start(PROBED, pbx_scenario="uas_keepalive_vanishing.xml")
+
+    mark = guard.mark()
+    first = policy_lab.call("uac_keepalive.xml", ACME_NUMBER)
+    guard.wait_for("call.decision", since=mark, caller_e164=ACME_NUMBER, verdict="accept")
+    busy = policy_lab.run("uac_trunking.xml", ACME_NUMBER)
+    guard.wait_for("call.ended", since=mark, reason="keepalive-failed")
+    again = policy_lab.run("uac_keepalive.xml", ACME_NUMBER)
+    first_result = first.wait()
+
+    log, pbx = policy_lab.finish()
+    assert_calls(first_result, [200])
+    assert_calls(busy, [486])
+    assert_calls(again, [200])
+    first_id, again_id = only_call_id(first_result), only_call_id(again)
+    refused = decision_of(log, only_call_id(busy))
+    assert (refused["verdict"], refused["rule"]) == ("reject", "concurrency")
+    assert index_of(log, "call.decision", only_call_id(busy)) < index_of(log, "call.ended", first_id)
+    assert counters(decision_of(log, again_id))[f"concurrency: calls from {ACME_NUMBER}"] == (1, 1)
+    for call in (first_id, again_id):
+        ended = log.events[index_of(log, "call.ended", call)]
+        assert (ended["reason"], ended["status"]) == ("keepalive-failed", 408), ended
+        assert 3.5 <= ended["duration"] < 5.0, ended
+    for caller in (first_result, again):
+        assert_probes(caller, pbx, policy_lab.proxy, 3)
+        call = call_id(caller)
+        assert len(of_call(pbx, "sent", "SIP/2.0 200", call)) == 1 + 1 + 1  # INVITE, first probe, BYE
+        # each party got one BYE from sipguard, as the other would send it, and sent none
+        assert of_call(caller, "sent", "BYE", call) == of_call(pbx, "sent", "BYE", call) == []
+        to_caller, to_callee = first_of(caller, "received", "BYE"), first_of(pbx, "received", "BYE", caller)
+        assert in_dialog(to_caller)[3] == "1" and in_dialog(to_callee)[3] == "2"  # above, not below
+        for bye in (to_caller, to_callee):
+            assert_from_sipguard(bye, policy_lab.proxy, reason=KEEPALIVE_REASON)
+    # the answers to the probes were absorbed: neither party saw the other's
+    assert answers_to_probes(first_result, "received") == answers_to_probes(again, "received") == []
+    assert answers_to_probes(pbx, "received") == []
+    assert_pbx_clean(pbx, 2)
+    assert pbx.successful == 2
+    assert log.returncode == 0 and log.garbage == [], log.summary()
+    assert log.counter("internal_errors") == 0 and log.named("policy.error") == [], log.summary()
+    assert log.named("proxy.drain_timeout") == [] and log.named("message.dropped") == [], log.summary()
+    assert log.stopped["live_calls"] == 0, log.summary()
+    assert log.counter("calls_answered") == log.counter("calls_ended_keepalive-failed") == 2, log.summary()
+
+
+def test_keepalive_probes_answered_keep_the_call_until_its_own_bye(policy_lab: PolicyLab) -> None:
+    """Both parties answer every probe: the call outlives interval × failed_limit + timeout
+    (2.5 s) and ends when the callee hangs up after its third probe, by its own BYE."""
+    policy_lab.start(PROBED, pbx_scenario="uas_keepalive.xml")
+    result = policy_lab.run("uac_keepalive.xml", ACME_NUMBER)
+
+    log, pbx = policy_lab.finish()
+    assert_calls(result, [200])
+    ended = log.events[index_of(log, "call.ended", only_call_id(result))]
+    assert ended["reason"] == "bye" and ended["duration"] >= 3.0, ended
+    assert_probes(result, pbx, policy_lab.proxy, 3)
+    assert len(of_call(pbx, "sent", "SIP/2.0 200", call_id(result))) == 1 + 3  # INVITE and probes
+    bye = first_of(result, "received", "BYE")
+    assert len(bye.headers("via")) == 2 and bye.headers("reason") == [], bye.text  # the callee's, relayed
+    assert answers_to_probes(result, "received") == answers_to_probes(pbx, "received") == []
+    assert_pbx_clean(pbx, 1)
+    assert_guard_clean(log, ended_by_bye=1)
+    assert log.named("message.dropped") == [], log.summary()

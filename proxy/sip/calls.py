@@ -5,8 +5,9 @@ carries the caller's tag in To). Each live call has one deadline: the early-dial
 timeout while it rings, then the earliest of its maximum lifetime, when an RFC 4028
 session timer was negotiated the last refresh plus the session interval, and when the
 policies gave it a maximum duration the answer plus that (the call then carries a
-``Dialog``, to be ended with BYEs). The core owns the timer heap; this module only says
-what each deadline is and what ended.
+``Dialog``, to be ended with BYEs; so does a call with a keepalive, whose probes have
+their own timer, dialogs.py ``Prober``). The core owns the timer heap; this module only
+says what each deadline is and what ended.
 
 Invariants: a call ends exactly once, and stays ENDED (a late 2xx or refresh cannot
 bring it back); every end carries an EndReason; the table never holds more than
@@ -47,12 +48,12 @@ class Call:
         self.session_expires_at: float | None = None
         self.deadline = deadline
         self.timer_at: float | None = None  # when the core's heap entry for it fires
-        self.dialog: Dialog | None = None  # only for a call with a maximum duration
+        self.dialog: Dialog | None = None  # only for a call with a maximum duration or a keepalive
 
     @property
     def duration_limit_at(self) -> float | None:
         """When an answered call with a maximum duration reaches it."""
-        if self.dialog is None or self.answered_at is None:
+        if self.dialog is None or self.dialog.max_duration is None or self.answered_at is None:
             return None
         return self.answered_at + self.dialog.max_duration
 

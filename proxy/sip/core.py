@@ -20,6 +20,9 @@ Strategy (RFC 3261 §16, a transaction-stateful relay that never forks):
 - A call accepted with a maximum duration keeps its dialog (dialogs.py); when the time
   is up sipguard sends BYE to both parties itself, absorbs their answers, and reports the
   call ended at once. A request crossing those BYEs is relayed as in any unknown dialog.
+- A call accepted with a keepalive keeps its dialog too, and once answered sipguard probes
+  both parties with OPTIONS every interval; a party that misses too many in a row ends
+  the call the same way. Answers to probes are absorbed; an ended call sends no more.
 
 Invariants: the core reads no clock and does no I/O; tables are bounded
 (``max_transactions``, ``max_calls``); every call that was forwarded ends exactly once
@@ -35,7 +38,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from .calls import Call, CallState, CallTable
-from .dialogs import Dialog, InDialogRequest, OwnRequest
+from .dialogs import Dialog, InDialogRequest, OwnRequest, Probe, Prober
 from .editor import MessageEditor
 from .errors import ParseError
 from .events import (
@@ -62,6 +65,7 @@ from .uri import SipUri, Uri, parse_uri
 BRANCH_PREFIX = "z9hG4bK"
 OUR_BRANCH_PREFIX = BRANCH_PREFIX + "-sg"
 MAX_DURATION_REASON = ("Reason", 'SIP;cause=200;text="Maximum call duration reached"')  # RFC 3326
+KEEPALIVE_REASON = ("Reason", 'SIP;cause=408;text="Keepalive failed"')  # a party stopped answering probes
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -151,7 +155,7 @@ class Transaction:
         self.timer_at: float | None = None  # when its one heap entry fires (see _set_expiry)
 
 
-TimerTarget = Transaction | Call | OwnRequest
+TimerTarget = Transaction | Call | OwnRequest | Prober
 
 
 class ProxyCore:
@@ -162,7 +166,7 @@ class ProxyCore:
         self._client_tx: dict[tuple[str, str], Transaction] = {}
         self._deciding: dict[str, Transaction] = {}
         self._timers: list[tuple[float, int, str, TimerTarget]] = []
-        self._own_requests: dict[str, OwnRequest] = {}  # by branch: the BYEs sipguard sent itself
+        self._own_requests: dict[str, OwnRequest] = {}  # by branch: the BYEs and probes sipguard sent
         self._timer_seq = itertools.count()
         self._attempt_seq = itertools.count(1)
         self._upstream_host_port = _normal_host_port(config.upstream.host, config.upstream.port)
@@ -182,9 +186,12 @@ class ProxyCore:
 
     @property
     def pending(self) -> int:
-        """Transactions still waiting for a verdict or a final response, sipguard's own too."""
+        """Transactions still waiting for a verdict or a final response, sipguard's own BYEs
+        too (not its probes: nothing waits for their answers)."""
         relayed = sum(1 for tx in self._server_tx.values() if tx.state is not TxState.COMPLETED)
-        return relayed + sum(1 for own in self._own_requests.values() if not own.answered)
+        return relayed + sum(
+            1 for own in self._own_requests.values() if not own.answered and not isinstance(own, Probe)
+        )
 
     def stop_accepting(self) -> None:
         """Shutting down: new calls get 503, transactions in flight go on."""
@@ -224,9 +231,11 @@ class ProxyCore:
             self._reply(tx, verdict.status, verdict.reason, now, actions, headers=verdict.headers)
             return actions
         tx.call = self.calls.start(tx.attempt)
-        if verdict.max_duration is not None:
+        if verdict.max_duration is not None or verdict.keepalive is not None:
             assert tx.request is not None
             tx.call.dialog = Dialog(tx.request, verdict.max_duration)
+            if verdict.keepalive is not None:
+                tx.call.dialog.prober = Prober(tx.call, verdict.keepalive)
         self._arm_call(tx.call)
         self._forward(
             tx, now, actions, add_headers=verdict.add_headers, remove_headers=verdict.remove_headers
@@ -255,6 +264,8 @@ class ProxyCore:
                     self._expire_transaction(target, now, actions)
             elif isinstance(target, OwnRequest):
                 self._own_request_timer(target, now, actions)
+            elif isinstance(target, Prober):
+                self._probe(target, now, actions)
             elif target.deadline > now:
                 self._arm_call(target)
             else:
@@ -310,7 +321,7 @@ class ProxyCore:
             if call is not None:
                 from_caller = request.from_.tag == call.info.from_tag
                 if call.dialog is not None:
-                    call.dialog.saw_request(from_caller, request.cseq.seq)
+                    call.dialog.saw_request(from_caller, request)
                 if method == "BYE":
                     # A BYE on an early dialog (§15) ends the call when the INVITE's final
                     # response passes: ended now, a 2xx crossing it would go uncounted.
@@ -519,8 +530,10 @@ class ProxyCore:
         branch = vias[0].branch or ""
         own = self._own_requests.get(branch)
         if own is not None:  # the answer to a request sipguard sent itself: nobody to relay it to
-            if own.on_response(response.status_code, now):
+            if own.on_response(response.status_code, now):  # its first final response
                 self._schedule_own(own)
+                if isinstance(own, Probe):
+                    self._probe_ended(own, response.status_code, now, actions)
             return
         if not branch.startswith(OUR_BRANCH_PREFIX) or len(vias) < 2:
             actions.append(Discarded(reason="response not for us", source=source, call_id=response.call_id))
@@ -564,6 +577,8 @@ class ProxyCore:
         if tx.is_session_refresh:
             if status < 300 and call.state is CallState.CONFIRMED:  # not a call ended meanwhile
                 self._refresh_session(call, response, now)
+                if call.dialog is not None:  # the party answering may have moved too
+                    call.dialog.target_refreshed(response.from_.tag != call.info.from_tag, response)
             return
         if status >= 300:
             reason = EndReason.CANCELLED if tx.cancelled and status == 487 else EndReason.REJECTED
@@ -571,6 +586,9 @@ class ProxyCore:
         elif call.state is CallState.EARLY:
             if call.dialog is not None:
                 call.dialog.answered(response, self._is_us)
+                if call.dialog.prober is not None:
+                    call.dialog.prober.start(now)
+                    self._schedule_prober(call.dialog.prober)
             self.calls.answer(call, response.to.tag, now)
             self._refresh_session(call, response, now)
             self._arm_call(call)
@@ -667,6 +685,8 @@ class ProxyCore:
     ) -> None:
         if self.calls.end(call):
             call.timer_at = None  # its heap entry is now stale: compaction may drop it
+            if call.dialog is not None and call.dialog.prober is not None:
+                call.dialog.prober.stop()  # its heap entry is stale too
             actions.append(
                 CallEnded(
                     call=call.info,
@@ -689,46 +709,94 @@ class ProxyCore:
             reason = EndReason.MAX_LIFETIME
         self._end_call(call, reason, now, actions)
         if reason is EndReason.MAX_DURATION and call.dialog is not None:
-            self._hang_up(call, call.dialog, now, actions)
+            self._hang_up(call, call.dialog, MAX_DURATION_REASON, now, actions)
 
     # -- requests sipguard sends itself -------------------------------------------------------------
-    def _hang_up(self, call: Call, dialog: Dialog, now: float, actions: list[Action]) -> None:
+    def _hang_up(
+        self, call: Call, dialog: Dialog, reason: tuple[str, str], now: float, actions: list[Action]
+    ) -> None:
         """BYE to the callee as if from the caller, and to the caller as if from the callee."""
-        headers = [MAX_DURATION_REASON]
-        if self.config.server_header:
-            headers.append(("User-Agent", self.config.server_header))
         for to_caller in (False, True):
-            request = dialog.request_to(caller=to_caller)
-            if request is None:
-                continue
-            # the PBX side is always reached through the upstream, whatever the route says
-            toward_upstream = to_caller != call.info.from_customer
-            destination = self._in_dialog_destination(request, toward_upstream)
-            listener = self._listener_for(destination) if destination is not None else None
-            if destination is None or listener is None:
+            self._send_in_dialog(call, dialog, to_caller, now, actions, reason=reason)
+
+    def _probe(self, prober: Prober, now: float, actions: list[Action]) -> None:
+        """A keepalive round: an OPTIONS to each party, as the other would send it."""
+        call = prober.call
+        assert call is not None and call.dialog is not None  # (stopped when the call ended)
+        prober.next_round(now)
+        for to_caller in (False, True):
+            self._send_in_dialog(call, call.dialog, to_caller, now, actions, prober=prober)
+        self._schedule_prober(prober)
+
+    def _probe_ended(self, probe: Probe, status: int | None, now: float, actions: list[Action]) -> None:
+        """A probe got its final response (``status``) or gave up (None)."""
+        call = probe.prober.call
+        if call is None:
+            return  # the call ended meanwhile: nothing to keep alive
+        if probe.prober.failed(probe.to_caller, status):
+            assert call.dialog is not None
+            last = 408 if status is None else status  # no answer in time: as a proxy would say
+            self._end_call(call, EndReason.KEEPALIVE_FAILED, now, actions, status=last)
+            self._hang_up(call, call.dialog, KEEPALIVE_REASON, now, actions)
+
+    def _send_in_dialog(
+        self,
+        call: Call,
+        dialog: Dialog,
+        to_caller: bool,
+        now: float,
+        actions: list[Action],
+        *,
+        reason: tuple[str, str] | None = None,
+        prober: Prober | None = None,
+    ) -> None:
+        """sipguard's own request to one party: a BYE giving ``reason``, or with ``prober``
+        a keepalive OPTIONS. A party with no usable Contact gets neither."""
+        request = dialog.request_to(caller=to_caller)
+        if request is None:
+            return
+        # the PBX side is always reached through the upstream, whatever the route says
+        toward_upstream = to_caller != call.info.from_customer
+        destination = self._in_dialog_destination(request, toward_upstream)
+        listener = self._listener_for(destination) if destination is not None else None
+        method = "BYE" if prober is None else "OPTIONS"
+        if destination is None or listener is None:
+            if prober is None:  # (said once, for the BYE; not for every probe)
                 actions.append(
                     Discarded(
                         reason="no route for our BYE", source=call.info.source, call_id=call.info.call_id
                     )
                 )
-                continue
-            side = "caller" if to_caller else "callee"
-            branch = self._branch((call.info.attempt_id, side, "BYE"))
-            data = build_request(
-                "BYE",
-                request.request_uri,
-                via=_our_via(listener, branch),
-                from_=request.from_,
-                to=request.to,
-                call_id=call.info.call_id,
-                cseq=request.cseq,
-                routes=request.routes,
-                headers=headers,
-            )
-            own = OwnRequest(branch, data, destination, listener.address, now)
-            self._own_requests[branch] = own
-            actions.append(Send(data=data, destination=destination, local=listener.address))
-            self._schedule_own(own)
+            return
+        side = "caller" if to_caller else "callee"
+        if prober is None:
+            branch = self._branch((call.info.attempt_id, side, method))
+            cseq = request.cseq
+        else:  # a new transaction each round
+            branch = self._branch((call.info.attempt_id, side, f"{method} {prober.rounds}"))
+            cseq = Probe.cseq_for(request)
+        headers = [reason] if reason is not None else []
+        if self.config.server_header:
+            headers.append(("User-Agent", self.config.server_header))
+        data = build_request(
+            method,
+            request.request_uri,
+            via=_our_via(listener, branch),
+            from_=request.from_,
+            to=request.to,
+            call_id=call.info.call_id,
+            cseq=cseq,
+            routes=request.routes,
+            headers=headers,
+        )
+        own = (
+            OwnRequest(branch, data, destination, listener.address, now)
+            if prober is None
+            else Probe(branch, data, destination, listener.address, now, prober, to_caller)
+        )
+        self._own_requests[branch] = own
+        actions.append(Send(data=data, destination=destination, local=listener.address))
+        self._schedule_own(own)
 
     def _in_dialog_destination(self, request: InDialogRequest, toward_upstream: bool) -> Address | None:
         """The next hop of a request sipguard sends in a dialog, as ``_next_hop`` would
@@ -744,12 +812,18 @@ class ProxyCore:
             actions.append(Send(data=own.data, destination=own.destination, local=own.local))
         if own.timer_at is None:
             del self._own_requests[own.branch]
+            if isinstance(own, Probe) and not own.answered:  # no final response in time
+                self._probe_ended(own, None, now, actions)
         else:
             self._schedule_own(own)
 
     def _schedule_own(self, own: OwnRequest) -> None:
         assert own.timer_at is not None
         self._schedule(own.timer_at, "own", own)
+
+    def _schedule_prober(self, prober: Prober) -> None:
+        assert prober.timer_at is not None
+        self._schedule(prober.timer_at, "probe", prober)
 
     def _expire_transaction(self, tx: Transaction, now: float, actions: list[Action]) -> None:
         if tx.state is TxState.DECIDING:

@@ -1,31 +1,42 @@
 """Dialogs that sipguard may end itself, and the requests it sends on its own to do so.
 
-Strategy: a call accepted with a maximum duration keeps a ``Dialog``: what each party
-would put in an in-dialog request (RFC 3261 §12.2.1.1), as header text: its identity
-(From with tag; the callee's is the 2xx's To), its remote target (Contact), the route
-set from sipguard toward it (cut out of the 2xx's Record-Route), and the highest CSeq it
-has sent. When the duration is up the core sends a BYE to each party as if the other had
-hung up. Other calls keep no dialog: tracking costs one empty slot per call.
+Strategy: a call accepted with a maximum duration or a keepalive keeps a ``Dialog``: what
+each party would put in an in-dialog request (RFC 3261 §12.2.1.1), as header text: its
+identity (From with tag; the callee's is the 2xx's To), its remote target (Contact, as
+the last target refresh left it), the route set from sipguard toward it (cut out of the
+2xx's Record-Route), and the highest CSeq it has sent. When the duration is up the core
+sends a BYE to each party as if the other had hung up. Other calls keep no dialog:
+tracking costs one empty slot per call.
 
 Each BYE is an ``OwnRequest``, a non-INVITE client transaction (§17.1.2) with one
 timer at a time, as every object in the core's heap: the next retransmission (Timer E,
 UDP only), the give-up (Timer F), or, once answered, when to forget it (Timer K).
 
+A keepalive (Kamailio's dialog keepalives, with its ka_failed_limit lesson: one lost
+probe must not end a call) is a ``Prober`` per answered call, one heap entry that fires
+every interval and sends each party an OPTIONS ``Probe`` (an OwnRequest that gives up
+after the keepalive's timeout). Its answers count per party; misses in a row past the
+limit end the call with BYEs, as the maximum duration does.
+
 Invariants: header values are stored as received and never re-parsed into something
-else; a request's CSeq is above every CSeq its sender used in the dialog; nothing here
-raises on a malformed Contact or Record-Route: that party is just not reachable.
+else; a BYE's CSeq is above every CSeq its sender used in the dialog, a probe's below
+(see ``Probe.cseq_for``); nothing here raises on a malformed Contact or Record-Route:
+that party is just not reachable.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from .errors import ParseError
-from .events import Address
+from .events import Address, Keepalive
 from .headers import parse_name_addr, split_values
 from .message import Request, Response
 from .timers import T1, T2, T4, TIMER_B
+
+if TYPE_CHECKING:
+    from .calls import Call
 
 TIMER_F = TIMER_B
 
@@ -37,7 +48,7 @@ class InDialogRequest(NamedTuple):
     routes: tuple[str, ...]  # loose-routed, nearest hop first
     from_: str
     to: str
-    cseq: int
+    cseq: int  # the sender's last CSeq + 1
 
 
 class Dialog:
@@ -58,10 +69,12 @@ class Dialog:
         "caller",
         "caller_cseq",
         "max_duration",
+        "prober",
     )
 
-    def __init__(self, invite: Request, max_duration: float) -> None:
+    def __init__(self, invite: Request, max_duration: float | None) -> None:
         self.max_duration = max_duration  # seconds from the answer
+        self.prober: Prober | None = None  # for a call with a keepalive
         self.caller = invite.get("from") or ""
         self._caller_contacts = invite.values("contact")
         self.caller_cseq = invite.cseq.seq
@@ -78,12 +91,28 @@ class Dialog:
         self._record_routes = ok.values("record-route")
         self._is_us = is_us
 
-    def saw_request(self, from_caller: bool, cseq: int) -> None:
-        """A party sent a request in the dialog: ours must come after it (§12.2.1.1)."""
+    def saw_request(self, from_caller: bool, request: Request) -> None:
+        """A party sent a request in the dialog: ours must come after it (§12.2.1.1); a
+        target refresh (re-INVITE, UPDATE) may move that party."""
+        cseq = request.cseq.seq
         if from_caller:
             self.caller_cseq = max(self.caller_cseq, cseq)
         else:
             self.callee_cseq = max(self.callee_cseq, cseq)
+        if request.method in ("INVITE", "UPDATE"):
+            self.target_refreshed(from_caller, request)
+
+    def target_refreshed(self, caller: bool, message: Request | Response) -> None:
+        """A target refresh from one party, or its 2xx to one: its Contact, if it carries
+        one, is where requests to that party go from now on (§12.2.1.2, §12.2.2). Without
+        this a party that moved (a new address mid-call) would miss every probe."""
+        contacts = message.values("contact")
+        if not contacts:
+            return
+        if caller:
+            self._caller_contacts = contacts
+        else:
+            self._callee_contacts = contacts
 
     def request_to(self, caller: bool) -> InDialogRequest | None:
         """A request to the caller (as if from the callee) or to the callee (as if from
@@ -133,14 +162,17 @@ class OwnRequest:
 
     __slots__ = ("answered", "branch", "data", "destination", "give_up_at", "interval", "local", "timer_at")
 
-    def __init__(self, branch: str, data: bytes, destination: Address, local: Address, now: float) -> None:
+    def __init__(
+        self, branch: str, data: bytes, destination: Address, local: Address, now: float,
+        give_up_after: float = TIMER_F,
+    ) -> None:  # fmt: skip
         self.branch = branch
         self.data = data
         self.destination = destination
         self.local = local
         self.answered = False
         self.interval = T1
-        self.give_up_at = now + TIMER_F
+        self.give_up_at = now + give_up_after
         # when its one heap entry fires: a retransmission is due (UDP), or Timer F
         self.timer_at: float | None = self.give_up_at if destination.is_reliable else now + T1
 
@@ -165,3 +197,76 @@ class OwnRequest:
         # Timer K: a retransmitted final response still finds it and is absorbed
         self.timer_at = now if self.destination.is_reliable else now + T4
         return True
+
+
+class Prober:
+    """The keepalive of one answered call: when the next round of probes is due, and how
+    many probes in a row each party has missed."""
+
+    __slots__ = ("call", "misses", "rounds", "settings", "timer_at")
+
+    def __init__(self, call: Call, settings: Keepalive) -> None:
+        self.call: Call | None = call  # None once the call has ended
+        self.settings = settings
+        self.misses = [0, 0]  # the callee's, the caller's (indexed by ``to_caller``)
+        self.rounds = 0  # rounds sent so far: each probe's branch names its round
+        self.timer_at: float | None = None  # its one heap entry: the next round, once answered
+
+    def start(self, now: float) -> None:
+        """The call was answered: the first round is due one interval later."""
+        self.timer_at = now + self.settings.interval
+
+    def stop(self) -> None:
+        """The call ended: no more rounds, and answers still in flight count for nothing.
+        (Letting go of the call also breaks the cycle call - dialog - prober, so an ended
+        call is freed at once, not at the next full garbage collection.)"""
+        self.timer_at = None
+        self.call = None
+
+    def next_round(self, now: float) -> int:
+        """A round is being sent now: its number; ``timer_at`` is then the next one."""
+        self.rounds += 1
+        self.timer_at = now + self.settings.interval
+        return self.rounds
+
+    def failed(self, to_caller: bool, status: int | None) -> bool:
+        """A probe of one party ended with ``status`` (None: no final response in time).
+        Whether that party has now missed ``failed_limit`` in a row: the call must end."""
+        if status is not None and status not in (408, 481):
+            self.misses[to_caller] = 0  # any other answer, even an error, comes from a live party
+            return False
+        # 408: nobody answered, here or at a proxy on the way; 481: the party forgot the call
+        self.misses[to_caller] += 1
+        return self.misses[to_caller] >= self.settings.failed_limit
+
+
+class Probe(OwnRequest):
+    """One OPTIONS sent to one party of a call with a keepalive. It gives up after the
+    keepalive's timeout, not Timer F: the next probe is due before Timer F would end."""
+
+    __slots__ = ("prober", "to_caller")
+
+    def __init__(
+        self, branch: str, data: bytes, destination: Address, local: Address, now: float,
+        prober: Prober, to_caller: bool,
+    ) -> None:  # fmt: skip
+        super().__init__(branch, data, destination, local, now, prober.settings.timeout)
+        self.prober = prober
+        self.to_caller = to_caller
+
+    @staticmethod
+    def cseq_for(request: InDialogRequest) -> int:
+        """The CSeq of a probe: below every CSeq the party it stands in for has used.
+
+        A UAS rejects a request whose CSeq is lower than the last it saw from that party
+        with a 500 (RFC 3261 §12.2.2) and keeps its own count; a probe with the next CSeq
+        would instead make the party's own next request look old (many UAs refuse an
+        equal one too). And it checks the dialog first: a UA that lost the call answers
+        481 whatever the CSeq. So a probe one below the party's last CSeq gets a 500 (or a
+        200 from a UA that does not check) from a live dialog and a 481 from a dead one,
+        and sipguard never has to renumber the parties' requests (as OpenSIPS does for its
+        pings). This is what Kamailio's dialog keepalive does (dlg_send_ka). When the
+        party has sent nothing yet, 0, the lowest CSeq there is (§8.1.1.5): the receiver
+        takes it as its first, below anything the party will send itself.
+        """
+        return max(request.cseq - 2, 0)  # request.cseq is the party's last + 1

@@ -65,6 +65,7 @@ class EndReason(enum.Enum):
     MAX_LIFETIME = "max-lifetime"
     NO_ANSWER = "no-answer"  # still ringing when the early-dialog timeout ran out
     MAX_DURATION = "max-duration"  # sipguard ended it (BYE to both sides): a policy's limit
+    KEEPALIVE_FAILED = "keepalive-failed"  # sipguard ended it (BYE to both sides): a party stopped answering
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -117,7 +118,8 @@ class CallEnded:
     call: CallInfo
     reason: EndReason
     now: float
-    status: int | None = None  # the final response, for REJECTED
+    # the final response, for REJECTED; for KEEPALIVE_FAILED the last probe's (408: unanswered)
+    status: int | None = None
     answered_at: float | None = None
     by_caller: bool | None = None  # for BYE: whether the calling side hung up
 
@@ -137,6 +139,19 @@ Action = Send | Decide | CallAnswered | CallEnded | Discarded
 
 # -- verdicts -------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Keepalive:
+    """In-dialog OPTIONS probes of both parties of an answered call (dialogs.py ``Probe``):
+    every ``interval`` seconds from the answer, each party is asked; a probe that gets no
+    final response within ``timeout`` seconds, or a 408 or 481, is a miss, any other final
+    response (even an error) proves the party alive. ``failed_limit`` misses in a row from
+    one party end the call with a BYE to both sides."""
+
+    interval: float
+    failed_limit: int
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Accept:
     """Forward the call, adding these headers (e.g. a tag for the PBX) and removing those
     (e.g. identity headers a customer may not assert, RFC 3325)."""
@@ -145,6 +160,8 @@ class Accept:
     remove_headers: tuple[str, ...] = ()
     # seconds the call may last once answered; then sipguard sends BYE to both sides
     max_duration: float | None = None
+    # probe both parties once answered, and end the call when one of them has vanished
+    keepalive: Keepalive | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
