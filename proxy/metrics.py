@@ -206,7 +206,7 @@ class SipguardCollector(Collector):
         yield _gauge(
             "sipguard_banned_sources",
             "Sources banned now.",
-            sum(1 for ban in guard.flood.bans if ban.until > now),
+            guard.flood.banned(now),
         )
 
 

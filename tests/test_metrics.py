@@ -61,6 +61,7 @@ DOCS = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
 TOKEN = "metrics-token-0123456789"
 SPOOFED = "+14155559999"  # owned by no account: caller_id refuses it
 ACME_NUMBER = "+14155550100"
+SCANNER = "127.0.0.4"
 
 Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
 
@@ -495,6 +496,19 @@ def test_metrics_after_a_sipp_run_match_what_sipp_saw(policy_lab: PolicyLab) -> 
     assert value(samples, "sipguard_internal_errors_total") == 0
     assert value(samples, "sipguard_state_store_up") == 1
     assert value(samples, "process_resident_memory_bytes") > 0  # prometheus_client's process collector
+
+    assert value(samples, "sipguard_banned_sources") == 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as scanner:
+        scanner.bind((SCANNER, 0))
+        via = f"SIP/2.0/UDP {SCANNER}:5060;branch=z9hG4bKscan"
+        probe = request("OPTIONS", vias=(via,), call_id="scan", headers=[("User-Agent", "friendly-scanner")])
+        scanner.sendto(probe, (LOOPBACK, policy_lab.proxy))  # SIPVicious's signature: banned at once
+        guard.wait_for("flood.banned", host=SCANNER)
+    flood = metrics_over_http(port)
+    assert by_label(flood, "sipguard_flood_bans_total", "reason") == {("user-agent",): 1}
+    assert value(flood, "sipguard_banned_sources") == 1
+    assert value(flood, "sipguard_flood_dropped_total") == 1  # the message that earned the ban
+    assert flood["sipguard_sip_messages_total"] == samples["sipguard_sip_messages_total"]  # dropped unread
 
     status, content_type, body = http_get(
         port, "/metrics", token=TOKEN, accept="application/openmetrics-text"
