@@ -1,14 +1,16 @@
 """The admin listener: a minimal HTTP/1.1 server (stdlib asyncio) for operators.
 
 Endpoints are a table, path -> method -> handler; a handler takes the parsed request and
-returns a status and a JSON body. To add one, add a row to ``AdminServer.routes``.
+returns a status and a JSON body (or bytes with their Content-Type, as /metrics does).
+To add one, add a row to ``AdminServer.routes``.
 
 Robustness, because this runs inside the proxy: one request per connection (answered
 with ``Connection: close``: no keep-alive state to get wrong); the request head is at
 most 8 KiB and the body 64 KiB, and both must arrive within 5 s; at most 16
 connections at once; anything malformed gets a 4xx and a closed connection, a bug in a
 handler a 500; nothing raised here reaches the event loop. When a token is configured,
-every request must carry ``Authorization: Bearer TOKEN`` (compared in constant time).
+every request must carry ``Authorization: Bearer TOKEN`` (compared in constant time),
+except the health checks (``OPEN_PATHS``), which load balancers ask without one.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import structlog
 
 from .app import SipGuard
 from .engine import PolicyEngine
+from .metrics import exposition, metrics_registry, readiness_problems
 from .reload import Reloader
 
 log = structlog.get_logger("sipguard.admin")
@@ -34,6 +37,8 @@ MAX_HEAD = 8 * 1024
 MAX_BODY = 64 * 1024
 REQUEST_TIMEOUT = 5.0
 MAX_CONNECTIONS = 16
+JSON = "application/json"
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # no token: they say only whether sipguard serves
 
 
 class HttpError(Exception):
@@ -65,8 +70,9 @@ class HttpRequest:
 @dataclass(frozen=True, slots=True)
 class HttpResponse:
     status: int
-    body: Any
+    body: Any  # JSON; bytes sent as they are when content_type is not JSON
     headers: tuple[tuple[str, str], ...] = ()
+    content_type: str = JSON
 
 
 Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
@@ -91,9 +97,13 @@ class AdminServer:
         self._token = token.encode("ascii") if token is not None else None
         self._server: asyncio.Server | None = None
         self._connections = 0
+        self.registry = metrics_registry(guard, engine, reloader, clock=_loop_time)
         self.routes: dict[str, dict[str, Handler]] = {
             "/bans": {"GET": self.list_bans},
             "/unban": {"POST": self.unban},
+            "/metrics": {"GET": self.metrics},
+            "/healthz": {"GET": self.healthz},
+            "/readyz": {"GET": self.readyz},
         }
 
     async def start(self) -> tuple[str, int]:
@@ -125,6 +135,22 @@ class AdminServer:
         if lifted is None:
             raise HttpError(404, f"{address} is not banned")
         return HttpResponse(200, {"unbanned": lifted})
+
+    async def metrics(self, request: HttpRequest) -> HttpResponse:
+        """``GET /metrics``: Prometheus text format (OpenMetrics if the scraper asks for it)."""
+        body, content_type = exposition(self.registry, request.headers.get("accept"))
+        return HttpResponse(200, body, content_type=content_type)
+
+    async def healthz(self, request: HttpRequest) -> HttpResponse:
+        """``GET /healthz``: the event loop answers (liveness)."""
+        return HttpResponse(200, {"status": "ok"})
+
+    async def readyz(self, request: HttpRequest) -> HttpResponse:
+        """``GET /readyz``: 200 when this instance should get calls, else 503 with the reasons."""
+        problems = await readiness_problems(self.guard, self.engine)
+        if problems:
+            return HttpResponse(503, {"status": "not ready", "reasons": problems})
+        return HttpResponse(200, {"status": "ready"})
 
     # -- HTTP ------------------------------------------------------------------------------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -159,7 +185,7 @@ class AdminServer:
             writer.close()
 
     async def _respond(self, request: HttpRequest) -> HttpResponse:
-        if self._token is not None:
+        if self._token is not None and request.path not in OPEN_PATHS:
             offered = request.headers.get("authorization", "").encode("latin-1")
             if not hmac.compare_digest(offered, b"Bearer " + self._token):
                 raise HttpError(401, "a valid bearer token is required", (("WWW-Authenticate", "Bearer"),))
@@ -213,6 +239,11 @@ async def _read_request(reader: asyncio.StreamReader) -> HttpRequest:
     return HttpRequest(method=method, path=path, query=query, headers=headers, body=body)
 
 
+def _loop_time() -> float:
+    """The proxy's clock, in which bans and penalties end: scrapes run in its event loop."""
+    return asyncio.get_running_loop().time()
+
+
 def _error(status: int, message: str, headers: tuple[tuple[str, str], ...] = ()) -> HttpResponse:
     return HttpResponse(status, {"error": message}, headers)
 
@@ -230,10 +261,13 @@ async def _finish(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
 
 
 async def _write(writer: asyncio.StreamWriter, response: HttpResponse) -> None:
-    body = json.dumps(response.body, indent=2).encode() + b"\n"
+    if response.content_type == JSON:
+        body = json.dumps(response.body, indent=2).encode() + b"\n"
+    else:
+        body = response.body
     head = [
         f"HTTP/1.1 {response.status} {HTTPStatus(response.status).phrase}",
-        "Content-Type: application/json",
+        f"Content-Type: {response.content_type}",
         f"Content-Length: {len(body)}",
         "Connection: close",
         *(f"{name}: {value}" for name, value in response.headers),

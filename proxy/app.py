@@ -4,7 +4,9 @@ This is the only place where the clock is read (``loop.time()``, monotonic; the 
 clock once, at start, to show operators when a ban ends) and where the core's single
 timer is armed. Each initial INVITE's verdict is awaited in its own task, so a slow
 state store delays that call only. Every message first passes the flood guard, which
-drops those of banned sources before anything is parsed.
+drops those of banned sources before anything is parsed. What happens is counted in
+plain Counters (here, in the core and in the engine) that proxy/metrics.py reads when
+scraped; a one-second tick ends bans and takes the snapshots that calls/s is read from.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import ipaddress
 import os
 import signal
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,6 +36,7 @@ from .sip.events import (
     CallEnded,
     Decide,
     Discarded,
+    EndReason,
     Reject,
     Send,
     Verdict,
@@ -42,8 +45,9 @@ from .sip.hosts import is_ip
 from .transport import Transports
 
 log = structlog.get_logger("sipguard")
-FLOOD_TICK = 1.0  # seconds between sweeps of ended bans
+TICK = 1.0  # seconds between housekeeping ticks: ended bans swept, call attempts sampled
 FLOOD_LINES_PER_TICK = 20  # flood.* log lines per tick at most: a flood must not become a log flood
+RATE_WINDOW_TICKS = 10  # calls per second are averaged over this many ticks
 _FLOOD_COUNTERS = {Banned: "flood_bans", Unbanned: "flood_unbans", BanListFull: "flood_ban_list_full"}
 
 
@@ -104,6 +108,24 @@ def flood_settings(
     )
 
 
+class RateWindow:
+    """How fast a count grows, over its last ``span`` samples: sampled on the tick, read
+    when scraped, so that counting stays one increment per event."""
+
+    def __init__(self, span: int) -> None:
+        self._samples: deque[tuple[float, int]] = deque(maxlen=span + 1)
+
+    def sample(self, now: float, count: int) -> None:
+        self._samples.append((now, count))
+
+    def per_second(self) -> float:
+        """0 until two samples are in; over fewer than ``span`` intervals just after start."""
+        if len(self._samples) < 2:
+            return 0.0
+        (first_at, first), (last_at, last) = self._samples[0], self._samples[-1]
+        return (last - first) / (last_at - first_at) if last_at > first_at else 0.0
+
+
 class SipGuard:
     def __init__(
         self,
@@ -118,9 +140,12 @@ class SipGuard:
         self.transports = Transports(self.deliver)
         self.core: ProxyCore | None = None
         self.counters: Counter[str] = Counter()
+        self.ended_by_reason: Counter[EndReason] = Counter()
+        self.bans_by_reason: Counter[str] = Counter()  # "rate" or "user-agent"
+        self.attempt_rate = RateWindow(RATE_WINDOW_TICKS)  # call attempts per second
         self.flood = FloodGuard(settings.flood)
         self.wall_offset = 0.0  # loop.time() + wall_offset: the wall clock, set at start
-        self._flood_tick: asyncio.TimerHandle | None = None
+        self._tick: asyncio.TimerHandle | None = None
         self._flood_lines = 0
         self._flood_lines_suppressed = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -150,7 +175,8 @@ class SipGuard:
         # Everything built so far lives as long as the process: keep it out of every GC pass.
         gc.collect()
         gc.freeze()
-        self._flood_tick = self._loop.call_later(FLOOD_TICK, self._on_flood_tick)
+        self.attempt_rate.sample(self._loop.time(), 0)  # the rate's window opens at start
+        self._tick = self._loop.call_later(TICK, self._on_tick)
         log.info("proxy.started", listen=[str(a) for a in bound], upstream=str(self.settings.upstream))
         return bound
 
@@ -185,9 +211,11 @@ class SipGuard:
         try:
             verdict = await asyncio.wait_for(self.hook.decide(attempt), self.settings.decision_timeout)
         except TimeoutError:
+            self.counters["policy_timeouts"] += 1
             log.warning("policy.timeout", call_id=attempt.request.call_id)
             verdict = Reject(status=503, reason="Policy Decision Timeout", headers=(("Retry-After", "5"),))
         except Exception:  # a broken policy must not take the proxy down
+            self.counters["policy_errors"] += 1
             log.exception("policy.error", call_id=attempt.request.call_id)
             verdict = Reject(status=500, reason="Policy Error")
         self._execute(self.core.decided(attempt.attempt_id, verdict, self._loop.time()))
@@ -227,17 +255,18 @@ class SipGuard:
     def _wall(self, moment: float) -> str:
         return datetime.fromtimestamp(moment + self.wall_offset, UTC).isoformat(timespec="seconds")
 
-    def _on_flood_tick(self) -> None:
+    def _on_tick(self) -> None:
         assert self._loop is not None
         self.sweep_flood()
-        self._flood_tick = self._loop.call_later(FLOOD_TICK, self._on_flood_tick)
+        self.attempt_rate.sample(self._loop.time(), self.counters["call_attempts"])
+        self._tick = self._loop.call_later(TICK, self._on_tick)
 
     def sweep_flood(self) -> None:
-        """Every FLOOD_TICK: end the bans that are over, and say how many flood.* lines
-        the last tick left out."""
+        """Every TICK: end the bans that are over, and say how many flood.* lines the last
+        tick left out."""
         assert self._loop is not None
         if self._flood_lines_suppressed:
-            log.warning("flood.lines_suppressed", count=self._flood_lines_suppressed, seconds=FLOOD_TICK)
+            log.warning("flood.lines_suppressed", count=self._flood_lines_suppressed, seconds=TICK)
         self._flood_lines = self._flood_lines_suppressed = 0
         self.flood.expire(self._loop.time())
         self._log_flood(self.flood.take_events())
@@ -247,6 +276,8 @@ class SipGuard:
         an operator did is always logged)."""
         for event in events:
             self.counters[_FLOOD_COUNTERS[type(event)]] += 1
+            if isinstance(event, Banned):
+                self.bans_by_reason[event.reason] += 1
             if self._flood_lines >= FLOOD_LINES_PER_TICK and not always:
                 self._flood_lines_suppressed += 1
                 continue
@@ -277,9 +308,11 @@ class SipGuard:
             if isinstance(action, Send):
                 self.transports.send(action.data, action.destination, action.local)
             elif isinstance(action, Decide):
+                self.counters["call_attempts"] += 1
                 try:
                     verdict = self.hook.decide_now(action.attempt)
                 except Exception:
+                    self.counters["policy_errors"] += 1
                     log.exception("policy.error", call_id=action.attempt.request.call_id)
                     verdict = Reject(status=500, reason="Policy Error")
                 if verdict is not None:
@@ -293,7 +326,7 @@ class SipGuard:
                 self.hook.call_answered(action)
             elif isinstance(action, CallEnded):
                 self.counters["calls_ended"] += 1
-                self.counters[f"calls_ended_{action.reason.value}"] += 1
+                self.ended_by_reason[action.reason] += 1
                 log.debug(  # per call: debug, or the log costs more CPU than the call
                     "call.ended",
                     call_id=action.call.call_id,
@@ -326,6 +359,16 @@ class SipGuard:
         self._timer = self._loop.call_at(when, self._on_timer)
 
     # -- lifecycle ------------------------------------------------------------------------------
+    @property
+    def listening(self) -> bool:
+        """Every listener is bound (``start`` has returned)."""
+        return self.core is not None
+
+    @property
+    def draining(self) -> bool:
+        """SIGTERM came: new calls get 503 while transactions in flight finish."""
+        return self._stopping.is_set()
+
     def request_stop(self) -> None:
         if self._stopping.is_set():
             return
@@ -353,8 +396,9 @@ class SipGuard:
     async def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        if self._flood_tick is not None:
-            self._flood_tick.cancel()
+        if self._tick is not None:
+            self._tick.cancel()
         await self.transports.close()
         live = self.core.calls.live if self.core else 0
-        log.info("proxy.stopped", live_calls=live, **dict(sorted(self.counters.items())))
+        counters = {**self.counters, **{f"calls_ended_{r.value}": n for r, n in self.ended_by_reason.items()}}
+        log.info("proxy.stopped", live_calls=live, **dict(sorted(counters.items())))

@@ -331,7 +331,8 @@ def _describe_flood(flood: FloodSection) -> str:
 def _describe_admin(admin: AdminSection) -> str:
     if admin.listen is None:
         return "admin: off"
-    return f"admin: http://{admin.listen} (GET /bans, POST /unban); token {'set' if admin.token else 'none'}"
+    endpoints = "GET /bans, POST /unban, GET /metrics; GET /healthz, GET /readyz need no token"
+    return f"admin: http://{admin.listen} ({endpoints}); token {'set' if admin.token else 'none'}"
 
 
 def check_command(path: str) -> int:

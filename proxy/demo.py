@@ -75,14 +75,14 @@ class JudgedCalls:
         self.by_call_id: dict[str, str] = {}
 
     def decide_now(self, attempt: CallAttempt) -> Verdict | None:
-        before = self.engine.counters.copy()
+        before = self._counts()
         verdict = self.engine.decide_now(attempt)
         if verdict is not None:
             self._note(attempt, before)
         return verdict
 
     async def decide(self, attempt: CallAttempt) -> Verdict:
-        before = self.engine.counters.copy()
+        before = self._counts()
         verdict = await self.engine.decide(attempt)
         self._note(attempt, before)
         return verdict
@@ -93,11 +93,15 @@ class JudgedCalls:
     def call_ended(self, event: CallEnded) -> None:
         self.engine.call_ended(event)
 
-    def _note(self, attempt: CallAttempt, before: Counter[str]) -> None:
-        moved = self.engine.counters - before
-        outcome = next((key.removeprefix("rejected_") for key in moved if key.startswith("rejected_")), None)
+    def _counts(self) -> tuple[Counter[tuple[str, int]], Counter[str]]:
+        return self.engine.counters.rejections.copy(), self.engine.counters.verdicts.copy()
+
+    def _note(self, attempt: CallAttempt, before: tuple[Counter[tuple[str, int]], Counter[str]]) -> None:
+        rejections, verdicts = before
+        moved = self.engine.counters.rejections - rejections
+        outcome = next((rule for rule, _ in moved), None)
         if outcome is None:
-            outcome = "emergency" if moved["emergency"] else "accepted"
+            outcome = "emergency" if (self.engine.counters.verdicts - verdicts)["emergency"] else "accepted"
         self.by_call_id[attempt.request.call_id] = outcome
 
 

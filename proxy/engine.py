@@ -75,6 +75,19 @@ class _Plan:
 
 
 @dataclass(slots=True)
+class PolicyCounters:
+    """What the engine decided, counted for the metrics (proxy/metrics.py). Every key is
+    bounded by the policy file (rule names, modes, reply codes) or by the code."""
+
+    verdicts: Counter[str] = field(default_factory=Counter)  # accepted | rejected | emergency | error
+    # (rule, mode, "deny" | "warn"): every finding, in every mode, in accepted and refused calls
+    findings: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    rejections: Counter[tuple[str, int]] = field(default_factory=Counter)  # (rule that refused, status)
+    penalised: Counter[str] = field(default_factory=Counter)  # rule -> subjects it put in the penalty box
+    store_unavailable: int = 0  # calls judged while the shared store did not answer
+
+
+@dataclass(slots=True)
 class _LiveCall:
     """A forwarded call whose rules want to hear how it ends (not its request: too big to keep)."""
 
@@ -101,7 +114,7 @@ class PolicyEngine:
         self.history = CallHistory(_history_settings(policy))
         self.store: StateStore = store or MemoryStore(slot_lease=policy.local_slot_lease)
         self.held: dict[str, tuple[str, ...]] = {}
-        self.counters: Counter[str] = Counter()
+        self.counters = PolicyCounters()
         self._accounts_by_host: dict[str, Account | None] = {}
         self._background: set[asyncio.Future[None]] = set()
         # where calls are counted while a shared store is unreachable (fail_mode: open)
@@ -149,10 +162,10 @@ class PolicyEngine:
     def _degraded(self, plan: _Plan, error: str) -> Verdict:
         """The shared store is away: rules that fail closed refuse the call; the others
         count on this instance alone (a local store), so limits still hold per instance."""
-        self.counters["state_unavailable"] += 1
+        self.counters.store_unavailable += 1
         closed = sorted({op.rule for op in plan.operations if plan.configs[op.rule].fail_mode == "closed"})
         if closed and not plan.blocked:  # (a call another rule refused keeps that rule's answer)
-            self.counters["failed_closed"] += 1
+            self.counters.verdicts["error"] += 1
             log.warning(
                 "state.unavailable", call_id=plan.attempt.request.call_id, error=error, refused_by=closed
             )
@@ -211,7 +224,7 @@ class PolicyEngine:
         until = now + verdict.penalty_seconds
         for key in verdict.penalise:
             self.history.penalise(key, until, rule, verdict.detail)
-        self.counters[f"penalised_{rule}"] += 1
+        self.counters.penalised[rule] += len(verdict.penalise)
         log.warning("penalty.boxed", rule=rule, subjects=list(verdict.penalise),
                     seconds=verdict.penalty_seconds, reason=verdict.detail, call_id=call_id)  # fmt: skip
 
@@ -235,13 +248,14 @@ class PolicyEngine:
         # rules run; caller_id's strip_untrusted_identity: false is the one way to keep it.
         plan = _Plan(attempt, None, {}, [], [], False, UNTRUSTED_IDENTITY_HEADERS)
         if not policy.rules:  # no rules configured: a plain proxy
+            self.counters.verdicts["accepted"] += 1
             plan.final = ACCEPT
             return plan
         try:
             account = self._account_for(attempt.source.host, request)
             region = account.region if account else policy.region
             if policy.emergency.matches(request.uri, region):
-                self.counters["emergency"] += 1
+                self.counters.verdicts["emergency"] += 1
                 log.info("call.emergency", call_id=request.call_id, callee=str(request.uri),
                          source=attempt.source.host, account=account.name if account else None)  # fmt: skip
                 plan.final = ACCEPT
@@ -249,6 +263,8 @@ class PolicyEngine:
             identities = self._identities(request, region)
         except ParseError as error:
             plan.final = Reject(status=400, reason=error.reason)
+            self.counters.verdicts["rejected"] += 1
+            self.counters.rejections[("parse", 400)] += 1
             self._log(plan, "reject", "parse", error.reason, ())
             return plan
         callee_digits = dialled_digits(request.uri)
@@ -308,6 +324,11 @@ class PolicyEngine:
                     retry_after[operation.rule] = max(
                         retry_after.get(operation.rule, 0.0), result.retry_after
                     )
+        findings = self.counters.findings
+        for rule, _ in failures:
+            findings[(rule, configs[rule].mode.value, "deny")] += 1
+        for rule, _ in plan.warnings:
+            findings[(rule, configs[rule].mode.value, "warn")] += 1
         enforced = [(rule, detail) for rule, detail in failures if configs[rule].mode is Mode.ENFORCE]
         if enforced:
             rule, detail = enforced[0]
@@ -317,7 +338,8 @@ class PolicyEngine:
             headers: tuple[tuple[str, str], ...] = ()
             if rule in retry_after:
                 headers = (("Retry-After", str(max(1, math.ceil(retry_after[rule])))),)
-            self.counters[f"rejected_{rule}"] += 1
+            self.counters.verdicts["rejected"] += 1
+            self.counters.rejections[(rule, reply.code)] += 1
             self._log(
                 plan,
                 "reject",
@@ -346,11 +368,7 @@ class PolicyEngine:
         tagged = [(rule, detail) for rule, detail in failures if configs[rule].mode is Mode.TAG]
         tagged += [(rule, detail) for rule, detail in plan.warnings if configs[rule].mode is not Mode.MONITOR]
         tags = tuple((TAG_HEADER, f"{rule}; {_header_safe(detail)}") for rule, detail in tagged)
-        for rule, _ in failures:
-            self.counters[f"{configs[rule].mode.value}_{rule}"] += 1
-        for rule, _ in plan.warnings:
-            self.counters[f"warning_{rule}"] += 1
-        self.counters["accepted"] += 1
+        self.counters.verdicts["accepted"] += 1
         self._log(plan, "accept", None, None, counters, failures)
         if not tags and not plan.strip and plan.max_duration is None and plan.keepalive is None:
             return ACCEPT

@@ -221,6 +221,10 @@ class FloodGuard:
         """Current bans, oldest first (some may have just ended: see ``expire``)."""
         return sorted(self._bans.values(), key=lambda ban: ban.since)
 
+    def banned(self, now: float) -> int:
+        """How many bans run at ``now`` (a count: ``bans`` sorts them all)."""
+        return sum(1 for ban in self._bans.values() if ban.until > now)
+
     @property
     def tracked(self) -> int:
         """How many sources' rates are being tracked."""

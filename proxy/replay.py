@@ -271,7 +271,7 @@ class CallReplay:
         self._count(judged)
 
     def _judge(self, attempt: CallAttempt, at: float) -> tuple[Verdict, JudgedCall]:
-        emergencies = self.engine.counters["emergency"]
+        emergencies = self.engine.counters.verdicts["emergency"]
         self._decision = None
         request = attempt.request
         try:
@@ -282,7 +282,7 @@ class CallReplay:
         assert verdict is not None, "an in-memory store answers at once"
         fields = self._decision
         if fields is None:  # not judged by the rules: an emergency call, or no rules at all
-            emergency = self.engine.counters["emergency"] > emergencies
+            emergency = self.engine.counters.verdicts["emergency"] > emergencies
             return verdict, self._bare(request, attempt, at, "emergency" if emergency else "accept")
         account = fields["account"]
         modes = {rule.name: config.mode for rule, config in self._rules_of(account)}

@@ -169,10 +169,13 @@ def with_outcome(
 def check_clean(name: str, engine: PolicyEngine) -> None:
     """Every call accepted with no rule failing, warning or boxing: the benchmark times the
     allowed path, or it is broken."""
-    noisy = {key: n for key, n in engine.counters.items() if key != "accepted" and n}
-    if engine.held or engine.counters["accepted"] == 0 or noisy or engine.live:
+    counters = engine.counters
+    accepted = counters.verdicts["accepted"]
+    others = {verdict: n for verdict, n in counters.verdicts.items() if verdict != "accepted"}
+    noisy = {"verdicts": others, "findings": dict(counters.findings), "penalised": dict(counters.penalised)}
+    if engine.held or accepted == 0 or any(noisy.values()) or engine.live:
         raise SystemExit(
-            f"{name}: accepted {engine.counters['accepted']}, other counters {noisy}, slots held "
+            f"{name}: accepted {accepted}, other counters {noisy}, slots held "
             f"{len(engine.held)}, calls live {len(engine.live)}: the benchmark is broken"
         )
 

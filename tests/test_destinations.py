@@ -318,4 +318,4 @@ def test_engine_refuses_with_the_rules_reply_and_account_overrides_apply() -> No
     beta = {"headers": [("Proxy-Authorization", 'Digest username="beta-trunk"')], "source": ELSEWHERE}
     assert decide(engine, attempt("beta-intl", callee=LONDON, **beta)) == refused
     assert isinstance(decide(engine, attempt("beta-home", callee=NEW_YORK, **beta)), Accept)
-    assert engine.counters["rejected_destinations"] == 2
+    assert engine.counters.rejections == {("destinations", 403): 2}

@@ -250,7 +250,7 @@ def test_monitor_mode_forwards_but_logs_the_would_be_refusals_and_the_box() -> N
     assert line["also"][0]["mode"] == "monitor"
     assert "penalty box" in line["also"][0]["detail"]
     assert all(isinstance(verdict, Accept) for verdict in dialer.verdicts)
-    assert engine.counters["penalised_dialer"] == 1
+    assert engine.counters.penalised == {"dialer": 1}
 
 
 def test_the_decision_line_explains_a_penalty() -> None:

@@ -127,7 +127,9 @@ def test_enforce_rejects_with_the_rules_reply() -> None:
     engine = engine_for({"concurrency": {"per_number": 1, "reply": {"code": 480, "reason": "Trunk full"}}})
     assert decide(engine, attempt("a")) == ACCEPT
     assert decide(engine, attempt("b")) == Reject(status=480, reason="Trunk full")
-    assert engine.counters == {"accepted": 1, "rejected_concurrency": 1}
+    assert engine.counters.verdicts == {"accepted": 1, "rejected": 1}
+    assert engine.counters.rejections == {("concurrency", 480): 1}
+    assert engine.counters.findings == {("concurrency", "enforce", "deny"): 1}
 
 
 def test_call_rate_rejects_with_retry_after_rounded_up() -> None:
@@ -154,8 +156,8 @@ def test_monitor_accepts_but_logs_and_counts_the_would_be_rejection() -> None:
     assert line["also"] == [
         {"rule": "concurrency", "mode": "monitor", "detail": f"calls from {OWNED}: 2 > 1"}
     ]
-    assert engine.counters["monitor_concurrency"] == 1
-    assert engine.counters["accepted"] == 2
+    assert engine.counters.findings == {("concurrency", "monitor", "deny"): 1}
+    assert engine.counters.verdicts == {"accepted": 2} and engine.counters.rejections == {}
     assert held(engine, f"conc:num:{OWNED}") == 2  # the monitored call holds its slot
 
 
@@ -165,7 +167,7 @@ def test_tag_accepts_with_a_header_naming_the_rule() -> None:
     assert decide(engine, attempt("b")) == Accept(
         add_headers=((TAG_HEADER, f"concurrency; calls from {OWNED}: 2 > 1"),), remove_headers=STRIP
     )
-    assert engine.counters["tag_concurrency"] == 1
+    assert engine.counters.findings == {("concurrency", "tag", "deny"): 1}
 
 
 def test_tag_mode_caller_id_still_strips() -> None:
@@ -314,7 +316,7 @@ def test_emergency_calls_are_accepted_and_never_counted(uri: str, source: Addres
             assert asyncio.run(engine.decide(call)) == UNTOUCHED
             end(engine, call)
     assert (store.slots, store.buckets, engine.held) == (slots, buckets, live)
-    assert engine.counters["emergency"] == 6
+    assert engine.counters.verdicts["emergency"] == 6
     assert decisions(logs) == []
     sos = [entry for entry in logs if entry["event"] == "call.emergency"]
     assert len(sos) == 6
@@ -417,7 +419,7 @@ def test_replace_keeps_live_calls_slots_and_releases_them_at_call_end() -> None:
     assert isinstance(decide(engine, attempt("e")), Reject)  # b and d: counters survived
     end(engine, b)
     assert decide(engine, attempt("f")) == ACCEPT
-    assert engine.counters["accepted"] == 5
+    assert engine.counters.verdicts["accepted"] == 5
 
 
 def test_rate_buckets_survive_a_reload() -> None:
@@ -509,8 +511,10 @@ def test_mode_override_monitors_every_rule() -> None:
         ("caller_id", "monitor"),
         ("concurrency", "monitor"),
     ]
-    assert engine.counters["monitor_caller_id"] == 2
-    assert engine.counters["monitor_concurrency"] == 1
+    assert engine.counters.findings == {
+        ("caller_id", "monitor", "deny"): 2,
+        ("concurrency", "monitor", "deny"): 1,
+    }
 
 
 # -- the decision line --------------------------------------------------------------------------

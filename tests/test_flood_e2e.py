@@ -367,7 +367,10 @@ def test_many_bans_at_once_log_a_bounded_number_of_lines(policy_lab: PolicyLab) 
 
 
 ADMIN_MISTAKES: list[tuple[bytes, int, str]] = [
-    (request("GET", "/nope"), 404, "no such endpoint: /nope (try /bans, /unban)"),
+    (
+        request("GET", "/nope"),
+        404, "no such endpoint: /nope (try /bans, /healthz, /metrics, /readyz, /unban)",
+    ),
     (request("POST", "/bans"), 405, "/bans takes GET"),
     (request("GET", "/bans", token=None), 401, "a valid bearer token is required"),
     (request("GET", "/bans", token="wrong-token-0123456789"), 401, "a valid bearer token is required"),

@@ -45,7 +45,7 @@ def test_fail_closed_refuses_with_503_when_redis_is_away() -> None:
     verdict = decide(engine, attempt("a"))
     assert isinstance(verdict, Reject) and verdict.status == 503
     assert ("Retry-After", "5") in verdict.headers
-    assert engine.counters["failed_closed"] == 1 and engine.held == {}
+    assert engine.counters.verdicts == {"error": 1} and engine.held == {}
 
 
 def test_fail_open_counts_on_this_instance_alone() -> None:
@@ -56,14 +56,14 @@ def test_fail_open_counts_on_this_instance_alone() -> None:
     assert isinstance(refused, Reject) and refused.status == 486
     end(engine, first)  # released in the local store, where it was taken
     assert isinstance(decide(engine, attempt("c")), Accept)
-    assert engine.counters["state_unavailable"] == 3
+    assert engine.counters.store_unavailable == 3
 
 
 def test_emergency_calls_never_touch_the_store() -> None:
     rules = {"concurrency": {**TIGHT["concurrency"], "fail_mode": "closed"}}
     engine = engine_on(f"redis://127.0.0.1:{closed_port()}/0", rules)
     verdict = engine.decide_now(attempt("sos", uri="sip:911@pbx.example.com"))
-    assert isinstance(verdict, Accept) and engine.counters["state_unavailable"] == 0
+    assert isinstance(verdict, Accept) and engine.counters.store_unavailable == 0
 
 
 def test_two_engines_sharing_redis_enforce_one_cap(redis_server: RedisServer) -> None:

@@ -87,7 +87,7 @@ def test_monthly_quota_and_the_decision_counters() -> None:
     decide(engine, attempt("b", now=T0 + 86_400 * 3))
     assert decide(engine, attempt("c", now=T0 + 86_400 * 6)) == OVER
     assert decide(engine, attempt("december", now=T0 + 86_400 * 9)) == ACCEPTED
-    assert engine.counters["rejected_usage"] == 1
+    assert engine.counters.rejections == {("usage", OVER.status): 1}
 
 
 def test_account_limits_shorthand() -> None:

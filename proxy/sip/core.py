@@ -26,7 +26,9 @@ Strategy (RFC 3261 §16, a transaction-stateful relay that never forks):
 
 Invariants: the core reads no clock and does no I/O; tables are bounded
 (``max_transactions``, ``max_calls``); every call that was forwarded ends exactly once
-with a CallEnded action.
+with a CallEnded action. For metrics it counts each message received and each one it
+sends, by request or response and method, in plain dicts whose keys are fixed (methods
+it does not know count as "other"), and each unparseable message.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import enum
 import hashlib
 import heapq
 import itertools
+from collections import Counter
 from dataclasses import dataclass, field
 
 from .calls import Call, CallState, CallTable
@@ -66,6 +69,12 @@ BRANCH_PREFIX = "z9hG4bK"
 OUR_BRANCH_PREFIX = BRANCH_PREFIX + "-sg"
 MAX_DURATION_REASON = ("Reason", 'SIP;cause=200;text="Maximum call duration reached"')  # RFC 3326
 KEEPALIVE_REASON = ("Reason", 'SIP;cause=408;text="Keepalive failed"')  # a party stopped answering probes
+# Methods counted by name; any other (a method is any token) counts as "other", so that
+# nobody can grow the counters, or the metrics, by inventing methods.
+KNOWN_METHODS = (
+    "INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "REGISTER", "PRACK", "UPDATE", "INFO",
+    "SUBSCRIBE", "NOTIFY", "REFER", "MESSAGE", "PUBLISH",
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -178,6 +187,10 @@ class ProxyCore:
             _normal_host_port(lst.advertise, lst.address.port) for lst in config.listeners if lst.advertise
         }
         self.accepting = True
+        # messages by method: a plain dict increment per message (a Counter's costs 3 times more)
+        self.requests_in, self.responses_in = _by_method(), _by_method()  # a response's CSeq method
+        self.requests_out, self.responses_out = _by_method(), _by_method()
+        self.parse_errors: Counter[bool] = Counter()  # by whether a 400 (or 413, 416...) went back
 
     # -- public API --------------------------------------------------------------------------
     @property
@@ -193,6 +206,16 @@ class ProxyCore:
             1 for own in self._own_requests.values() if not own.answered and not isinstance(own, Probe)
         )
 
+    def message_counts(self) -> dict[tuple[str, str, str], int]:
+        """(in | out, request | response, method) -> messages, for the metrics."""
+        tables = {
+            ("in", "request"): self.requests_in,
+            ("in", "response"): self.responses_in,
+            ("out", "request"): self.requests_out,
+            ("out", "response"): self.responses_out,
+        }
+        return {(*key, method): n for key, counts in tables.items() for method, n in counts.items()}
+
     def stop_accepting(self) -> None:
         """Shutting down: new calls get 503, transactions in flight go on."""
         self.accepting = False
@@ -206,14 +229,17 @@ class ProxyCore:
             return actions
         try:
             if isinstance(message, Response):
+                _count(self.responses_in, message.cseq.method)
                 self._on_response(message, source, now, actions)
             else:
+                _count(self.requests_in, message.method)
                 self._on_request(message, source, local, now, actions)
         except ParseError as error:  # a lazily parsed header turned out malformed
             if isinstance(message, Request) and message.method != "ACK":
                 error.partial = message
                 self._answer_unparseable(error, source, local, actions)
             else:
+                self.parse_errors[False] += 1
                 actions.append(Discarded(reason=error.reason, source=source, call_id=_call_id(message)))
         return actions
 
@@ -369,7 +395,7 @@ class ProxyCore:
 
     def _on_retransmission(self, tx: Transaction, source: Address, actions: list[Action]) -> None:
         if tx.last_response is not None:
-            actions.append(Send(data=tx.last_response, destination=tx.source, local=tx.local))
+            self._send(actions, self.responses_out, tx.method, tx.last_response, tx.source, tx.local)
         elif (
             tx.state is TxState.FORWARDED
             and tx.forwarded is not None
@@ -377,7 +403,7 @@ class ProxyCore:
             and not tx.destination.is_reliable
             and tx.retransmit_at is None
         ):
-            actions.append(Send(data=tx.forwarded, destination=tx.destination, local=tx.out_local))
+            self._send(actions, self.requests_out, tx.method, tx.forwarded, tx.destination, tx.out_local)
         # otherwise still deciding, or the next hop is reliable: absorb it
 
     def _on_ack(
@@ -462,7 +488,7 @@ class ProxyCore:
         if destination.is_reliable and request.content_length is None:
             editor.set_content_length(len(request.body))
         data = editor.render()
-        actions.append(Send(data=data, destination=destination, local=out_listener.address))
+        self._send(actions, self.requests_out, request.method, data, destination, out_listener.address)
         if not remember:
             return
         tx.state = TxState.FORWARDED
@@ -552,7 +578,7 @@ class ProxyCore:
         if not is_routable(destination.host):
             actions.append(Discarded(reason="Via points at a broadcast address", source=source))
             return
-        actions.append(Send(data=data, destination=destination, local=local))
+        self._send(actions, self.responses_out, response.cseq.method, data, destination, local)
 
     def _track_response(
         self, tx: Transaction, response: Response, data: bytes, now: float, actions: list[Action]
@@ -639,9 +665,23 @@ class ProxyCore:
         tx.last_response = data
         if status >= 200:
             self._complete(tx, now)
-        actions.append(Send(data=data, destination=tx.source, local=tx.local))
+        self._send(actions, self.responses_out, tx.method, data, tx.source, tx.local)
         if status >= 300:
             actions.append(Discarded(reason=reason, source=tx.source, status=status, call_id=request.call_id))
+
+    def _send(
+        self,
+        actions: list[Action],
+        counts: dict[str, int],
+        method: str,
+        data: bytes,
+        destination: Address,
+        local: Address | None,
+    ) -> None:
+        """Every message the core emits goes out through here, counted in ``counts``
+        (``requests_out`` or ``responses_out``) by ``method``."""
+        _count(counts, method)
+        actions.append(Send(data=data, destination=destination, local=local))
 
     def _complete(self, tx: Transaction, now: float) -> None:
         """A final response went back: keep only what answers retransmissions (Timer J/H)."""
@@ -658,20 +698,24 @@ class ProxyCore:
         status: int,
         reason: str,
         actions: list[Action],
-    ) -> None:
+    ) -> bool:
+        """Whether a reply could be written (not when the request lacks what one needs)."""
         data = build_reply(request, status, reason, to_tag="sg-stateless", server=self.config.server_header)
         if data is not None:
-            actions.append(Send(data=data, destination=source, local=local))
+            self._send(actions, self.responses_out, request.method, data, source, local)
         actions.append(Discarded(reason=reason, source=source, status=status, call_id=_call_id(request)))
+        return data is not None
 
     def _answer_unparseable(
         self, error: ParseError, source: Address, local: Address, actions: list[Action]
     ) -> None:
         request = error.partial
         if not isinstance(request, Request) or request.method == "ACK":
+            self.parse_errors[False] += 1
             actions.append(Discarded(reason=error.reason, source=source))
             return
-        self._reply_stateless(request, source, local, error.status, error.reason, actions)
+        answered = self._reply_stateless(request, source, local, error.status, error.reason, actions)
+        self.parse_errors[answered] += 1
 
     def _end_call(
         self,
@@ -795,7 +839,7 @@ class ProxyCore:
             else Probe(branch, data, destination, listener.address, now, prober, to_caller)
         )
         self._own_requests[branch] = own
-        actions.append(Send(data=data, destination=destination, local=listener.address))
+        self._send(actions, self.requests_out, method, data, destination, listener.address)
         self._schedule_own(own)
 
     def _in_dialog_destination(self, request: InDialogRequest, toward_upstream: bool) -> Address | None:
@@ -809,7 +853,8 @@ class ProxyCore:
 
     def _own_request_timer(self, own: OwnRequest, now: float, actions: list[Action]) -> None:
         if own.on_timer(now):
-            actions.append(Send(data=own.data, destination=own.destination, local=own.local))
+            method = "OPTIONS" if isinstance(own, Probe) else "BYE"  # the two requests sipguard sends
+            self._send(actions, self.requests_out, method, own.data, own.destination, own.local)
         if own.timer_at is None:
             del self._own_requests[own.branch]
             if isinstance(own, Probe) and not own.answered:  # no final response in time
@@ -835,7 +880,7 @@ class ProxyCore:
             # Timer C: nobody answered. Give up upstream, cancel downstream (§16.8).
             if tx.forwarded is not None and tx.destination is not None and tx.has_response:
                 cancel = build_cancel(parse_message(tx.forwarded))
-                actions.append(Send(data=cancel, destination=tx.destination, local=tx.out_local))
+                self._send(actions, self.requests_out, "CANCEL", cancel, tx.destination, tx.out_local)
             if tx.call is not None and not tx.is_session_refresh:
                 # a re-INVITE nobody answered does not end the call: its UAC decides (§12.2.1.2)
                 self._end_call(tx.call, EndReason.NO_ANSWER, now, actions)
@@ -851,7 +896,7 @@ class ProxyCore:
         if tx.retransmit_at != when or tx.state is not TxState.FORWARDED or tx.forwarded is None:
             return
         assert tx.destination is not None
-        actions.append(Send(data=tx.forwarded, destination=tx.destination, local=tx.out_local))
+        self._send(actions, self.requests_out, tx.method, tx.forwarded, tx.destination, tx.out_local)
         tx.retransmit_interval = min(tx.retransmit_interval * 2, 1e9 if tx.method == "INVITE" else T2)
         tx.retransmit_at = now + tx.retransmit_interval
         self._schedule(tx.retransmit_at, "retransmit", tx)
@@ -955,6 +1000,17 @@ class ProxyCore:
             if listener.address == address:
                 return listener
         return None
+
+
+def _by_method() -> dict[str, int]:
+    return dict.fromkeys((*KNOWN_METHODS, "other"), 0)
+
+
+def _count(counts: dict[str, int], method: str) -> None:
+    try:
+        counts[method] += 1
+    except KeyError:  # a method sipguard does not know: one key for them all, so none is added
+        counts["other"] += 1
 
 
 def _fires(entry: tuple[float, int, str, TimerTarget]) -> bool:

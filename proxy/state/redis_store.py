@@ -25,11 +25,14 @@ Strategy:
   ``timeout``; after ``breaker_failures`` in a row the breaker opens and calls fail at
   once for ``breaker_reset`` seconds, then one probe is let through. The engine turns
   StoreUnavailableError into each rule's fail mode. Nothing here blocks the event loop.
+- Metrics: every round trip that answers is timed into a LatencyHistogram, every one that
+  fails is counted (``errors_total``); ``ping`` lets /readyz probe through the breaker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -183,6 +186,25 @@ class StoreStats:
         return taken
 
 
+# seconds: a round trip on a LAN takes ~0.2 ms; the default timeout is 0.25 s
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class LatencyHistogram:
+    """Round-trip times since start, in cumulative-histogram buckets (Prometheus's ``le``:
+    a time equal to a bound counts in that bucket). A round trip pays a bisect and two
+    additions; proxy/metrics.py turns the counts into the metric when scraped."""
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # per bucket, not cumulative; the last is +Inf
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.sum += seconds
+
+
 MAX_CONNECTIONS = 64  # one INVITE holds one for a round trip (~0.1 ms at Redis)
 
 
@@ -268,7 +290,9 @@ class RedisStore:
         self._renewer: asyncio.Task[None] | None = None
         self._renewal_idle = asyncio.Event()  # cleared while a renewal is in flight
         self._renewal_idle.set()
-        self.stats = StoreStats()
+        self.stats = StoreStats()  # since the last state.stats line
+        self.latency = LatencyHistogram()  # since start, as errors_total
+        self.errors_total = 0
 
     # -- the StateStore protocol ---------------------------------------------------------------
     def check_and_take_now(
@@ -289,7 +313,8 @@ class RedisStore:
                 args += ["Q", op.limit, op.amount, int(op.enforced), int(op.ttl * 1000)]
             else:
                 args += ["R", 60_000.0 / op.per_minute, op.burst, int(op.enforced), int(op.count_if_blocked)]
-        raw = await self._call(self._check_and_take, [_key(op.key) for op in operations], args)
+        keys = [_key(op.key) for op in operations]
+        raw = await self._call(lambda: self._check_and_take(keys=keys, args=args))
         results = []
         for index in range(len(operations)):
             allowed, count, limit, retry_ms = raw[index * 4 : index * 4 + 4]
@@ -317,7 +342,7 @@ class RedisStore:
 
     async def _record_remote(self, keys: list[str], args: list[Any]) -> None:
         try:
-            await self._call(self._record, keys, args)
+            await self._call(lambda: self._record(keys=keys, args=args))
         except StoreUnavailableError as error:  # talk time lost: quotas undercount, never block
             log.warning("state.record_failed", error=str(error), keys=len(keys))
 
@@ -336,8 +361,9 @@ class RedisStore:
         # would put the slot back after this removes it
         await self._renewal_idle.wait()
         # if Redis is away the lease frees the slot: nobody renews a released call
+        keys = [_key(key) for key in slot_keys]
         with contextlib.suppress(StoreUnavailableError):
-            await self._call(self._release, [_key(key) for key in slot_keys], [member])
+            await self._call(lambda: self._release(keys=keys, args=[member]))
 
     async def renew_now(self, now: float | None = None) -> None:
         """Push our live calls' leases forward (batched: one script call)."""
@@ -348,9 +374,10 @@ class RedisStore:
         for key in keys:
             members = sorted(self.held[key])
             args += [len(members), *members]
+        stored_keys = [_key(key) for key in keys]
         self._renewal_idle.clear()
         try:
-            restored = await self._call(self._renew, [_key(key) for key in keys], args)
+            restored = await self._call(lambda: self._renew(keys=stored_keys, args=args))
         finally:
             self._renewal_idle.set()
         if restored:  # Redis had lost live calls' slots (restarted, or leases lapsed)
@@ -369,10 +396,17 @@ class RedisStore:
             except StoreUnavailableError as error:
                 log.warning("state.renew_failed", error=str(error))
 
-    async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        """One script call, bounded by ``timeout``, through the circuit breaker: closed
-        (calls go through), open (calls fail at once until ``breaker_reset`` has passed),
-        half-open (one probe goes through; the others fail at once until it answers)."""
+    async def ping(self) -> None:
+        """One PING through the circuit breaker; StoreUnavailableError if it fails. /readyz
+        asks, so that an idle instance learns that Redis is away, and that it is back (an
+        answered probe closes the breaker), without waiting for a call to find out."""
+        await self._call(self.client.ping)
+
+    async def _call(self, request: Callable[[], Awaitable[Any]]) -> Any:
+        """One round trip (``request()``: a script call), bounded by ``timeout``, through
+        the circuit breaker: closed (calls go through), open (calls fail at once until
+        ``breaker_reset`` has passed), half-open (one probe goes through; the others fail
+        at once until it answers)."""
         wall = time.monotonic()
         probe = False
         if self._failures >= self.breaker_failures:
@@ -381,9 +415,10 @@ class RedisStore:
             probe = self._probing = True
         started = time.perf_counter()
         try:
-            result = await asyncio.wait_for(script(keys=keys, args=args), self.timeout)
+            result = await asyncio.wait_for(request(), self.timeout)
         except (RedisError, OSError, TimeoutError) as error:
             self.stats.errors += 1
+            self.errors_total += 1
             self._failures += 1
             if self._failures >= self.breaker_failures:
                 self._open_until = time.monotonic() + self.breaker_reset
@@ -397,8 +432,15 @@ class RedisStore:
         if self._failures:
             log.info("state.recovered", after_failures=self._failures)
         self._failures = 0
-        self.stats.record((time.perf_counter() - started) * 1000)
+        elapsed = time.perf_counter() - started
+        self.stats.record(elapsed * 1000)
+        self.latency.observe(elapsed)
         return result
+
+    @property
+    def available(self) -> bool:
+        """The breaker is closed: the last round trip answered (or too few failed to open it)."""
+        return self._failures < self.breaker_failures
 
     @property
     def breaker(self) -> str:
