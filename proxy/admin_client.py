@@ -9,16 +9,17 @@ could not be asked or refused the request (unreachable, wrong token, bad input).
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 from .policyfile import parse_admin_address
+from .sip.hosts import is_ip
 from .terminal import duration, table
 
 TOKEN_VARIABLE = "SIPGUARD_ADMIN_TOKEN"
@@ -73,24 +74,43 @@ def _print_json(answer: Any) -> None:
     print(json.dumps(answer, indent=2))
 
 
+def _show(
+    admin: str,
+    token: str | None,
+    path: str,
+    as_text: Callable[[Any], list[str]],
+    *,
+    as_json: bool,
+    unknown: bool = False,
+) -> int:
+    """``GET path``, printed as JSON or as ``as_text`` lays it out. ``unknown``: a 404
+    means "not found" (its message on stdout, exit 1), not a failure."""
+    asked = _ask(admin, token, "GET", path)
+    if asked is None:
+        return FAILED
+    status, answer = asked
+    if status == 404 and unknown:
+        print(answer.get("error") if isinstance(answer, dict) else answer)
+        return NO
+    if status != 200:
+        return _failed(status, answer)
+    if as_json:
+        _print_json(answer)
+    else:
+        print("\n".join(as_text(answer)))
+    return DONE
+
+
 # -- bans, unban --------------------------------------------------------------------------------
 def bans_command(admin: str, token: str | None, *, as_json: bool = False) -> int:
     """``sipguard bans``: a table of the banned sources, or their JSON with --json."""
-    asked = _ask(admin, token, "GET", "/bans")
-    if asked is None:
-        return FAILED
-    status, bans = asked
-    if status != 200:
-        return _failed(status, bans)
-    if as_json:
-        _print_json(bans)
-        return DONE
+    return _show(admin, token, "/bans", _bans_lines, as_json=as_json)
+
+
+def _bans_lines(bans: list[dict[str, Any]]) -> list[str]:
     if not bans:
-        print("no source is banned")
-        return DONE
-    print("\n".join(_bans_table(bans)))
-    print(f"{len(bans)} source{'s' if len(bans) != 1 else ''} banned")
-    return DONE
+        return ["no source is banned"]
+    return [*_bans_table(bans), f"{len(bans)} source{'s' if len(bans) != 1 else ''} banned"]
 
 
 def _bans_table(bans: list[dict[str, Any]]) -> list[str]:
@@ -114,7 +134,7 @@ def unban_command(
     if target is None and account is None:
         print("sipguard: unban what? give an ADDRESS, a NUMBER or --account NAME", file=sys.stderr)
         return FAILED
-    if target is not None and _is_address(target):
+    if target is not None and is_ip(target):
         if account is not None:
             print("sipguard: --account goes with a number, not with an address", file=sys.stderr)
             return FAILED
@@ -151,14 +171,6 @@ def unban_command(
     return DONE
 
 
-def _is_address(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
 # -- reload ---------------------------------------------------------------------------------------
 def reload_command(admin: str, token: str | None, *, as_json: bool = False) -> int:
     """``sipguard reload``: 0 applied, 1 refused (the errors, file:line, on stderr; the
@@ -185,17 +197,7 @@ def reload_command(admin: str, token: str | None, *, as_json: bool = False) -> i
 # -- status ---------------------------------------------------------------------------------------
 def status_command(admin: str, token: str | None, *, as_json: bool = False) -> int:
     """``sipguard status``: 0 shown, 2 the listener could not be asked."""
-    asked = _ask(admin, token, "GET", "/status")
-    if asked is None:
-        return FAILED
-    status, answer = asked
-    if status != 200:
-        return _failed(status, answer)
-    if as_json:
-        _print_json(answer)
-    else:
-        print("\n".join(status_lines(answer)))
-    return DONE
+    return _show(admin, token, "/status", status_lines, as_json=as_json)
 
 
 def status_lines(answer: dict[str, Any]) -> list[str]:
@@ -268,20 +270,8 @@ def _penalty_box(boxed: list[dict[str, Any]]) -> list[str]:
 # -- explain ----------------------------------------------------------------------------------------
 def explain_command(call_id: str, admin: str, token: str | None, *, as_json: bool = False) -> int:
     """``sipguard explain CALL-ID``: 0 explained, 1 the call is not remembered."""
-    asked = _ask(admin, token, "GET", "/explain?call_id=" + urllib.parse.quote(call_id, safe=""))
-    if asked is None:
-        return FAILED
-    status, answer = asked
-    if status == 404:
-        print(answer.get("error") if isinstance(answer, dict) else answer)
-        return NO
-    if status != 200:
-        return _failed(status, answer)
-    if as_json:
-        _print_json(answer)
-    else:
-        print("\n".join(explain_lines(answer)))
-    return DONE
+    path = "/explain?call_id=" + urllib.parse.quote(call_id, safe="")
+    return _show(admin, token, path, explain_lines, as_json=as_json, unknown=True)
 
 
 def explain_lines(answer: dict[str, Any]) -> list[str]:

@@ -254,7 +254,7 @@ class PolicyEngine:
             identities = self._identities(request, region)
         except ParseError as error:
             plan.final = Reject(status=400, reason=error.reason)
-            self._log(plan, "reject", "parse", error.reason, (), code=400)
+            self._log(self._remember(plan, "reject", "parse", error.reason, (), code=400))
             return plan
         callee_digits = dialled_digits(request.uri)
         rules = policy.account_rules.get(account.name, policy.rules) if account else policy.rules
@@ -321,7 +321,7 @@ class PolicyEngine:
             if rule in retry_after:
                 headers = (("Retry-After", str(max(1, math.ceil(retry_after[rule])))),)
             self.counters[f"rejected_{rule}"] += 1
-            self._log(plan, "reject", rule, detail, counters, others, code=reply.code)
+            self._log(self._remember(plan, "reject", rule, detail, counters, others, code=reply.code))
             return Reject(status=reply.code, reason=reply.reason, headers=headers)
         attempt_id = plan.attempt.attempt_id
         self.held[attempt_id] = tuple(op.key for op in plan.operations if isinstance(op, TakeSlot))
@@ -347,7 +347,7 @@ class PolicyEngine:
         for rule, _ in plan.warnings:
             self.counters[f"warning_{rule}"] += 1
         self.counters["accepted"] += 1
-        self.decisions.forwarded(self._log(plan, "accept", None, None, counters, failures))
+        self.decisions.forwarded(self._log(self._remember(plan, "accept", None, None, counters, failures)))
         if not tags and not plan.strip and plan.max_duration is None:
             return ACCEPT
         return Accept(add_headers=tags, remove_headers=plan.strip, max_duration=plan.max_duration)
@@ -399,21 +399,10 @@ class PolicyEngine:
             header=header, presented=presented, e164=number.e164, problem=number.problem, emergency=emergency
         )
 
-    def _log(
-        self,
-        plan: _Plan,
-        verdict: str,
-        rule: str | None,
-        detail: str | None,
-        counters: list[tuple[Operation, OpResult]] | tuple[()],
-        others: list[tuple[str, str]] | None = None,
-        code: int | None = None,
-    ) -> Decision:
-        """Remember the decision and log it: one ``call.decision`` line, read from the same
-        Decision ``sipguard explain`` shows. Accepted calls log at debug: no line is built
-        for them in production, and the Decision only holds references."""
-        decision = self._remember(plan, verdict, rule, detail, counters, others, code)
-        if verdict == "reject" or others or plan.warnings:
+    def _log(self, decision: Decision) -> Decision:
+        """One ``call.decision`` line, written from the record ``sipguard explain`` shows.
+        Accepted calls without findings log at debug: in production no line is built."""
+        if decision.verdict == "reject" or decision.also or decision.warnings:
             if log.is_enabled_for(logging.INFO):
                 log.info("call.decision", **decision.fields())
         elif log.is_enabled_for(logging.DEBUG):
@@ -432,6 +421,7 @@ class PolicyEngine:
         *,
         account: Account | None = None,
     ) -> Decision:
+        """Record what was decided (references only: formatted when asked)."""
         attempt, context = plan.attempt, plan.context
         warnings = plan.warnings or ()  # no empty list kept: 56 bytes each
         also = tuple((name, plan.configs[name].mode.value, text) for name, text in others) if others else ()
