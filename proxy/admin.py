@@ -2,7 +2,8 @@
 
 Endpoints are a table, path -> method -> handler; a handler takes the parsed request and
 returns a status and a JSON body (or bytes with their Content-Type, as /metrics does).
-To add one, add a row to ``AdminServer.routes``.
+To add one, add a row to ``AdminServer.routes``. docs/admin.md describes every endpoint and
+the ``sipguard`` commands that use them; docs/metrics.md the metrics.
 
 Robustness, because this runs inside the proxy: one request per connection (answered
 with ``Connection: close``: no keep-alive state to get wrong); the request head is at
@@ -19,6 +20,8 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -26,10 +29,15 @@ from typing import Any
 
 import structlog
 
+from policies.numbering import normalise
+
 from .app import SipGuard
+from .decisions import wall_iso
 from .engine import PolicyEngine
 from .metrics import exposition, metrics_registry, readiness_problems
+from .policyfile import CompiledPolicy
 from .reload import Reloader
+from .state.history import Penalty
 
 log = structlog.get_logger("sipguard.admin")
 
@@ -39,6 +47,10 @@ REQUEST_TIMEOUT = 5.0
 MAX_CONNECTIONS = 16
 JSON = "application/json"
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # no token: they say only whether sipguard serves
+UNBAN_USAGE = (
+    'expected {"address": "IP"}, {"number": "+14155550100"} (or national form), {"account": "NAME"}, '
+    "or a number and an account together"
+)
 
 
 class HttpError(Exception):
@@ -98,17 +110,22 @@ class AdminServer:
         self._server: asyncio.Server | None = None
         self._connections = 0
         self.registry = metrics_registry(guard, engine, reloader, clock=_loop_time)
+        self._started = 0.0  # loop time at start, for the uptime
         self.routes: dict[str, dict[str, Handler]] = {
             "/bans": {"GET": self.list_bans},
             "/unban": {"POST": self.unban},
             "/metrics": {"GET": self.metrics},
             "/healthz": {"GET": self.healthz},
             "/readyz": {"GET": self.readyz},
+            "/status": {"GET": self.status},
+            "/explain": {"GET": self.explain},
+            "/reload": {"POST": self.reload},
         }
 
     async def start(self) -> tuple[str, int]:
         """Listen; returns the address bound (the real port when 0 was asked for)."""
         self._server = await asyncio.start_server(self._serve, self.host, self.port, limit=MAX_HEAD)
+        self._started = asyncio.get_running_loop().time()
         self.port = self._server.sockets[0].getsockname()[1]
         return self.host, self.port
 
@@ -122,11 +139,17 @@ class AdminServer:
         return HttpResponse(200, self.guard.list_bans())
 
     async def unban(self, request: HttpRequest) -> HttpResponse:
-        """``POST /unban`` with ``{"address": "192.0.2.7"}``: lift that source's ban."""
+        """``POST /unban``: ``{"address": "192.0.2.7"}`` lifts that source's flood ban;
+        ``{"number": "+14155550100"}`` and/or ``{"account": "acme"}`` take them out of the
+        penalty box."""
         body = request.json()
-        address = body.get("address") if isinstance(body, dict) else None
-        if not isinstance(address, str):
-            raise HttpError(400, 'expected {"address": "IP address"}')
+        if not isinstance(body, dict) or not body or set(body) - {"address", "number", "account"}:
+            raise HttpError(400, UNBAN_USAGE)
+        if "address" not in body:
+            return self._release(body.get("number"), body.get("account"))
+        address = body["address"]
+        if not isinstance(address, str) or len(body) > 1:
+            raise HttpError(400, UNBAN_USAGE)
         try:
             ipaddress.ip_address(address)
         except ValueError:
@@ -151,6 +174,133 @@ class AdminServer:
         if problems:
             return HttpResponse(503, {"status": "not ready", "reasons": problems})
         return HttpResponse(200, {"status": "ready"})
+
+    # -- status, explain, reload, the penalty box: what an operator asks of the engine ---------
+    async def status(self, request: HttpRequest) -> HttpResponse:
+        """``GET /status``: live calls, top callers, penalty box, bans, the policy in force."""
+        engine = self._engine()
+        now = asyncio.get_running_loop().time()
+        memory = engine.decisions
+        penalties = sorted(engine.history.penalties(now).items(), key=lambda item: item[1].until)
+        uptime = now - self._started
+        return HttpResponse(
+            200,
+            {
+                "started_at": wall_iso(time.time() - uptime, "seconds"),
+                "uptime_seconds": round(uptime, 1),
+                "policy": self._describe_policy(engine.policy),
+                "live_calls": memory.live_summary(),
+                "top_callers": memory.top_callers(now),
+                "penalty_box": [self._boxed(key, penalty, now) for key, penalty in penalties],
+                "bans": self.guard.list_bans(),
+                "decisions": {
+                    "since_start": dict(memory.totals),
+                    "remembered": len(memory.recent),
+                    "capacity": memory.capacity,
+                },
+            },
+        )
+
+    async def explain(self, request: HttpRequest) -> HttpResponse:
+        """``GET /explain?call_id=ID`` (URL-encoded): every remembered decision on that
+        Call-ID, oldest first, with how each forwarded call went."""
+        engine = self._engine()
+        found = urllib.parse.parse_qs(request.query).get("call_id", [])
+        if len(found) != 1 or not found[0].strip():
+            raise HttpError(400, "expected /explain?call_id=CALL-ID (URL-encoded)")
+        call_id = found[0]
+        memory = engine.decisions
+        attempts = memory.attempts(call_id)
+        if not attempts:
+            raise HttpError(
+                404,
+                f"call {call_id!r} is not among the last {len(memory.recent)} decisions nor a live call "
+                f"(admin.recent_calls: {memory.capacity}); its call.decision line may still be in the log",
+            )
+        now = asyncio.get_running_loop().time()
+        return HttpResponse(200, {"call_id": call_id, "attempts": [d.explain(now) for d in attempts]})
+
+    async def reload(self, request: HttpRequest) -> HttpResponse:
+        """``POST /reload``: as SIGHUP; 200 applied, 422 refused (the running policy stays)."""
+        if self.reloader is None:
+            raise HttpError(503, "this sipguard has no policy file to reload")
+        result = self.reloader.reload(by="operator")
+        return HttpResponse(200 if result.ok else 422, result.as_json())
+
+    def _release(self, number: object, account: object) -> HttpResponse:
+        """Take a number (read in the account's region, else the policy's) and/or an account
+        out of the penalty box; 404 when none of them was in it."""
+        engine = self._engine()
+        policy = engine.policy
+        region = policy.region
+        subjects: list[str] = []
+        if account is not None:
+            if not isinstance(account, str) or not account:
+                raise HttpError(400, UNBAN_USAGE)
+            if account in policy.accounts:
+                region = policy.accounts[account].region
+            subjects.append(f"acct:{account}")
+        if number is not None:
+            if not isinstance(number, str) or not 0 < len(number) <= 64:
+                raise HttpError(400, UNBAN_USAGE)
+            normalised = normalise(number.strip(), region)
+            if normalised.e164 is None:
+                raise HttpError(400, f"{number!r} is not a telephone number in region {region}: "
+                                     f"{normalised.problem}")  # fmt: skip
+            subjects.insert(0, f"num:{normalised.e164}")
+        now = asyncio.get_running_loop().time()
+        released, not_boxed = [], []
+        for key in subjects:
+            penalty = engine.history.penalty(key, now)
+            if penalty is None:
+                not_boxed.append(key.split(":", 1)[1])
+                continue
+            engine.history.release(key)
+            released.append(self._boxed(key, penalty, now))
+            log.warning("penalty.released", subject=key, rule=penalty.rule, reason=penalty.reason,
+                        seconds_left=round(penalty.until - now, 1), by="operator")  # fmt: skip
+        if not released:
+            raise HttpError(404, f"{' and '.join(not_boxed)}: not in the penalty box")
+        return HttpResponse(200, {"released": released, "not_boxed": not_boxed})
+
+    def _engine(self) -> PolicyEngine:
+        if self.engine is None:
+            raise HttpError(503, "this sipguard runs without a policy engine")
+        return self.engine
+
+    def _boxed(self, key: str, penalty: Penalty, now: float) -> dict[str, object]:
+        assert self.engine is not None
+        kind, _, name = key.partition(":")
+        return {
+            "subject": key,
+            "kind": "number" if kind == "num" else "account",
+            "name": name,
+            "rule": penalty.rule,
+            "reason": penalty.reason,
+            "until": wall_iso(penalty.until + self.engine.wall_offset, "seconds"),
+            "seconds_left": round(max(0.0, penalty.until - now), 1),
+        }
+
+    def _describe_policy(self, policy: CompiledPolicy) -> dict[str, object]:
+        mode = {rule.name: config.mode for rule, config in policy.rules}
+        account_modes = {
+            name: {rule.name: config.mode.value for rule, config in rules if mode[rule.name] != config.mode}
+            for name, rules in policy.account_rules.items()
+        }
+        reloader = self.reloader
+        return {
+            "path": policy.path,
+            "loaded_at": wall_iso(policy.loaded_at, "seconds"),
+            "loaded_seconds_ago": round(time.time() - policy.loaded_at, 1),
+            "rules": [
+                {"rule": rule.name, "mode": config.mode.value, "reply": f"{reply.code} {reply.reason}"}
+                for rule, config in policy.rules
+                for reply in (config.reply,)
+            ],
+            "account_modes": {name: changed for name, changed in account_modes.items() if changed},
+            "accounts": len(policy.accounts),
+            "reloads": {"succeeded": reloader.succeeded, "failed": reloader.failed} if reloader else None,
+        }
 
     # -- HTTP ------------------------------------------------------------------------------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -1,15 +1,13 @@
-"""The ``sipguard`` command: run, check, demo; bans and unban (through the admin listener)."""
+"""The ``sipguard`` command: run, check, demo; and status, explain, bans, unban, reload,
+which ask a running sipguard through its admin listener (proxy/admin_client.py)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -18,6 +16,14 @@ import structlog
 import uvloop
 
 from .admin import AdminServer
+from .admin_client import (
+    TOKEN_VARIABLE,
+    bans_command,
+    explain_command,
+    reload_command,
+    status_command,
+    unban_command,
+)
 from .app import ProxySettings, SipGuard
 from .engine import PolicyEngine
 from .logs import configure_logging
@@ -34,14 +40,13 @@ from .reload import Reloader
 from .sip.events import parse_address
 from .state import MemoryStore, StateStore
 from .state.redis_store import RedisStore
+from .terminal import duration, table
 
 if TYPE_CHECKING:
     from .replay import ReplayReport
 
 log = structlog.get_logger("sipguard")
 DEFAULT_ADMIN = AdminSection().listen or "127.0.0.1:5065"
-TOKEN_VARIABLE = "SIPGUARD_ADMIN_TOKEN"
-ADMIN_TIMEOUT = 10.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,24 +78,65 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-format console also shows it on stderr.",
     )
     _logging_flags(demo, "debug")
+    status = commands.add_parser(
+        "status",
+        help="live calls, top callers, penalty box, bans, the policy in force",
+        description=_admin_help("Exit status: 0 shown, 2 the listener could not be asked."),
+    )
+    _admin_flags(status)
+    explain = commands.add_parser(
+        "explain",
+        help="why a recent call was refused or let through, and how it went",
+        description=_admin_help(
+            "Shows every INVITE judged on CALL-ID among the recent decisions (admin.recent_calls) "
+            "and the calls still up: the verdict, the deciding rule and reply code, each counter "
+            "against its limit, the other rules' findings, and how the call went. "
+            "Exit status: 0 explained, 1 the call is not remembered, 2 the listener could not be asked."
+        ),
+    )
+    explain.add_argument("call_id", metavar="CALL-ID", help="the call's Call-ID header")
+    _admin_flags(explain)
     bans = commands.add_parser(
-        "bans", help="list the sources the flood defence has banned", description=_ADMIN_HELP
+        "bans",
+        help="list the sources the flood defence has banned",
+        description=_admin_help("Exit status: 0 listed, 2 the listener could not be asked."),
     )
     _admin_flags(bans)
-    bans.add_argument("--json", action="store_true", help="print the admin listener's JSON as it is")
-    unban = commands.add_parser("unban", help="lift a source's ban", description=_ADMIN_HELP)
-    unban.add_argument("address", metavar="ADDRESS", help="the banned IP address")
+    unban = commands.add_parser(
+        "unban",
+        help="lift a source's flood ban, or take a number or an account out of the penalty box",
+        description=_admin_help(
+            "An IP address: its flood ban is lifted. A number (E.164, or national in the account's "
+            "region, else the policy's default region): it leaves the penalty box and its recent "
+            "calls are forgotten. --account NAME: that account leaves the penalty box (with a number: "
+            "both). Exit status: 0 done, 1 not banned or not in the penalty box, 2 the listener "
+            "could not be asked or the input is not usable."
+        ),
+    )
+    unban.add_argument(
+        "target", nargs="?", metavar="ADDRESS|NUMBER", help="an IP address or a telephone number"
+    )
+    unban.add_argument("--account", metavar="NAME", help="release this account from the penalty box")
     _admin_flags(unban)
-    unban.add_argument("--json", action="store_true", help="print the admin listener's JSON as it is")
+    reload = commands.add_parser(
+        "reload",
+        help="reload the policy file (as SIGHUP does)",
+        description=_admin_help(
+            "The file is validated whole; a file that does not validate changes nothing and its "
+            "errors (file:line) are printed. Exit status: 0 applied, 1 refused (the running policy "
+            "stays), 2 the listener could not be asked."
+        ),
+    )
+    _admin_flags(reload)
     _add_replay_parser(commands)
     return parser
 
 
-_ADMIN_HELP = (
-    "Asks a running sipguard through its admin listener (the policy file's admin: section). "
-    f"The token, if the listener wants one, comes from --token or ${TOKEN_VARIABLE}. "
-    "Exit status: 0 done, 1 not banned (unban), 2 the listener could not be asked."
-)
+def _admin_help(exits: str) -> str:
+    return (
+        "Asks a running sipguard through its admin listener (the policy file's admin: section). "
+        f"The token, if the listener wants one, comes from --token or ${TOKEN_VARIABLE}. {exits}"
+    )
 
 
 def _admin_flags(parser: argparse.ArgumentParser) -> None:
@@ -101,6 +147,7 @@ def _admin_flags(parser: argparse.ArgumentParser) -> None:
         help=f"admin listener (default {DEFAULT_ADMIN})",
     )
     parser.add_argument("--token", metavar="TOKEN", help=f"bearer token (default: ${TOKEN_VARIABLE})")
+    parser.add_argument("--json", action="store_true", help="print the admin listener's JSON as it is")
 
 
 def _instant(text: str) -> float:
@@ -122,10 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return replay_command(args)
     if args.command == "check":
         return check_command(args.file)
-    if args.command == "bans":
-        return bans_command(args.admin, args.token, as_json=args.json)
-    if args.command == "unban":
-        return unban_command(args.address, args.admin, args.token, as_json=args.json)
+    if args.command in ADMIN_COMMANDS:
+        return ADMIN_COMMANDS[args.command](args)
     if args.command == "demo":
         from .demo import run_demo
 
@@ -208,112 +253,13 @@ async def _start_admin(
     return admin
 
 
-# -- bans, unban: clients of the admin listener -----------------------------------------------------
-class AdminUnreachableError(Exception):
-    pass
-
-
-def _admin_call(admin: str, token: str | None, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    """One request to the admin listener: (HTTP status, JSON body)."""
-    host, port = parse_admin_address(admin)
-    netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(f"http://{netloc}{path}", data=data, method=method)
-    if data is not None:
-        request.add_header("Content-Type", "application/json")
-    token = token or os.environ.get(TOKEN_VARIABLE)
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=ADMIN_TIMEOUT) as answer:
-            return answer.status, json.load(answer)
-    except urllib.error.HTTPError as error:
-        try:
-            return error.code, json.load(error)
-        except ValueError:
-            return error.code, {"error": error.reason}
-    except (urllib.error.URLError, OSError, ValueError) as error:
-        reason = getattr(error, "reason", error)
-        raise AdminUnreachableError(f"cannot ask the admin listener at {admin}: {reason}") from None
-
-
-def _admin_failed(status: int, answer: Any) -> int:
-    message = answer.get("error") if isinstance(answer, dict) else answer
-    print(f"sipguard: the admin listener answered {status}: {message}", file=sys.stderr)
-    return 2
-
-
-def bans_command(admin: str, token: str | None, *, as_json: bool = False) -> int:
-    """``sipguard bans``: a table of the banned sources, or their JSON with --json."""
-    try:
-        status, bans = _admin_call(admin, token, "GET", "/bans")
-    except (AdminUnreachableError, ValueError) as error:
-        print(f"sipguard: {error}", file=sys.stderr)
-        return 2
-    if status != 200:
-        return _admin_failed(status, bans)
-    if as_json:
-        print(json.dumps(bans, indent=2))
-        return 0
-    if not bans:
-        print("no source is banned")
-        return 0
-    rows = [("ADDRESS", "REASON", "LEFT", "DROPPED", "OFFENCES", "UNTIL", "DETAIL")]
-    rows += [
-        (
-            ban["address"], ban["reason"], _duration(ban["seconds_left"]), str(ban["dropped"]),
-            str(ban["offences"]), ban["until"], ban["detail"],
-        )
-        for ban in bans
-    ]  # fmt: skip
-    _print_table(rows, right_aligned={3, 4})
-    print(f"{len(bans)} source{'s' if len(bans) != 1 else ''} banned")
-    return 0
-
-
-def unban_command(address: str, admin: str, token: str | None, *, as_json: bool = False) -> int:
-    """``sipguard unban ADDRESS``: 0 lifted, 1 it was not banned."""
-    try:
-        status, answer = _admin_call(admin, token, "POST", "/unban", {"address": address})
-    except (AdminUnreachableError, ValueError) as error:
-        print(f"sipguard: {error}", file=sys.stderr)
-        return 2
-    if as_json:
-        print(json.dumps(answer, indent=2))
-    if status == 404:
-        if not as_json:
-            print(f"{address} was not banned")
-        return 1
-    if status != 200:
-        return _admin_failed(status, answer)
-    if not as_json:
-        ban = answer["unbanned"]
-        print(f"{ban['address']} unbanned ({ban['reason']}: {ban['detail']}; "
-              f"{ban['dropped']} messages dropped while banned)")  # fmt: skip
-    return 0
-
-
-def _print_table(rows: Sequence[tuple[str, ...]], right_aligned: set[int]) -> None:
-    """Columns padded to their widest cell."""
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    for row in rows:
-        cells = [
-            cell.rjust(width) if column in right_aligned else cell.ljust(width)
-            for column, (cell, width) in enumerate(zip(row, widths, strict=True))
-        ]
-        print("  ".join(cells).rstrip())
-
-
-def _duration(seconds: float) -> str:
-    """4m58s, 2h05m, 1d03h: how long a ban still runs."""
-    whole = int(seconds)
-    if whole < 60:
-        return f"{whole}s"
-    if whole < 3600:
-        return f"{whole // 60}m{whole % 60:02d}s"
-    if whole < 86400:
-        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
-    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
+ADMIN_COMMANDS = {
+    "status": lambda args: status_command(args.admin, args.token, as_json=args.json),
+    "explain": lambda args: explain_command(args.call_id, args.admin, args.token, as_json=args.json),
+    "bans": lambda args: bans_command(args.admin, args.token, as_json=args.json),
+    "unban": lambda args: unban_command(args.target, args.account, args.admin, args.token, as_json=args.json),
+    "reload": lambda args: reload_command(args.admin, args.token, as_json=args.json),
+}
 
 
 def _describe_flood(flood: FloodSection) -> str:
@@ -331,8 +277,11 @@ def _describe_flood(flood: FloodSection) -> str:
 def _describe_admin(admin: AdminSection) -> str:
     if admin.listen is None:
         return "admin: off"
-    endpoints = "GET /bans, POST /unban, GET /metrics; GET /healthz, GET /readyz need no token"
-    return f"admin: http://{admin.listen} ({endpoints}); token {'set' if admin.token else 'none'}"
+    return (
+        f"admin: http://{admin.listen} (commands: status, explain, bans, unban, reload; "
+        "GET /metrics; GET /healthz, GET /readyz need no token); "
+        f"token {'set' if admin.token else 'none'}; {admin.recent_calls} decisions remembered"
+    )
 
 
 def check_command(path: str) -> int:
@@ -433,7 +382,7 @@ def _print_replay(report: ReplayReport) -> None:
     counts = report.counts
     print(f"replay of {report.capture} ({report.capture_format}, {report.link_type}) against {report.policy}")
     if report.first_at is not None and report.last_at is not None:
-        span = _duration(report.last_at - report.first_at)
+        span = duration(report.last_at - report.first_at)
         print(f"capture: {wall_time(report.first_at)} to {wall_time(report.last_at)} ({span})")
     print(f"  {counts.packets} packets: {counts.messages} SIP messages (UDP {counts.udp_messages}, "
           f"TCP {counts.tcp_messages}), {counts.malformed} malformed (skipped), "
@@ -448,13 +397,13 @@ def _print_replay(report: ReplayReport) -> None:
               report.replies.get(name, "")) for name, c in report.rules.items()]  # fmt: skip
     if len(rows) > 1:
         print()
-        _print_table(rows, right_aligned={1, 2, 3, 4, 5})
+        print("\n".join(table(rows, right_aligned={1, 2, 3, 4, 5})))
     rows = [("ACCOUNT", "JUDGED", "ACCEPTED", "REFUSED", "MONITOR", "TAGGED")]
     rows += [(name, str(c.judged), str(c.accepted), str(c.refused), str(c.monitor), str(c.tagged))
              for name, c in sorted(report.accounts.items())]  # fmt: skip
     if len(rows) > 1:
         print()
-        _print_table(rows, right_aligned={1, 2, 3, 4, 5})
+        print("\n".join(table(rows, right_aligned={1, 2, 3, 4, 5})))
     if report.judged:
         print("\nagainst the capture:")
         print(f"  {report.seen('reject', 'answered')} of the calls it would refuse were answered there")
@@ -465,13 +414,13 @@ def _print_replay(report: ReplayReport) -> None:
         rows = [("TIME", "CALL-ID", "ACCOUNT", "CALLER", "CALLEE", "RULE", "DETAIL")]
         rows += [(wall_time(c.at) or "", c.call_id, c.account or "-", c.caller_e164 or c.caller or "-",
                   c.callee or "-", c.rule or "-", c.detail or "") for c in report.examples]  # fmt: skip
-        _print_table(rows, right_aligned=set())
+        print("\n".join(table(rows, right_aligned=set())))
     if report.calls:
         print(f"\nevery judged call ({len(report.calls)}):")
         rows = [("TIME", "CALL-ID", "ACCOUNT", "CALLER", "CALLEE", "VERDICT", "RULE", "IN THE CAPTURE")]
         rows += [(wall_time(c.at) or "", c.call_id, c.account or "-", c.caller_e164 or c.caller or "-",
                   c.callee or "-", c.verdict, c.rule or "-", c.captured) for c in report.calls]  # fmt: skip
-        _print_table(rows, right_aligned=set())
+        print("\n".join(table(rows, right_aligned=set())))
 
 
 if __name__ == "__main__":

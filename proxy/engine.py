@@ -40,6 +40,7 @@ from policies.base import (
 from policies.caller_id import CallerIdConfig
 from policies.numbering import dialled_digits, is_anonymous, normalise
 
+from .decisions import Decision, DecisionMemory
 from .policyfile import CompiledPolicy
 from .sip import NameAddr, ParseError, Request
 from .sip.events import Accept, CallAnswered, CallAttempt, CallEnded, Keepalive, Reject, Verdict
@@ -115,6 +116,7 @@ class PolicyEngine:
         self.store: StateStore = store or MemoryStore(slot_lease=policy.local_slot_lease)
         self.held: dict[str, tuple[str, ...]] = {}
         self.counters = PolicyCounters()
+        self.decisions = DecisionMemory(policy.admin.recent_calls)  # for sipguard explain and status
         self._accounts_by_host: dict[str, Account | None] = {}
         self._background: set[asyncio.Future[None]] = set()
         # where calls are counted while a shared store is unreachable (fail_mode: open)
@@ -166,6 +168,8 @@ class PolicyEngine:
         closed = sorted({op.rule for op in plan.operations if plan.configs[op.rule].fail_mode == "closed"})
         if closed and not plan.blocked:  # (a call another rule refused keeps that rule's answer)
             self.counters.verdicts["error"] += 1
+            detail = f"the shared state store is unreachable ({error}); {', '.join(closed)} fail closed"
+            self._remember(plan, "reject", "state", detail, (), code=503)
             log.warning(
                 "state.unavailable", call_id=plan.attempt.request.call_id, error=error, refused_by=closed
             )
@@ -181,12 +185,14 @@ class PolicyEngine:
 
     def call_answered(self, event: CallAnswered) -> None:
         self.history.call_answered(event.call.attempt_id, event.now)
+        self.decisions.answered(event.call.attempt_id, event.now)
         live = self.live.get(event.call.attempt_id)
         if live is not None:
             live.answered_at = event.now
 
     def call_ended(self, event: CallEnded) -> None:
         self.history.call_ended(event.call.attempt_id, event.now, event.by_caller)
+        self.decisions.ended(event)
         live = self.live.pop(event.call.attempt_id, None)
         if live is not None:
             self._tell_rules(live, event)
@@ -250,14 +256,16 @@ class PolicyEngine:
         if not policy.rules:  # no rules configured: a plain proxy
             self.counters.verdicts["accepted"] += 1
             plan.final = ACCEPT
+            self.decisions.forwarded(self._remember(plan, "accept", None, "no rules configured", ()))
             return plan
         try:
             account = self._account_for(attempt.source.host, request)
             region = account.region if account else policy.region
             if policy.emergency.matches(request.uri, region):
                 self.counters.verdicts["emergency"] += 1
-                log.info("call.emergency", call_id=request.call_id, callee=str(request.uri),
-                         source=attempt.source.host, account=account.name if account else None)  # fmt: skip
+                decision = self._remember(plan, "emergency", None, None, (), account=account)
+                self.decisions.forwarded(decision)
+                log.info("call.emergency", **decision.fields())
                 plan.final = ACCEPT
                 return plan
             identities = self._identities(request, region)
@@ -265,7 +273,7 @@ class PolicyEngine:
             plan.final = Reject(status=400, reason=error.reason)
             self.counters.verdicts["rejected"] += 1
             self.counters.rejections[("parse", 400)] += 1
-            self._log(plan, "reject", "parse", error.reason, ())
+            self._log(self._remember(plan, "reject", "parse", error.reason, (), code=400))
             return plan
         callee_digits = dialled_digits(request.uri)
         rules = policy.account_rules.get(account.name, policy.rules) if account else policy.rules
@@ -340,14 +348,7 @@ class PolicyEngine:
                 headers = (("Retry-After", str(max(1, math.ceil(retry_after[rule])))),)
             self.counters.verdicts["rejected"] += 1
             self.counters.rejections[(rule, reply.code)] += 1
-            self._log(
-                plan,
-                "reject",
-                rule,
-                detail,
-                counters,
-                others,
-            )
+            self._log(self._remember(plan, "reject", rule, detail, counters, others, code=reply.code))
             return Reject(status=reply.code, reason=reply.reason, headers=headers)
         attempt_id = plan.attempt.attempt_id
         self.held[attempt_id] = tuple(op.key for op in plan.operations if isinstance(op, TakeSlot))
@@ -369,7 +370,7 @@ class PolicyEngine:
         tagged += [(rule, detail) for rule, detail in plan.warnings if configs[rule].mode is not Mode.MONITOR]
         tags = tuple((TAG_HEADER, f"{rule}; {_header_safe(detail)}") for rule, detail in tagged)
         self.counters.verdicts["accepted"] += 1
-        self._log(plan, "accept", None, None, counters, failures)
+        self.decisions.forwarded(self._log(self._remember(plan, "accept", None, None, counters, failures)))
         if not tags and not plan.strip and plan.max_duration is None and plan.keepalive is None:
             return ACCEPT
         return Accept(
@@ -426,47 +427,50 @@ class PolicyEngine:
             header=header, presented=presented, e164=number.e164, problem=number.problem, emergency=emergency
         )
 
-    def _log(
+    def _log(self, decision: Decision) -> Decision:
+        """One ``call.decision`` line, written from the record ``sipguard explain`` shows.
+        Accepted calls without findings log at debug: in production no line is built."""
+        if self.on_decision is not None:
+            self.on_decision(decision.fields())
+        if decision.verdict == "reject" or decision.also or decision.warnings:
+            if log.is_enabled_for(logging.INFO):
+                log.info("call.decision", **decision.fields())
+        elif log.is_enabled_for(logging.DEBUG):
+            log.debug("call.decision", **decision.fields())
+        return decision
+
+    def _remember(
         self,
         plan: _Plan,
         verdict: str,
         rule: str | None,
         detail: str | None,
-        counters: Any,
+        counters: list[tuple[Operation, OpResult]] | tuple[()],
         others: list[tuple[str, str]] | None = None,
-    ) -> None:
-        loud = verdict == "reject" or bool(others) or bool(plan.warnings)
-        if self.on_decision is None and not log.is_enabled_for(logging.INFO if loud else logging.DEBUG):
-            return  # accepted calls log at debug: don't build the line nobody will see
-        context = plan.context
-        request = plan.attempt.request
-        fields: dict[str, Any] = {
-            "call_id": request.call_id,
-            "account": context.account.name if context and context.account else None,
-            "source": plan.attempt.source.host,
-            "caller": context.identities[0].presented if context else None,
-            "caller_e164": context.caller if context else None,
-            "callee": context.callee if context and context.callee else str(getattr(request, "uri", "")),
-            "verdict": verdict,
-            "rule": rule,
-            "detail": detail,
-            "counters": [
-                {"rule": op.rule, "what": op.label, "count": result.count, "limit": result.limit}
-                for op, result in counters
-            ],
-        }
-        if plan.warnings:
-            fields["warnings"] = [{"rule": name, "detail": text} for name, text in plan.warnings]
-        if others:
-            fields["also"] = [
-                {"rule": name, "mode": plan.configs[name].mode.value, "detail": text} for name, text in others
-            ]
-        if self.on_decision is not None:
-            self.on_decision(fields)
-        if loud:
-            log.info("call.decision", **fields)
-        else:
-            log.debug("call.decision", **fields)
+        code: int | None = None,
+        *,
+        account: Account | None = None,
+    ) -> Decision:
+        """Record what was decided (references only: formatted when asked)."""
+        attempt, context = plan.attempt, plan.context
+        warnings = plan.warnings or ()  # no empty list kept: 56 bytes each
+        also = tuple((name, plan.configs[name].mode.value, text) for name, text in others) if others else ()
+        if context is not None:
+            decision = Decision(
+                attempt.attempt_id, context.call_id, context.now, context.wall_time,
+                context.account.name if context.account else None, context.source_host,
+                context.identities[0].presented, context.caller, context.callee or context.callee_presented,
+                verdict, rule, detail, code, counters, also, warnings,
+            )  # fmt: skip
+        else:  # not judged by the rules: malformed, an emergency call, no rules
+            request = attempt.request
+            decision = Decision(
+                attempt.attempt_id, request.call_id, attempt.now, attempt.now + self.wall_offset,
+                account.name if account else None, attempt.source.host, _presented_caller(request), None,
+                str(getattr(request, "uri", "")), verdict, rule, detail, code, counters, also, warnings,
+            )  # fmt: skip
+        self.decisions.record(decision)
+        return decision
 
 
 def _owned(operations: tuple[Operation, ...], rule: Policy[Any], config: RuleConfig) -> list[Operation]:
@@ -501,6 +505,14 @@ def _caller(identities: tuple[Identity, ...]) -> str | None:
             if identity.header == header and identity.e164 is not None:
                 return identity.e164
     return None
+
+
+def _presented_caller(request: Request) -> str | None:
+    """The From URI as sent, for a call the rules did not judge (it may be what was malformed)."""
+    try:
+        return str(request.from_.uri)
+    except ParseError:
+        return None
 
 
 def _name_addrs(request: Request, header: str) -> tuple[NameAddr, ...]:

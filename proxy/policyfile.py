@@ -244,7 +244,7 @@ def is_loopback(host: str) -> bool:
 
 
 class AdminSection(_Strict):
-    """The admin HTTP listener (GET /bans, POST /unban)."""
+    """The admin HTTP listener (status, explain, bans, unban, reload) and what it remembers."""
 
     listen: str | None = Field(
         default="127.0.0.1:5065", description="HOST:PORT to listen on, [::1]:PORT for IPv6; null: none"
@@ -253,6 +253,12 @@ class AdminSection(_Strict):
         default=None,
         min_length=16,
         description="clients must send Authorization: Bearer TOKEN; required beyond loopback",
+    )
+    recent_calls: int = Field(
+        default=10_000,
+        ge=0,
+        le=1_000_000,
+        description="decisions remembered for sipguard explain and status (1.3-3 KB each); 0: none",
     )
 
     @field_validator("listen")

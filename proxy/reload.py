@@ -50,10 +50,12 @@ class Reloader:
         self.succeeded = 0
         self.failed = 0
 
-    def reload(self) -> ReloadResult:
+    def reload(self, by: str = "signal") -> ReloadResult:
+        """Load the file again and apply it; ``by`` says who asked (signal: SIGHUP, operator:
+        ``POST /reload``), for the log."""
         running = self.engine.policy
         if self.path is None:
-            log.warning("policy.reload_skipped", reason="no --config file")
+            log.warning("policy.reload_skipped", reason="no --config file", by=by)
             self.failed += 1
             return ReloadResult(
                 ok=False, path=None, running=running.path, errors=["sipguard runs without a policy file"]
@@ -62,7 +64,7 @@ class Reloader:
             new = load_policy(self.path)
         except PolicyFileError as error:
             self.failed += 1
-            log.error("policy.reload_failed", path=self.path, errors=error.errors, kept=running.path)
+            log.error("policy.reload_failed", path=self.path, errors=error.errors, kept=running.path, by=by)
             return ReloadResult(ok=False, path=self.path, running=running.path, errors=error.errors)
         restart_needed = (new.proxy, new.state, new.admin) != (running.proxy, running.state, running.admin)
         if restart_needed:
@@ -73,5 +75,5 @@ class Reloader:
         self.guard.reconfigure_flood(new.flood)
         self.succeeded += 1
         rules = [rule.name for rule, _ in new.rules]
-        log.info("policy.reloaded", path=self.path, accounts=len(new.accounts), rules=rules)
+        log.info("policy.reloaded", path=self.path, accounts=len(new.accounts), rules=rules, by=by)
         return ReloadResult(ok=True, path=self.path, running=new.path, restart_needed=restart_needed)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sipp import (
     LOOPBACK,
     GuardLog,
@@ -27,6 +28,8 @@ from sipp import (
     installed_sipguard,
     wait_until,
 )
+
+from proxy.cli import main
 
 ACME = "127.0.0.2"  # the source address of customer account "acme"
 GLOBEX = "127.0.0.3"  # ... and of "globex"
@@ -89,6 +92,19 @@ class PolicyGuard(GuardProcess):
 
         wait_until(logged, timeout, f"{event} {fields} in sipguard's log")
         return found[0]
+
+
+def admin_address(guard: PolicyGuard) -> str:
+    """HOST:PORT of the admin listener sipguard started (a policy's ``listen: 127.0.0.1:0``)."""
+    started = guard.wait_for("admin.started")
+    return f"{started['host']}:{started['port']}"
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """``sipguard ARGV`` in this process: exit status, stdout, stderr."""
+    status = main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
 
 
 def free_udp_port(host: str) -> int:

@@ -544,6 +544,7 @@ def test_the_decision_line_explains_a_rejection() -> None:
         "verdict": "reject",
         "rule": "concurrency",
         "detail": f"calls from {OWNED}: 2 > 1",
+        "code": 486,
         "counters": [
             {"rule": "concurrency", "what": f"calls from {OWNED}", "count": 2, "limit": 1},
             {"rule": "concurrency", "what": "calls of acme", "count": 2, "limit": 5},

@@ -416,10 +416,11 @@ def test_check_describes_flood_and_admin(tmp_path: Path, capsys: pytest.CaptureF
         "flood: 50 messages/s per source, burst 100; ban 300 s, doubling for repeat offenders up to "
         "86400 s; 9 scanner user agents; exempt trusted peers, the upstream, 203.0.113.0/24\n"
     ) in out
-    assert (
-        "admin: http://127.0.0.1:5065 (GET /bans, POST /unban, GET /metrics; GET /healthz, GET /readyz "
-        "need no token); token none\n"
-    ) in out
+    admin = (
+        "admin: http://127.0.0.1:5065 (commands: status, explain, bans, unban, reload; GET /metrics; "
+        "GET /healthz, GET /readyz need no token); token none; "
+    )
+    assert admin + "10000 decisions remembered\n" in out
     path = write(tmp_path, "flood: {enabled: false}\nadmin: {listen: null}\n")
     assert main(["check", str(path)]) == 0
     out = capsys.readouterr().out
