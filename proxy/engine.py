@@ -54,6 +54,8 @@ _AUTH_USERNAME = re.compile(r'username\s*=\s*"([^"]*)"', re.IGNORECASE)
 _IDENTITY_HEADERS = ("p-asserted-identity", "p-preferred-identity", "remote-party-id")
 ACCEPT = Accept()
 UNTRUSTED_IDENTITY_HEADERS = ("p-asserted-identity", "remote-party-id")
+# Only sipguard tags calls for the PBX: a customer's own tag header would be a forged verdict.
+FORGEABLE_HEADERS = (TAG_HEADER.lower(),)
 
 
 @dataclass(slots=True)
@@ -252,7 +254,7 @@ class PolicyEngine:
         policy = self.policy
         # RFC 3325: identity a customer asserts is not believed beyond sipguard, whichever
         # rules run; caller_id's strip_untrusted_identity: false is the one way to keep it.
-        plan = _Plan(attempt, None, {}, [], [], False, UNTRUSTED_IDENTITY_HEADERS)
+        plan = _Plan(attempt, None, {}, [], [], False, UNTRUSTED_IDENTITY_HEADERS + FORGEABLE_HEADERS)
         if not policy.rules:  # no rules configured: a plain proxy
             self.counters.verdicts["accepted"] += 1
             plan.final = ACCEPT
@@ -301,7 +303,7 @@ class PolicyEngine:
             name = rule.name
             plan.configs[name] = config
             if isinstance(config, CallerIdConfig) and not config.strip_untrusted_identity:
-                plan.strip = ()  # the operator chose to pass customers' assertions on
+                plan.strip = FORGEABLE_HEADERS  # the operator chose to pass customers' assertions on
             verdict = rule.check(context, config)
             if isinstance(verdict, Deny):
                 plan.denials.append((name, verdict.detail))

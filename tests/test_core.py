@@ -122,6 +122,16 @@ def test_accept_adds_the_verdicts_headers() -> None:
     assert forwarded.body == invite().split(b"\r\n\r\n", 1)[1]
 
 
+def test_a_removed_header_goes_before_the_verdict_adds_its_own() -> None:
+    """A customer's forged X-Sipguard-Tag is removed, sipguard's own kept."""
+    sim = Sim.make()
+    verdict = Accept(
+        add_headers=(("X-Sipguard-Tag", "caller_id; spoofed"),), remove_headers=("x-sipguard-tag",)
+    )
+    send = sim.forward(invite(headers=[("X-Sipguard-Tag", "none; all clear")]), verdict)
+    assert parse_request(send.data).values("x-sipguard-tag") == ["caller_id; spoofed"]
+
+
 @pytest.mark.parametrize(
     ("via", "source_port", "stamped"),
     [

@@ -42,7 +42,7 @@ OWNED = "+14155550142"  # acme's
 OWNED_TOO = "+14155550143"
 NOT_OWNED = "+14155559999"
 CALLEE = "+14155552000"
-STRIP = ("p-asserted-identity", "remote-party-id")
+STRIP = ("p-asserted-identity", "remote-party-id", "x-sipguard-tag")
 
 ACCOUNTS: dict[str, Any] = {
     "acme": {"sources": ["192.0.2.0/24"], "numbers": ["+14155550100-+14155550199"]},
@@ -350,7 +350,19 @@ def test_identity_is_stripped_even_without_caller_id() -> None:
 
 def test_stripping_can_be_turned_off() -> None:
     engine = engine_for({"caller_id": {"strip_untrusted_identity": False}})
-    assert decide(engine, attempt("a")) == UNTOUCHED
+    assert decide(engine, attempt("a")) == Accept(remove_headers=("x-sipguard-tag",))
+
+
+def test_a_customers_own_tag_header_never_reaches_the_pbx() -> None:
+    """X-Sipguard-Tag is sipguard's verdict for the PBX: one a customer wrote is a forgery,
+    removed (the core removes before it adds) whatever sipguard adds itself."""
+    engine = engine_for({"caller_id": {"mode": "tag", "strip_untrusted_identity": False}})
+    forged = [(TAG_HEADER, "none; all clear")]
+    assert decide(engine, attempt("a", headers=forged)) == Accept(remove_headers=("x-sipguard-tag",))
+    assert decide(engine, attempt("b", caller=NOT_OWNED, headers=forged)) == Accept(
+        add_headers=((TAG_HEADER, f"caller_id; from {NOT_OWNED} not owned by acme"),),
+        remove_headers=("x-sipguard-tag",),
+    )
 
 
 @pytest.mark.parametrize(
