@@ -379,13 +379,18 @@ class SipGuard:
             if self.core.pending == 0:
                 self._drained.set()
 
-    async def run_until_stopped(self) -> None:
-        """Serve until SIGTERM/SIGINT, then let transactions in flight finish (bounded)."""
+    def handle_signals(self) -> None:
+        """SIGTERM and SIGINT stop, SIGHUP reloads. Called before ``start``: a signal that
+        arrives while sipguard binds its sockets must not find the default action (which
+        ends the process, for SIGHUP too)."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         if self.on_reload is not None:
             loop.add_signal_handler(signal.SIGHUP, self.on_reload)
+
+    async def run_until_stopped(self) -> None:
+        """Serve until asked to stop, then let transactions in flight finish (bounded)."""
         await self._stopping.wait()
         try:
             await asyncio.wait_for(self._drained.wait(), self.settings.shutdown_grace)

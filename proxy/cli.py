@@ -214,6 +214,7 @@ async def _serve(
     guard = SipGuard(settings, engine)
     reloader = Reloader(engine, guard, path)
     guard.on_reload = reloader.reload  # SIGHUP
+    guard.handle_signals()
     try:
         await guard.start()
     except OSError as error:
