@@ -16,7 +16,6 @@ import logging
 import subprocess
 import tracemalloc
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,7 +31,7 @@ from policy_e2e import (
     final_statuses,
     only_call_id,
 )
-from sipp import LOOPBACK, Lab, checkout_env, free_ports, installed_sipguard, wait_until
+from sipp import LOOPBACK, checkout_env, free_ports, installed_sipguard, wait_until
 from sipsim import invite
 from structlog.testing import capture_logs
 
@@ -355,13 +354,6 @@ accounts:
     sources: [{GLOBEX}/32]
     numbers: ["+14155550200-+14155550299"]
 """
-
-
-@pytest.fixture
-def policy_lab(tmp_path: Path) -> Iterator[PolicyLab]:
-    lab = Lab(tmp_path)
-    yield PolicyLab(lab)
-    lab.close()
 
 
 def status_when(

@@ -16,9 +16,6 @@ Refused calls use sipp-scenarios/uac_refused.xml (any policy code; the test chec
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 from policy_e2e import (
     ACME,
@@ -30,7 +27,7 @@ from policy_e2e import (
     final_responses,
     only_call_id,
 )
-from sipp import Lab, SippResult
+from sipp import SippResult
 from test_e2e_policies import assert_guard_clean, pbx_call_ids
 
 pytestmark = [pytest.mark.sipp]
@@ -50,13 +47,6 @@ accounts:
   globex:
     sources: [{GLOBEX}/32]
 """
-
-
-@pytest.fixture
-def policy_lab(tmp_path: Path) -> Iterator[PolicyLab]:
-    lab = Lab(tmp_path)
-    yield PolicyLab(lab)
-    lab.close()
 
 
 def refused(result: SippResult, status: int, reason: str) -> str:

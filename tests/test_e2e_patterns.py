@@ -5,9 +5,6 @@ module docstring explains the set-up; the helpers are in tests/policy_e2e.py).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 from policy_e2e import (
     ACME,
@@ -19,19 +16,11 @@ from policy_e2e import (
     final_statuses,
     in_call_order,
 )
-from sipp import Lab
 
 pytestmark = [pytest.mark.sipp]
 
 DIALER_NUMBER = "+14155550100"
 PERSON_NUMBER = "+14155550101"  # the same account's
-
-
-@pytest.fixture
-def policy_lab(tmp_path: Path) -> Iterator[PolicyLab]:
-    lab = Lab(tmp_path)
-    yield PolicyLab(lab)
-    lab.close()
 
 
 # -- dialer signatures: sequential dialing and the penalty box ---------------------------------------

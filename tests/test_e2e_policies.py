@@ -19,8 +19,6 @@ from __future__ import annotations
 import re
 import signal
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from policy_e2e import (
@@ -37,7 +35,7 @@ from policy_e2e import (
     final_statuses,
     only_call_id,
 )
-from sipp import LOOPBACK, GuardLog, Lab, SippResult, TracedMessage, wait_until
+from sipp import LOOPBACK, GuardLog, SippResult, TracedMessage, wait_until
 
 pytestmark = [
     pytest.mark.sipp,
@@ -47,13 +45,6 @@ ACME_NUMBER = "+14155550100"
 ACME_OTHER_NUMBER = "+14155550101"
 GLOBEX_NUMBER = "+16505550100"
 NOBODYS_NUMBER = "+14155550666"  # owned by no account
-
-
-@pytest.fixture
-def policy_lab(tmp_path: Path) -> Iterator[PolicyLab]:
-    lab = Lab(tmp_path)
-    yield PolicyLab(lab)
-    lab.close()
 
 
 def assert_guard_clean(log: GuardLog, ended_by_bye: int) -> None:

@@ -145,13 +145,6 @@ def test_svmap_and_svwar_are_banned_while_customer_calls_keep_connecting(
 
 
 # -- the admin listener and the bans / unban commands --------------------------------------------------
-@pytest.fixture
-def policy_lab(tmp_path: Path) -> Iterator[PolicyLab]:
-    lab = Lab(tmp_path)
-    yield PolicyLab(lab)
-    lab.close()
-
-
 BANNED = "127.0.0.5"
 
 

@@ -23,7 +23,7 @@ import re
 import signal
 import socket
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 from redis_server import RedisServer, start_redis
-from sipp import LOOPBACK, Lab, SippResult, TracedMessage, free_ports, installed_sipguard, wait_until
+from sipp import LOOPBACK, SippResult, TracedMessage, free_ports, installed_sipguard, wait_until
 from sipsim import (
     LOCAL_UDP,
     UPSTREAM,
@@ -437,13 +437,6 @@ accounts:
     sources: [{ACME}/32]
     numbers: ["{ACME_NUMBER}"]
 """
-
-
-@pytest.fixture
-def policy_lab(tmp_path: Path) -> Iterator[PolicyLab]:
-    lab = Lab(tmp_path)
-    yield PolicyLab(lab)
-    lab.close()
 
 
 @pytest.mark.sipp
