@@ -58,6 +58,23 @@ def assert_guard_clean(log: GuardLog, ended_by_bye: int) -> None:
     assert log.counter("calls_ended_bye") == log.counter("calls_answered") == ended_by_bye, log.summary()
 
 
+def assert_slot_held_then_freed(
+    log: GuardLog, first: SippResult, busy: SippResult, again: SippResult
+) -> tuple[str, str]:
+    """A call sipguard ended itself held its number's one slot while it was up (``busy``,
+    made meanwhile, got 486 from concurrency) and gave it back (``again``, after it, connected
+    at 1 of 1). Returns the Call-IDs of the first call and of ``again``."""
+    assert_calls(first, [200])
+    assert_calls(busy, [486])
+    assert_calls(again, [200])
+    first_id, again_id = only_call_id(first), only_call_id(again)
+    refused = decision_of(log, only_call_id(busy))
+    assert (refused["verdict"], refused["rule"]) == ("reject", "concurrency")
+    assert index_of(log, "call.decision", only_call_id(busy)) < index_of(log, "call.ended", first_id)
+    assert counters(decision_of(log, again_id))[f"concurrency: calls from {ACME_NUMBER}"] == (1, 1)
+    return first_id, again_id
+
+
 def pbx_call_ids(pbx: SippResult) -> set[str]:
     return {m.headers("call-id")[0] for m in pbx.requests("received", "INVITE")}
 
@@ -434,14 +451,7 @@ def test_max_call_duration_byes_both_sides_and_frees_the_slot(policy_lab: Policy
 
     log, pbx = policy_lab.finish()
     assert_calls(first_result, [200])  # (the scenario also checked the BYE's Reason)
-    assert_calls(busy, [486])
-    assert_calls(again, [200])
-    first_id, again_id = only_call_id(first_result), only_call_id(again)
-    # while the first call was up its number was at its cap; after it, the slot was free
-    refused = decision_of(log, only_call_id(busy))
-    assert (refused["verdict"], refused["rule"]) == ("reject", "concurrency")
-    assert index_of(log, "call.decision", only_call_id(busy)) < index_of(log, "call.ended", first_id)
-    assert counters(decision_of(log, again_id))[f"concurrency: calls from {ACME_NUMBER}"] == (1, 1)
+    first_id, again_id = assert_slot_held_then_freed(log, first_result, busy, again)
     # sipguard ended both calls itself, each about 2 s after its answer
     for call_id in (first_id, again_id):
         ended = log.events[index_of(log, "call.ended", call_id)]
@@ -585,14 +595,7 @@ def test_keepalive_ends_a_call_whose_callee_vanished_and_frees_the_slot(policy_l
     first_result = first.wait()
 
     log, pbx = policy_lab.finish()
-    assert_calls(first_result, [200])
-    assert_calls(busy, [486])
-    assert_calls(again, [200])
-    first_id, again_id = only_call_id(first_result), only_call_id(again)
-    refused = decision_of(log, only_call_id(busy))
-    assert (refused["verdict"], refused["rule"]) == ("reject", "concurrency")
-    assert index_of(log, "call.decision", only_call_id(busy)) < index_of(log, "call.ended", first_id)
-    assert counters(decision_of(log, again_id))[f"concurrency: calls from {ACME_NUMBER}"] == (1, 1)
+    first_id, again_id = assert_slot_held_then_freed(log, first_result, busy, again)
     for call in (first_id, again_id):
         ended = log.events[index_of(log, "call.ended", call)]
         assert (ended["reason"], ended["status"]) == ("keepalive-failed", 408), ended
