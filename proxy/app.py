@@ -27,6 +27,7 @@ import structlog
 from .flood import Ban, BanListFull, Banned, FloodEvent, FloodGuard, FloodSettings, Unbanned
 from .hooks import AcceptAll, DecisionHook
 from .policyfile import CompiledPolicy, FloodSection
+from .sip import COMPILED
 from .sip.core import CoreConfig, Listener, ProxyCore
 from .sip.events import (
     Action,
@@ -177,7 +178,12 @@ class SipGuard:
         gc.freeze()
         self.attempt_rate.sample(self._loop.time(), 0)  # the rate's window opens at start
         self._tick = self._loop.call_later(TICK, self._on_tick)
-        log.info("proxy.started", listen=[str(a) for a in bound], upstream=str(self.settings.upstream))
+        log.info(
+            "proxy.started",
+            listen=[str(a) for a in bound],
+            upstream=str(self.settings.upstream),
+            compiled=COMPILED,  # proxy/sip as mypyc's C (setup.py), or interpreted
+        )
         return bound
 
     # -- the core's inputs ------------------------------------------------------------------

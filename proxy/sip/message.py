@@ -17,8 +17,7 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Generic, NamedTuple, TypeVar, overload
+from typing import NamedTuple
 
 from . import abnf
 from .errors import ParseError
@@ -65,37 +64,11 @@ for _short, _full in COMPACT_FORMS.items():
     _KNOWN_SPELLINGS[_short.upper().encode()] = _full
 
 # Headers that must appear exactly once in every request and response (RFC 3261 §8.1.1).
+_NO_CSEQ = CSeq(0, "")  # placeholder until parse_message reads the real one
 _SINGLE_MANDATORY = ("from", "to", "call-id", "cseq")
 # Headers that may be absent but never repeated: a second copy makes framing or loop
 # protection ambiguous (RFC 4475 §3.3.8, §3.3.9).
 _AT_MOST_ONCE = ("max-forwards", "content-length")
-
-
-_Value = TypeVar("_Value")
-
-
-class cached(Generic[_Value]):  # noqa: N801 - used like a decorator
-    """Parse on first access, then serve from the instance dict.
-
-    functools.cached_property does the same but takes a lock on every first access in
-    Python 3.11, which costs more than most of the parses it would guard here.
-    """
-
-    def __init__(self, compute: Callable[[Any], _Value]) -> None:
-        self.compute = compute
-        self.name = compute.__name__
-        self.__doc__ = compute.__doc__
-
-    @overload
-    def __get__(self, instance: None, owner: type) -> cached[_Value]: ...
-    @overload
-    def __get__(self, instance: object, owner: type) -> _Value: ...
-    def __get__(self, instance: object | None, owner: type) -> _Value | cached[_Value]:
-        if instance is None:
-            return self
-        value = self.compute(instance)
-        instance.__dict__[self.name] = value
-        return value
 
 
 class HeaderField(NamedTuple):
@@ -123,6 +96,17 @@ class Message:
         self._index = index
         self.head_end = head_end  # offset of the empty line's CRLF
         self.end = end
+        self._call_id = ""  # set, with _cseq, by parse_message
+        self._cseq = _NO_CSEQ
+        self._vias: tuple[Via, ...] | None = None
+        self._top_via: Via | None = None
+        self._from: NameAddr | None = None
+        self._to: NameAddr | None = None
+        self._contacts: tuple[NameAddr, ...] | None = None
+        self._routes: tuple[NameAddr, ...] | None = None
+        self._record_routes: tuple[NameAddr, ...] | None = None
+        self._max_forwards: int | None = None
+        self._max_forwards_read = False
 
     # -- raw header access -------------------------------------------------------
     def fields_named(self, name: str) -> list[HeaderField]:
@@ -158,86 +142,108 @@ class Message:
         return result
 
     # -- typed accessors (lazy, cached) --------------------------------------------
-    @cached
+    # Each is parsed on first access and kept in its own attribute (None: not parsed yet).
+    @property
     def vias(self) -> tuple[Via, ...]:
-        return tuple(parse_via(value) for value in self.list_values("via"))
+        if self._vias is None:
+            self._vias = tuple(parse_via(value) for value in self.list_values("via"))
+        return self._vias
 
-    @cached
+    @property
     def top_via(self) -> Via:
         """The topmost Via alone: what a proxy reads on every message, without parsing
         the rest of the list (``vias`` parses and checks them all)."""
+        if self._top_via is None:
+            self._top_via = self._parse_top_via()
+        return self._top_via
+
+    def _parse_top_via(self) -> Via:
         fields = self.fields_named("via")
         if not fields:  # only a ParseError.partial can lack a Via
             raise ParseError(400, "Missing via header")
-        if "vias" in self.__dict__:
-            return self.vias[0]
+        if self._vias is not None:
+            return self._vias[0]
         first = self.value_of(fields[0])
         value = split_values(first)[0] if "," in first else first
         if not value:
             raise ParseError(400, "Empty element in via list")
         return parse_via(value)
 
-    @cached
+    @property
     def from_(self) -> NameAddr:
-        return parse_name_addr(self._single("from"))
+        if self._from is None:
+            self._from = parse_name_addr(self._single("from"))
+        return self._from
 
-    @cached
+    @property
     def to(self) -> NameAddr:
-        return parse_name_addr(self._single("to"))
+        if self._to is None:
+            self._to = parse_name_addr(self._single("to"))
+        return self._to
 
-    @cached
+    @property
     def contacts(self) -> tuple[NameAddr, ...]:
         """Contact values; the REGISTER wildcard ``*`` is reported by ``contact_is_wildcard``."""
-        return tuple(parse_name_addr(v) for v in self.list_values("contact") if v != "*")
+        if self._contacts is None:
+            self._contacts = tuple(parse_name_addr(v) for v in self.list_values("contact") if v != "*")
+        return self._contacts
 
     @property
     def contact_is_wildcard(self) -> bool:
         return self.values("contact") == ["*"]
 
-    @cached
+    @property
     def routes(self) -> tuple[NameAddr, ...]:
-        return self._name_addr_list("route")
+        if self._routes is None:
+            self._routes = self._name_addr_list("route")
+        return self._routes
 
-    @cached
+    @property
     def record_routes(self) -> tuple[NameAddr, ...]:
-        return self._name_addr_list("record-route")
+        if self._record_routes is None:
+            self._record_routes = self._name_addr_list("record-route")
+        return self._record_routes
 
-    @cached
+    # Identity headers are read once per judged INVITE: not worth a cache.
+    @property
     def p_asserted_identities(self) -> tuple[NameAddr, ...]:
         return self._name_addr_list("p-asserted-identity")
 
-    @cached
+    @property
     def p_preferred_identities(self) -> tuple[NameAddr, ...]:
         return self._name_addr_list("p-preferred-identity")
 
-    @cached
+    @property
     def remote_party_ids(self) -> tuple[NameAddr, ...]:
         return self._name_addr_list("remote-party-id")
 
-    @cached
+    @property
     def call_id(self) -> str:
-        return self._single("call-id")
+        return self._call_id  # read by parse_message (_check_mandatory_headers)
 
-    @cached
+    @property
     def cseq(self) -> CSeq:
-        return parse_cseq(self._single("cseq"))
+        return self._cseq  # read by parse_message (_check_mandatory_headers)
 
-    @cached
+    @property
     def max_forwards(self) -> int | None:
-        value = self.get("max-forwards")
-        return None if value is None else parse_uint(value, "Max-Forwards", 255)
+        if not self._max_forwards_read:
+            value = self.get("max-forwards")
+            self._max_forwards = None if value is None else parse_uint(value, "Max-Forwards", 255)
+            self._max_forwards_read = True
+        return self._max_forwards
 
-    @cached
+    @property
     def content_length(self) -> int | None:
         value = self.get("content-length")
         return None if value is None else parse_uint(value, "Content-Length")
 
-    @cached
+    @property
     def expires(self) -> int | None:
         value = self.get("expires")
         return None if value is None else parse_uint(value, "Expires")
 
-    @cached
+    @property
     def user_agent(self) -> str | None:
         return self.get("user-agent")
 
@@ -352,31 +358,33 @@ def _index_headers(data: bytes, pos: int, head_end: int) -> tuple[list[HeaderFie
     """Index the header lines between ``pos`` and the empty line at ``head_end``."""
     fields: list[HeaderField] = []
     index: dict[str, list[int]] = {}
-    if pos > head_end:  # no header lines at all
-        return fields, index
     known = _KNOWN_SPELLINGS
-    new_field = tuple.__new__
-    for line in data[pos:head_end].split(b"\r\n"):
-        end = pos + len(line)
-        if line[:1] in (b" ", b"\t"):  # a folded continuation of the previous line
+    while pos <= head_end:  # a line per turn, found in place (no copy per line); none at all when
+        # the start line is followed by the empty one (pos is then past head_end)
+        end = data.find(b"\r\n", pos, head_end)
+        if end < 0:
+            end = head_end
+        first = data[pos] if pos < end else 0
+        if first == 32 or first == 9:  # SP or HT: a folded continuation of the previous line
             if not fields:
                 raise ParseError(400, "Folded line before any header")
             previous = fields[-1]
-            fields[-1] = new_field(HeaderField, (previous[0], previous[1], previous[2], end))
+            fields[-1] = HeaderField(previous.name, previous.line_start, previous.value_start, end)
             pos = end + 2
             continue
-        colon = line.find(b":")
+        colon = data.find(b":", pos, end)
         if colon < 0:
             raise ParseError(400, "Header line without a colon")
-        name = known.get(line[:colon])
+        raw_name = data[pos:colon]
+        name = known.get(raw_name)
         if name is None:
-            name = _header_name(line[:colon])
+            name = _header_name(raw_name)
         positions = index.get(name)
         if positions is None:
             index[name] = [len(fields)]
         else:
             positions.append(len(fields))
-        fields.append(new_field(HeaderField, (name, pos, pos + colon + 1, end)))
+        fields.append(HeaderField(name, pos, colon + 1, end))
         pos = end + 2
     return fields, index
 
@@ -439,8 +447,8 @@ def _check_mandatory_headers(message: Message) -> None:
     call_id = message.value_of(message.fields[index["call-id"][0]])
     if not call_id:
         raise ParseError(400, "Empty call-id header")
-    message.__dict__["call_id"] = call_id
-    message.__dict__["cseq"] = parse_cseq(message.value_of(message.fields[index["cseq"][0]]))
+    message._call_id = call_id
+    message._cseq = parse_cseq(message.value_of(message.fields[index["cseq"][0]]))
 
 
 def _check_request(request: Request) -> None:
