@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 from . import abnf
 from .errors import ParseError
+from .memo import Memo
 from .uri import Uri, check_ipv6_address, parse_port, parse_uri
 
 MAX_UINT32 = 2**32 - 1
@@ -181,7 +182,7 @@ def _split_outside_quotes(text: str, separator: str) -> list[str]:
     return parts
 
 
-def parse_via(value: str) -> Via:
+def _parse_via(value: str) -> Via:
     match = abnf.VIA.fullmatch(value)
     if match is None:
         raise ParseError(400, f"Malformed Via {value[:80]!r}")
@@ -204,7 +205,7 @@ def parse_via(value: str) -> Via:
     return Via(transport.upper(), host, is_ipv6, None if port is None else parse_port(port), parsed_params)
 
 
-def parse_name_addr(value: str) -> NameAddr:
+def _parse_name_addr(value: str) -> NameAddr:
     """``[display-name] <URI> *(;param)`` or ``URI *(;param)`` (RFC 3261 §20.10)."""
     text = value.strip()
     display_name: str | None = None
@@ -236,6 +237,11 @@ def parse_name_addr(value: str) -> NameAddr:
     if not uri_text or uri_text != uri_text.strip() or " " in uri_text:
         raise ParseError(400, f"Malformed URI {uri_text[:80]!r}")
     return NameAddr(display_name, parse_uri(uri_text), parse_params(params_text))
+
+
+# Parsed values are shared between messages (proxy/sip/memo.py): never modify one.
+parse_via = Memo(_parse_via)
+parse_name_addr = Memo(_parse_name_addr)
 
 
 def _quoted_string(text: str) -> tuple[str, str]:

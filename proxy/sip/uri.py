@@ -15,6 +15,7 @@ from urllib.parse import unquote
 
 from . import abnf
 from .errors import ParseError
+from .memo import Memo
 
 SUPPORTED_SCHEMES = frozenset({"sip", "sips", "tel"})
 
@@ -76,7 +77,7 @@ class OpaqueUri(NamedTuple):
 Uri = SipUri | TelUri | OpaqueUri
 
 
-def parse_uri(text: str) -> Uri:
+def _parse_uri(text: str) -> Uri:
     """Parse an absolute URI; raise ParseError(400) when it is malformed."""
     colon = text.find(":")
     if colon <= 0 or not abnf.SCHEME_RE.fullmatch(text, 0, colon):
@@ -90,6 +91,10 @@ def parse_uri(text: str) -> Uri:
     if not rest:
         raise ParseError(400, f"Malformed URI {text[:80]!r}")
     return OpaqueUri(scheme, rest, text)
+
+
+# Parsed URIs are shared between messages (proxy/sip/memo.py): never modify one.
+parse_uri = Memo(_parse_uri)
 
 
 def _parse_sip_uri(scheme: str, rest: str, text: str) -> SipUri:
