@@ -358,33 +358,31 @@ def _index_headers(data: bytes, pos: int, head_end: int) -> tuple[list[HeaderFie
     """Index the header lines between ``pos`` and the empty line at ``head_end``."""
     fields: list[HeaderField] = []
     index: dict[str, list[int]] = {}
+    if pos > head_end:  # no header lines at all
+        return fields, index
     known = _KNOWN_SPELLINGS
-    while pos <= head_end:  # a line per turn, found in place (no copy per line); none at all when
-        # the start line is followed by the empty one (pos is then past head_end)
-        end = data.find(b"\r\n", pos, head_end)
-        if end < 0:
-            end = head_end
-        first = data[pos] if pos < end else 0
-        if first == 32 or first == 9:  # SP or HT: a folded continuation of the previous line
+    new_field = tuple.__new__
+    for line in data[pos:head_end].split(b"\r\n"):
+        end = pos + len(line)
+        if line[:1] in (b" ", b"\t"):  # a folded continuation of the previous line
             if not fields:
                 raise ParseError(400, "Folded line before any header")
             previous = fields[-1]
-            fields[-1] = HeaderField(previous.name, previous.line_start, previous.value_start, end)
+            fields[-1] = new_field(HeaderField, (previous[0], previous[1], previous[2], end))
             pos = end + 2
             continue
-        colon = data.find(b":", pos, end)
+        colon = line.find(b":")
         if colon < 0:
             raise ParseError(400, "Header line without a colon")
-        raw_name = data[pos:colon]
-        name = known.get(raw_name)
+        name = known.get(line[:colon])
         if name is None:
-            name = _header_name(raw_name)
+            name = _header_name(line[:colon])
         positions = index.get(name)
         if positions is None:
             index[name] = [len(fields)]
         else:
             positions.append(len(fields))
-        fields.append(HeaderField(name, pos, colon + 1, end))
+        fields.append(new_field(HeaderField, (name, pos, pos + colon + 1, end)))
         pos = end + 2
     return fields, index
 
