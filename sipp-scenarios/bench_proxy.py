@@ -1880,7 +1880,7 @@ def print_policy_costs(report: dict[str, Any]) -> None:
     if "us_per_invite" in micro:
         per = micro["us_per_invite"]
         print(
-            f"  policies/example.yaml (3 rules enforcing), {micro['iterations']} INVITEs "
+            f"  policies/example.yaml (every rule it enables), {micro['iterations']} INVITEs "
             f"x {micro['repeats']} repeats, Python {micro['python']}"
         )
         print(f"  {'us per INVITE':<36} {'min':>7} {'median':>7}")
