@@ -690,6 +690,15 @@ def test_partial_without_via_or_request_uri_still_answers_parse_errors_only() ->
     assert repr(partial) == "<Request INVITE ?>"
 
 
+def test_partial_refused_before_the_header_checks_still_reads_call_id_and_cseq() -> None:
+    # 505 is raised on the Request-Line, before parse_message reads Call-ID and CSeq: the
+    # partial request must still give its own, for the answer's log line
+    partial = rejected(build(start=b"INVITE sip:bob@example.com SIP/3.0")).partial
+    assert partial is not None
+    assert partial.call_id == "a84b4c76e66710@pc33.example.com"
+    assert partial.cseq == CSeq(314159, "INVITE")
+
+
 @pytest.mark.parametrize(
     "data",
     [

@@ -64,7 +64,6 @@ for _short, _full in COMPACT_FORMS.items():
     _KNOWN_SPELLINGS[_short.upper().encode()] = _full
 
 # Headers that must appear exactly once in every request and response (RFC 3261 §8.1.1).
-_NO_CSEQ = CSeq(0, "")  # placeholder until parse_message reads the real one
 _SINGLE_MANDATORY = ("from", "to", "call-id", "cseq")
 # Headers that may be absent but never repeated: a second copy makes framing or loop
 # protection ambiguous (RFC 4475 §3.3.8, §3.3.9).
@@ -96,8 +95,8 @@ class Message:
         self._index = index
         self.head_end = head_end  # offset of the empty line's CRLF
         self.end = end
-        self._call_id = ""  # set, with _cseq, by parse_message
-        self._cseq = _NO_CSEQ
+        self._call_id: str | None = None  # both read by parse_message, unless it failed first
+        self._cseq: CSeq | None = None
         self._vias: tuple[Via, ...] | None = None
         self._top_via: Via | None = None
         self._from: NameAddr | None = None
@@ -219,11 +218,15 @@ class Message:
 
     @property
     def call_id(self) -> str:
-        return self._call_id  # read by parse_message (_check_mandatory_headers)
+        if self._call_id is None:  # a ParseError.partial, refused before the check read it
+            self._call_id = self._single("call-id")
+        return self._call_id
 
     @property
     def cseq(self) -> CSeq:
-        return self._cseq  # read by parse_message (_check_mandatory_headers)
+        if self._cseq is None:
+            self._cseq = parse_cseq(self._single("cseq"))
+        return self._cseq
 
     @property
     def max_forwards(self) -> int | None:
