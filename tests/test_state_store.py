@@ -232,6 +232,20 @@ def test_taking_again_renews_the_lease(store: Store) -> None:
     assert store.held(op.key, T0 + LEASE + 50) == 1
 
 
+def test_leases_of_one_key_lapse_one_by_one(store: Store) -> None:
+    # an account's key: calls taken at different times, one released, the others lapsing in turn
+    op = slot("conc:acct:acme", limit=10)
+    for offset, member in enumerate("abcd"):
+        store.take(member, [op], T0 + 10 * offset)
+    store.release("b", [op.key], T0 + 40)
+    assert store.held(op.key, T0 + LEASE - 1) == 3
+    assert store.held(op.key, T0 + LEASE + 5) == 2  # a lapsed
+    store.take("e", [op], T0 + LEASE + 5)
+    assert store.held(op.key, T0 + LEASE + 25) == 2  # c lapsed too, e came
+    assert store.take("c", [op], T0 + LEASE + 25) == [OpResult(True, 3, 10)]  # c's lapsed lease is new again
+    assert store.held(op.key, T0 + LEASE + 35) == 2  # d lapsed; c and e remain
+
+
 # -- rate buckets (GCRA) ---------------------------------------------------------------------
 def test_burst_then_refusal_with_retry_after(store: Store) -> None:
     op = rate(per_minute=6.0, burst=3)

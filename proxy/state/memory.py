@@ -1,7 +1,10 @@
 """The in-memory state store: one process, no I/O, decisions at once.
 
 Slots are a dict of members (attempt ids) with a lease end per key, never a bare
-counter, so a double release or a lost event cannot drift a count; rate buckets are
+counter, so a double release or a lost event cannot drift a count; counting a key's
+live members is ``len()`` until its earliest lease could have run out (an account's
+key holds every live call of the account: counting them one by one on each INVITE made
+the check grow with the calls in progress). Rate buckets are
 GCRA: one "theoretical arrival time" per key; quotas are a total and its expiry per
 key. Expired leases, full buckets and ended periods are swept every ``SWEEP_EVERY``
 operations so memory stays bounded by live callers.
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from .ops import HitRate, Operation, OpResult, TakeSlot, UseQuota
 
@@ -22,10 +26,29 @@ SWEEP_EVERY = 10_000
 EPSILON = 1e-3
 
 
+@dataclass(slots=True)
+class _Slots:
+    """One key's holders (attempt id -> lease end), with a lower bound on their lease ends."""
+
+    leases: dict[str, float] = field(default_factory=dict)
+    earliest_end: float = math.inf
+
+    def take(self, member: str, lease_end: float) -> None:
+        self.leases[member] = lease_end
+        self.earliest_end = min(self.earliest_end, lease_end)
+
+    def live(self, now: float) -> int:
+        """How many leases still run; the lapsed ones are dropped the first time it matters."""
+        if self.earliest_end <= now:
+            self.leases = {member: end for member, end in self.leases.items() if end > now}
+            self.earliest_end = min(self.leases.values(), default=math.inf)
+        return len(self.leases)
+
+
 class MemoryStore:
     def __init__(self, *, slot_lease: float = 4 * 3600.0 + 300.0) -> None:
         self.slot_lease = slot_lease
-        self.slots: dict[str, dict[str, float]] = {}
+        self.slots: dict[str, _Slots] = {}
         self.buckets: dict[str, tuple[float, str]] = {}  # key -> (arrival time, last member)
         self.quotas: dict[str, tuple[int, float]] = {}  # key -> (total, expires at)
         self._operations = 0
@@ -40,7 +63,10 @@ class MemoryStore:
         for op, result in zip(operations, results, strict=True):
             if isinstance(op, TakeSlot):
                 if not blocked:
-                    self.slots.setdefault(op.key, {})[member] = now + self.slot_lease
+                    slots = self.slots.get(op.key)
+                    if slots is None:
+                        slots = self.slots[op.key] = _Slots()
+                    slots.take(member, now + self.slot_lease)
             elif isinstance(op, UseQuota):
                 if not blocked and op.amount:
                     self._add(op, now)
@@ -66,22 +92,19 @@ class MemoryStore:
 
     def release(self, member: str, slot_keys: Sequence[str], now: float) -> None:
         for key in slot_keys:
-            members = self.slots.get(key)
-            if members is not None:
-                members.pop(member, None)
-                if not members:
+            slots = self.slots.get(key)
+            if slots is not None:
+                slots.leases.pop(member, None)
+                if not slots.leases:
                     del self.slots[key]
 
     def held(self, key: str, now: float) -> int:
-        return sum(1 for lease_end in self.slots.get(key, {}).values() if lease_end > now)
+        slots = self.slots.get(key)
+        return slots.live(now) if slots is not None else 0
 
     def sweep(self, now: float) -> None:
-        for key in list(self.slots):
-            members = {m: end for m, end in self.slots[key].items() if end > now}
-            if members:
-                self.slots[key] = members
-            else:
-                del self.slots[key]
+        for key in [key for key, slots in self.slots.items() if not slots.live(now)]:
+            del self.slots[key]
         for key in [key for key, (arrival, _) in self.buckets.items() if arrival <= now]:
             del self.buckets[key]
         for key in [key for key, (_, expires_at) in self.quotas.items() if expires_at <= now]:
@@ -89,9 +112,9 @@ class MemoryStore:
 
     def _evaluate(self, member: str, op: Operation, now: float) -> OpResult:
         if isinstance(op, TakeSlot):
-            members = self.slots.get(op.key, {})
-            live = sum(1 for lease_end in members.values() if lease_end > now)
-            if member in members:
+            slots = self.slots.get(op.key)
+            live = slots.live(now) if slots is not None else 0
+            if slots is not None and member in slots.leases:
                 return OpResult(True, live, op.limit)
             return OpResult(live < op.limit, live + 1, op.limit)
         if isinstance(op, UseQuota):
