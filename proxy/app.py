@@ -26,7 +26,7 @@ import structlog
 
 from .flood import Ban, BanListFull, Banned, FloodEvent, FloodGuard, FloodSettings, Unbanned
 from .hooks import AcceptAll, DecisionHook
-from .policyfile import CompiledPolicy, FloodSection
+from .policyfile import CompiledPolicy, FloodSection, unadvertised
 from .sip import COMPILED
 from .sip.core import CoreConfig, Listener, ProxyCore
 from .sip.events import (
@@ -173,6 +173,8 @@ class SipGuard:
                 decision_timeout=self.settings.decision_timeout + 1.0,
             )
         )
+        for problem in unadvertised(bound, self.settings.advertise):  # e.g. --listen udp:0.0.0.0:5060
+            log.warning("proxy.advertise_missing", problem=problem)
         # Everything built so far lives as long as the process: keep it out of every GC pass.
         gc.collect()
         gc.freeze()

@@ -408,6 +408,7 @@ def compile_policy(data: Any, lines: dict[tuple[Any, ...], int], name: str) -> C
             elif rule_name not in raw_rules:
                 errors.add((*path, "rules", rule_name), f"rule {rule_name!r} is not enabled under rules:")
         limits = section.limits.model_dump(exclude_none=True)
+        warnings += _unread_limits(limits, raw_rules, path, errors)
         effective: list[tuple[Policy[Any], RuleConfig]] = []
         for rule_name, (policy, base) in raw_rules.items():
             overrides = policy.account_overrides(limits, base)
@@ -419,6 +420,10 @@ def compile_policy(data: Any, lines: dict[tuple[Any, ...], int], name: str) -> C
                 effective.append((policy, config))
         account_rules[account_name] = tuple(effective)
     _warn_overlaps(accounts, errors, warnings)
+    listen = [parse_address(text) for text in model.proxy.listen]
+    warnings += [
+        errors.where(("proxy", "listen"), text) for text in unadvertised(listen, model.proxy.advertise)
+    ]
     if errors.lines:
         raise PolicyFileError(errors.lines)
     networks.sort(key=lambda item: item[0].prefixlen, reverse=True)
@@ -476,6 +481,51 @@ def _validate_rule(
         errors.add_validation(error, path, policy.Config)
         return None
     return config.model_copy(update={"mode": mode_override}) if mode_override else config
+
+
+def _unread_limits(
+    limits: dict[str, Any],
+    rules: dict[str, tuple[Policy[Any], dict[str, Any]]],
+    path: tuple[Any, ...],
+    errors: _Errors,
+) -> list[str]:
+    """An account's limit that no enabled rule reads does nothing: say so, and which rule would."""
+    warnings = []
+    for key, value in limits.items():
+        if any(policy.account_overrides({key: value}, base) for policy, base in rules.values()):
+            continue
+        readers = [
+            name
+            for name, policy in available_policies().items()
+            if policy().account_overrides({key: value}, {})
+        ]
+        hint = (
+            f"enable {' or '.join(readers)} under rules: for it to apply" if readers else "no rule reads it"
+        )
+        warnings.append(
+            errors.where((*path, "limits", key), f"limit {key} is read by no enabled rule: {hint}")
+        )
+    return warnings
+
+
+def unadvertised(listen: list[Address], advertise: str | None) -> list[str]:
+    """Listening on 0.0.0.0 or :: writes that address into Via and Record-Route unless
+    ``advertise`` names a reachable one: peers could not send the ACK and BYE back."""
+    if advertise:
+        return []
+    return [
+        f"{address} is a wildcard address: set proxy.advertise to the address peers reach this instance "
+        "at (it goes into Via and Record-Route, where in-dialog requests are sent)"
+        for address in listen
+        if _is_wildcard(address.host)
+    ]
+
+
+def _is_wildcard(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:  # a host name
+        return False
 
 
 def _warn_overlaps(accounts: dict[str, Account], errors: _Errors, warnings: list[str]) -> None:

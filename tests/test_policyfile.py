@@ -455,6 +455,44 @@ def test_a_rule_with_no_limit_warns(tmp_path: Path, rule: str, body: str) -> Non
     assert warning.endswith("it never fires")
 
 
+def test_a_limit_no_enabled_rule_reads_warns(tmp_path: Path) -> None:
+    text = """\
+        accounts:
+          acme:
+            sources: [192.0.2.0/24]
+            limits: {concurrent: 5, calls_per_minute: 20}
+        rules:
+          concurrency: {}
+        """
+    policy = load(tmp_path, text)
+    assert policy.warnings == [
+        f"{policy.path}:4: accounts.acme.limits.calls_per_minute: limit calls_per_minute is read by no "
+        "enabled rule: enable call_rate under rules: for it to apply"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("listen", "advertise", "warned"),
+    [
+        ("[udp:0.0.0.0:5060, udp:127.0.0.1:5062]", None, ["udp:0.0.0.0:5060"]),
+        ('["tcp:[::]:5060"]', None, ["tcp:[::]:5060"]),
+        ("[udp:0.0.0.0:5060]", "sbc.example.net", []),
+        ("[udp:192.0.2.1:5060, udp:localhost:5062]", None, []),
+    ],
+)
+def test_a_wildcard_listen_without_advertise_warns(
+    tmp_path: Path, listen: str, advertise: str | None, warned: list[str]
+) -> None:
+    advertised = f"\n  advertise: {advertise}" if advertise else ""
+    policy = load(tmp_path, f"proxy:\n  listen: {listen}{advertised}\n")
+    assert policy.warnings == [
+        f"{policy.path}:2: proxy.listen: {address} is a wildcard address: set proxy.advertise to the "
+        "address peers reach this instance at (it goes into Via and Record-Route, where in-dialog "
+        "requests are sent)"
+        for address in warned
+    ]
+
+
 # -- sipguard check ---------------------------------------------------------------------------------
 def test_check_reports_a_typo_with_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write(tmp_path, "rules:\n  concurrency:\n    per_numbr: 3\n")
