@@ -420,10 +420,7 @@ def compile_policy(data: Any, lines: dict[tuple[Any, ...], int], name: str) -> C
                 effective.append((policy, config))
         account_rules[account_name] = tuple(effective)
     _warn_overlaps(accounts, errors, warnings)
-    listen = [parse_address(text) for text in model.proxy.listen]
-    warnings += [
-        errors.where(("proxy", "listen"), text) for text in unadvertised(listen, model.proxy.advertise)
-    ]
+    warnings += _proxy_warnings(model.proxy, errors)
     if errors.lines:
         raise PolicyFileError(errors.lines)
     networks.sort(key=lambda item: item[0].prefixlen, reverse=True)
@@ -508,6 +505,20 @@ def _unread_limits(
     return warnings
 
 
+def _proxy_warnings(section: ProxySection, errors: _Errors) -> list[str]:
+    """Addresses that load but would not work on a real network."""
+    listen = [parse_address(text) for text in section.listen]
+    warnings = [errors.where(("proxy", "listen"), text) for text in unadvertised(listen, section.advertise)]
+    upstream_host = parse_address(section.upstream).host
+    if not section.trusted_peers and not _is_ip(upstream_host):
+        unrecognised = (
+            f"{upstream_host} is a host name: requests from the PBX are told apart by their source "
+            "address, so list its addresses in proxy.trusted_peers, or its calls are judged as a customer's"
+        )
+        warnings.append(errors.where(("proxy", "upstream"), unrecognised))
+    return warnings
+
+
 def unadvertised(listen: list[Address], advertise: str | None) -> list[str]:
     """Listening on 0.0.0.0 or :: writes that address into Via and Record-Route unless
     ``advertise`` names a reachable one: peers could not send the ACK and BYE back."""
@@ -522,10 +533,15 @@ def unadvertised(listen: list[Address], advertise: str | None) -> list[str]:
 
 
 def _is_wildcard(host: str) -> bool:
+    return _is_ip(host) and ipaddress.ip_address(host).is_unspecified
+
+
+def _is_ip(host: str) -> bool:
     try:
-        return ipaddress.ip_address(host).is_unspecified
+        ipaddress.ip_address(host)
     except ValueError:  # a host name
         return False
+    return True
 
 
 def _warn_overlaps(accounts: dict[str, Account], errors: _Errors, warnings: list[str]) -> None:

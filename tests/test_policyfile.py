@@ -493,6 +493,24 @@ def test_a_wildcard_listen_without_advertise_warns(
     ]
 
 
+@pytest.mark.parametrize(
+    ("proxy", "warned"),
+    [
+        ("{upstream: udp:pbx.example.net:5060}", True),
+        ("{upstream: udp:pbx.example.net:5060, trusted_peers: [192.0.2.10/32]}", False),
+        ("{upstream: udp:192.0.2.10:5060}", False),
+    ],
+)
+def test_a_host_name_upstream_without_trusted_peers_warns(tmp_path: Path, proxy: str, warned: bool) -> None:
+    policy = load(tmp_path, f"proxy: {proxy}\n")
+    expected = (
+        f"{policy.path}:1: proxy.upstream: pbx.example.net is a host name: requests from the PBX are told "
+        "apart by their source address, so list its addresses in proxy.trusted_peers, or its calls are "
+        "judged as a customer's"
+    )
+    assert policy.warnings == ([expected] if warned else [])
+
+
 # -- sipguard check ---------------------------------------------------------------------------------
 def test_check_reports_a_typo_with_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write(tmp_path, "rules:\n  concurrency:\n    per_numbr: 3\n")
