@@ -8,6 +8,7 @@ fail: a failed call takes SIPp ~32 s of retransmissions to give up on):
     .venv/bin/python sipp-scenarios/bench_proxy.py --rates 100 --duration 2 --no-step-up   # quick look
     .venv/bin/python sipp-scenarios/bench_proxy.py --with-policies    # + sipguard enforcing policies
     .venv/bin/python sipp-scenarios/bench_proxy.py --with-patterns    # + the pattern policies too
+    .venv/bin/python sipp-scenarios/bench_proxy.py --with-floor       # + sip_floor.py (with any of the above)
     .venv/bin/python sipp-scenarios/bench_proxy.py --state-compare    # policies: memory vs Redis store
 
 What runs: for each rate in --rates, one SIPp run through (a) sipguard (``sipguard run
@@ -101,6 +102,20 @@ uac_mix.xml fails any call not answered 200, and a critical dialer finding also 
 penalty.boxed at warning level, which the notes would show. As a number appears at most 3 times
 a run (the limit below), no dialer measure of a number reaches its min_calls; see
 bench_patterns.yaml's comments.
+
+With --with-floor (one run more per rate; combines with --with-policies and --with-patterns, not
+with --state-compare): a further system at each rate, sip-floor, that is sip_floor.py beside this
+file: a relay that does the SIP work a proxy must do on these calls on bytes only (pushes and pops
+its Via, decrements Max-Forwards, adds Record-Route, strips its own Route, remembers the client by
+Call-ID) and nothing else (no validation, transactions, timers or policies; see its docstring). It
+is started as the relay is (same CLI, ready on its relay.started line), driven by the same UAC as
+the other systems, and added at the end of their order, which is reversed at every other rate as
+before. Reported like the others (calls, CPU per call, RSS, times), and its CPU per call over the
+relay's beside the proxies' ratios, marked as a reference: it has no target and is in no other
+figure (in --json: its runs under "runs", its ratio under "comparisons" with target_max and met
+null). It is the floor for a proxy doing SIP work in Python on uvloop, so sip-floor / relay is
+what that work costs at least, and sipguard's ratio above it what sipguard's per-message object
+model (and its transactions, timers, policies) adds. udp_relay.py stays the baseline of every ratio.
 
 With --state-compare (about 2 minutes): the shared-state store's cost. The script starts its own
 redis-server (free loopback port, --save "" --appendonly no, maxmemory 256mb noeviction; stopped at
@@ -208,6 +223,12 @@ PATTERNS = "sipguard+pol+pat"
 PATTERN_SYSTEMS = (*POLICY_SYSTEMS, PATTERNS)
 BENCH_PATTERNS = HERE / "bench_patterns.yaml"
 TARGET_PATTERN_RATIO = 1.3  # sipguard+pol+pat CPU per call over sipguard+pol's
+
+# --with-floor: one more system at each rate, sip_floor.py, a relay doing SIP work on bytes only: a
+# yardstick (its ratio to the relay is reported, it has no target), started as the relay is
+FLOOR = "sip-floor"
+FLOOR_SCRIPT = HERE / "sip_floor.py"
+RELAY_SCRIPTS = {"relay": RELAY_SCRIPT, FLOOR: FLOOR_SCRIPT}  # the systems that print relay.started
 
 # --state-compare: sipguard+pol with its counters in memory against the same with them in Redis
 POLICIES_REDIS = "sipguard+pol+redis"
@@ -713,7 +734,7 @@ class RunResult:
     sipp_errors: dict[str, dict[str, int]] = field(default_factory=dict)
     workdir: str | None = None
     uac: str = "sipp built-in uac"
-    log_level: str | None = None  # sipguard's --log-level; None for the relay
+    log_level: str | None = None  # sipguard's --log-level; None for the relay and sip-floor
     policy_file: str | None = None
     # from sipguard's info-level lines (the policy check run only): policy.loaded's rules,
     # call.decision rejections of the load by (rule, caller), proxy.stopped's counters
@@ -791,7 +812,7 @@ def proxy_command(
         ]  # fmt: skip
     return [
         sys.executable,
-        str(RELAY_SCRIPT),
+        str(RELAY_SCRIPTS[system]),
         "--listen",
         f"{HOST}:{port}",
         "--upstream",
@@ -866,7 +887,7 @@ def run_once(
     uas_port, proxy_port, uac_port, control_port = free_udp_ports(4)
     if mix:
         result.uac = f"{MIX_SCENARIO.name}, -i {POLICY_UAC_HOST}, {POLICY_CALLERS[1]} callers in turn"
-    if system != "relay":
+    if system not in RELAY_SCRIPTS:
         result.log_level = log_level
     policy_file = POLICY_FILES.get(system, BENCH_POLICY)
     if system in POLICY_FILES:
@@ -904,12 +925,12 @@ def run_once(
             cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
         processes.append(proxy)
-        reader = LogReader(proxy.stderr, "relay.started" if system == "relay" else "proxy.started")
+        reader = LogReader(proxy.stderr, "relay.started" if system in RELAY_SCRIPTS else "proxy.started")
         reader.start()
-        if system != "relay":
+        if system not in RELAY_SCRIPTS:
             result.proxy_ready_by = wait_sipguard_ready(proxy, reader, proxy_port)
         else:
-            wait_until(reader.started_line.is_set, proxy, "relay")
+            wait_until(reader.started_line.is_set, proxy, system)
             result.proxy_ready_by = "relay.started log line"
 
         rss_start = status_kib(proxy.pid, "VmRSS") or 0
@@ -1162,7 +1183,7 @@ def measure(
     control: bool = False,
     redis: RedisBench | None = None,
 ) -> RunResult:
-    label = system if log_level == "warning" or system == "relay" else f"{system} ({log_level})"
+    label = system if log_level == "warning" or system in RELAY_SCRIPTS else f"{system} ({log_level})"
     progress(f"  {label:<8} {rate:>5} CPS x {args.duration:g} s ...")
     result = run_once(
         system, rate, args.duration, args.hold_ms, args.keep,
@@ -1186,18 +1207,19 @@ def _median_cpu(runs: list[RunResult], system: str, rate: int) -> float | None:
 
 
 def compare(runs: list[RunResult]) -> list[dict[str, Any]]:
-    """Each proxy's CPU per call over the relay's at the same rate (medians of the repeats)."""
+    """Each proxy's CPU per call over the relay's at the same rate (medians of the repeats);
+    sip-floor's too, a reference with no target (target_max and met None)."""
     rows = []
+    ratio_targets = {FLOOR: None, "sipguard": TARGET_RATIO, POLICIES: TARGET_POLICY_RATIO}
     for rate in sorted({run.rate for run in runs}):
         b = _median_cpu(runs, "relay", rate)
         if b is None:
             continue
-        for system in ("sipguard", POLICIES):
+        for system, target in ratio_targets.items():
             g = _median_cpu(runs, system, rate)
             if g is None:
                 continue
             ratio = round(g / b, 2) if b else None
-            target = TARGET_POLICY_RATIO if system == POLICIES else TARGET_RATIO
             row = {"rate": rate, "system": system}
             if system == "sipguard":
                 row["sipguard_us_per_call"] = g
@@ -1208,7 +1230,7 @@ def compare(runs: list[RunResult]) -> list[dict[str, Any]]:
                     "relay_us_per_call": b,
                     "ratio": ratio,
                     "target_max": target,
-                    "met": ratio is not None and ratio <= target,
+                    "met": None if target is None else ratio is not None and ratio <= target,
                 }
             )
     return rows
@@ -1515,6 +1537,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     wall = time.monotonic()
     runs: list[RunResult] = []
     systems = PATTERN_SYSTEMS if args.with_patterns else POLICY_SYSTEMS if args.with_policies else SYSTEMS
+    if args.with_floor:
+        systems = (*systems, FLOOR)
     stepped = POLICIES if args.with_policies else "sipguard"  # the system the step-up drives
     # the check run's system: the one with the most rules (bench_patterns.yaml holds the mission rules)
     checked = PATTERNS if args.with_patterns else POLICIES
@@ -1584,7 +1608,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     targets = []
     if args.with_policies:
         for rate in args.rates:
-            for system in systems[1:]:  # all but the relay
+            for system in systems:
+                if system in RELAY_SCRIPTS:  # the yardsticks have no target
+                    continue
                 targets.append(zero_failed_target(runs, system, rate, args.step_up, f", {system}"))
         if args.step_up:
             for rate in TARGET_ZERO_FAILED_AT:
@@ -1594,6 +1620,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         for rate in TARGET_ZERO_FAILED_AT:
             targets.append(zero_failed_target(runs, "sipguard", rate, step_up is not None))
     for row in comparisons:
+        if row["target_max"] is None:  # sip-floor: a reference, reported with the comparisons only
+            continue
         label = f"{row['system']} " if args.with_policies else ""
         targets.append(
             {
@@ -1625,6 +1653,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "step_rates": args.step_rates,
             "with_policies": args.with_policies,
             "with_patterns": args.with_patterns,
+            "with_floor": args.with_floor,
         },
         "runs": [asdict(run) | {"clean": run.clean, "carried": run.carried} for run in runs],
         "comparisons": comparisons,
@@ -1698,6 +1727,11 @@ def print_table(report: dict[str, Any]) -> None:
             f"UAC for all systems: {settings['uac']}, owned callers "
             f"{settings['callers']['first']}.. ({settings['callers']['count']}) in turn, each at most "
             f"{POLICY_BURST}x a run"
+        )
+    if settings.get("with_floor"):
+        print(
+            f"{FLOOR}: {FLOOR_SCRIPT.name}, SIP on bytes only (Via, Max-Forwards, Record-Route/Route, "
+            "Call-ID -> client; no transactions, no policies): the floor for a proxy doing SIP work"
         )
     # the check run is listed with the others, marked: it logs at info and is in no ratio
     shown = report["runs"] + ([check | {"system": f"{check['system']}*"}] if check else [])
@@ -1808,12 +1842,14 @@ def print_table(report: dict[str, Any]) -> None:
         several = len({row["system"] for row in report["comparisons"]}) > 1
         print(f"\n{'proxy' if several else 'sipguard'} / relay, proxy CPU per call at the same rate:")
         for row in report["comparisons"]:
-            verdict = "met" if row["met"] else "NOT met"
+            if row["target_max"] is None:
+                verdict = "reference, no target"
+            else:
+                verdict = f"target <= {row['target_max']:g}x: {'met' if row['met'] else 'NOT met'}"
             guard, relay = row["us_per_call"], row["relay_us_per_call"]
             system = f" {row['system'] + ':':<13}" if several else ":"
             print(
-                f"  {row['rate']:>5} CPS{system} {guard:.0f} / {relay:.0f} us = {row['ratio']}x "
-                f"(target <= {row['target_max']:g}x: {verdict})"
+                f"  {row['rate']:>5} CPS{system} {guard:.0f} / {relay:.0f} us = {row['ratio']}x ({verdict})"
             )
     if "policy_costs" in report:
         print_policy_costs(report)
@@ -2086,14 +2122,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         return value
 
     parser = argparse.ArgumentParser(
-        description="Load benchmark: SIPp UAC -> sipguard (or a bare uvloop UDP relay) -> SIPp UAS on "
-        "loopback. Reports calls ok/failed, retransmissions, proxy CPU per call and its ratio to the "
-        "relay's, peak RSS and INVITE->200 response times, plus a step-up to the highest rate sipguard "
-        "carries with 0 failed calls. See the module docstring for how each figure is taken.",
+        description="Load benchmark: SIPp UAC -> sipguard (or a bare uvloop UDP relay, or with --with-floor "
+        f"{FLOOR_SCRIPT.name}) -> SIPp UAS on loopback. Reports calls ok/failed, retransmissions, proxy CPU "
+        "per call and its ratio to the relay's, peak RSS and INVITE->200 response times, plus a step-up "
+        "to the highest rate sipguard carries with 0 failed calls. See the module docstring for how each "
+        "figure is taken.",
     )
     parser.add_argument(
         "--rates", type=rates, default=list(DEFAULT_RATES), metavar="R1,R2",
-        help=f"call rates (CPS) for the sipguard/relay pairs (default {','.join(map(str, DEFAULT_RATES))})",
+        help=f"call rates (CPS) at which every system runs (default {','.join(map(str, DEFAULT_RATES))})",
     )  # fmt: skip
     parser.add_argument(
         "--duration", type=seconds, default=DEFAULT_DURATION, metavar="S",
@@ -2104,7 +2141,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"call hold between ACK and BYE, SIPp -d (default {DEFAULT_HOLD_MS})",
     )  # fmt: skip
     parser.add_argument(
-        "--repeats", type=int, default=1, metavar="N", help="sipguard/relay pairs per rate (default 1)"
+        "--repeats", type=int, default=1, metavar="N", help="runs of each system per rate (default 1)"
     )
     parser.add_argument(
         "--with-policies", action="store_true",
@@ -2120,6 +2157,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         f"{BENCH_PATTERNS.name} (the mission rules + the pattern rules), its CPU per call against "
         f"{POLICIES}'s (target <= {TARGET_PATTERN_RATIO:g}x); the check run is then of {PATTERNS} "
         "(0 rejections, 0 warnings), and the micro-benchmark's rows are mission vs mission + patterns",
+    )  # fmt: skip
+    parser.add_argument(
+        "--with-floor", action="store_true",
+        help=f"one more system at each rate, beside the others and in the same alternating order: {FLOOR}, "
+        f"{FLOOR_SCRIPT.name}, a relay doing SIP work on bytes only (Via, Max-Forwards, Record-Route, "
+        "Call-ID -> client; no transactions, no policies); its CPU per call and its ratio to the relay's "
+        "are reported as a reference, with no target. Not with --state-compare",
     )  # fmt: skip
     parser.add_argument(
         "--state-compare", action="store_true",
@@ -2148,6 +2192,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--repeats must be >= 1 and --hold-ms >= 0")
     if args.state_compare and (args.with_policies or args.with_patterns):
         parser.error("--state-compare and --with-policies/--with-patterns are separate runs: give one")
+    if args.state_compare and args.with_floor:
+        parser.error("--with-floor is measured against the relay, which --state-compare does not run")
     mode = "--with-patterns" if args.with_patterns else "--with-policies"
     args.with_policies = args.with_policies or args.with_patterns  # patterns: policies and one more system
     if args.state_compare and args.step_up:
