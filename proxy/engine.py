@@ -455,7 +455,7 @@ class PolicyEngine:
     ) -> Decision:
         """Record what was decided (references only: formatted when asked)."""
         attempt, context = plan.attempt, plan.context
-        warnings = plan.warnings or ()  # no empty list kept: 56 bytes each
+        warnings = plan.warnings
         also = tuple((name, plan.configs[name].mode.value, text) for name, text in others) if others else ()
         if context is not None:
             decision = Decision(

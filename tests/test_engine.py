@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import gc
 from collections.abc import Iterable
 from typing import Any
 
@@ -196,6 +197,34 @@ def test_the_first_enforced_rule_answers_and_the_others_are_logged() -> None:
         {"rule": "caller_id", "mode": "monitor", "detail": f"from {NOT_OWNED} not owned by acme"},
         {"rule": "call_rate", "mode": "tag", "detail": f"calls from {NOT_OWNED}: 2 > 1"},
     ]
+
+
+def test_a_remembered_decision_holds_nothing_the_garbage_collector_must_keep_visiting() -> None:
+    # thousands of decisions stay in memory for explain and status: under load, their
+    # operations and results were most of what every full collection walked
+    engine = engine_for(
+        {
+            "caller_id": {"mode": "monitor"},
+            "concurrency": {},
+            "call_rate": {"mode": "tag", "per_number": {"per_minute": 6, "burst": 1}},
+        }
+    )
+    decide(engine, attempt("a", caller=NOT_OWNED))
+    decide(engine, attempt("b", caller=NOT_OWNED))
+    # CPython stops tracking a tuple of atomic values at the first pass that visits it:
+    # the counters' inner tuples at one, the tuple holding them at the next
+    gc.collect()
+    gc.collect()
+    for decision in engine.decisions.recent:
+        assert decision.counters and decision.also  # (b was tagged and monitored)
+        for held_value in (decision.counters, decision.also, decision.warnings):
+            assert not gc.is_tracked(held_value), held_value
+    assert engine.decisions.recent[-1].fields()["counters"][0] == {
+        "rule": "concurrency",
+        "what": f"calls from {NOT_OWNED}",
+        "count": 2,
+        "limit": 2,
+    }
 
 
 # -- slots and rejections ---------------------------------------------------------------------
