@@ -32,11 +32,18 @@ TCP_CONNECT_TIMEOUT = 5.0
 MAX_TCP_CONNECTIONS = 10_000
 
 
+MAX_SOURCES = 100_000
+
+
 class UdpEndpoint(asyncio.DatagramProtocol):
     def __init__(self, local: Address, deliver: Deliver) -> None:
         self.local = local
         self._deliver = deliver
         self.transport: asyncio.DatagramTransport | None = None
+        # One Address per peer, not per datagram: transactions keep their source for 32 s
+        # after they end, and tens of thousands of copies are that much more for every
+        # full garbage collection to walk. Emptied when full (a scan must not grow it).
+        self._sources: dict[tuple[str, int], Address] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement the asyncio interfaces without subclassing them
@@ -51,7 +58,13 @@ class UdpEndpoint(asyncio.DatagramProtocol):
             log.debug("udp.buffers", receive=sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
 
     def datagram_received(self, data: bytes, addr: tuple[str, int] | tuple[str, int, int, int]) -> None:
-        self._deliver(data, Address("udp", addr[0], addr[1]), self.local)
+        peer = (addr[0], addr[1])
+        source = self._sources.get(peer)
+        if source is None:
+            if len(self._sources) >= MAX_SOURCES:
+                self._sources.clear()
+            source = self._sources[peer] = Address("udp", addr[0], addr[1])
+        self._deliver(data, source, self.local)
 
     def error_received(self, exc: Exception) -> None:
         # ICMP unreachable from a peer that went away: nothing to do but note it

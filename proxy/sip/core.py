@@ -596,8 +596,8 @@ class ProxyCore:
             return
         first_final = tx.state is not TxState.COMPLETED
         tx.last_response = data
+        call = tx.call  # (before _complete lets go of it)
         self._complete(tx, now)
-        call = tx.call
         if call is None or not first_final:
             return
         if tx.is_session_refresh:
@@ -684,10 +684,13 @@ class ProxyCore:
         actions.append(Send(data=data, destination=destination, local=local))
 
     def _complete(self, tx: Transaction, now: float) -> None:
-        """A final response went back: keep only what answers retransmissions (Timer J/H)."""
+        """A final response went back: keep only what answers retransmissions (Timer J/H).
+        Each call leaves two such transactions for 32 s; what they hold, the garbage
+        collector walks on every full pass (``attempt`` stays: a verdict may still come)."""
         tx.state = TxState.COMPLETED
         tx.request = None
         tx.forwarded = None
+        tx.call = None
         self._set_expiry(tx, now + TIMER_B)
 
     def _reply_stateless(
