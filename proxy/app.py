@@ -49,6 +49,14 @@ log = structlog.get_logger("sipguard")
 TICK = 1.0  # seconds between housekeeping ticks: ended bans swept, call attempts sampled
 FLOOD_LINES_PER_TICK = 20  # flood.* log lines per tick at most: a flood must not become a log flood
 RATE_WINDOW_TICKS = 10  # calls per second are averaged over this many ticks
+# CPython collects its youngest generation once tracked objects outnumber those freed by
+# this much (700 by default). A call leaves objects alive for 32 s (its completed
+# transactions), so at the default the collector ran ~50 times a second under load and
+# promoted them into full collections that walked the whole 32 s of calls, every ~3 s, in
+# pauses growing to 300-400 ms, finding no garbage (refcounting frees sipguard's objects).
+# At 20,000, 45 s at 1,000 calls/s with the mission rules: no full collection after start,
+# the longest pause 148 ms, GC time 4.4 s -> 1.1 s, 0 failed calls instead of 1,541.
+GC_YOUNG_THRESHOLD = 20_000
 _FLOOD_COUNTERS = {Banned: "flood_bans", Unbanned: "flood_unbans", BanListFull: "flood_ban_list_full"}
 
 
@@ -178,6 +186,7 @@ class SipGuard:
         # Everything built so far lives as long as the process: keep it out of every GC pass.
         gc.collect()
         gc.freeze()
+        gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         self.attempt_rate.sample(self._loop.time(), 0)  # the rate's window opens at start
         self._tick = self._loop.call_later(TICK, self._on_tick)
         log.info(
