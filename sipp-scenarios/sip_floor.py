@@ -41,21 +41,18 @@ header names as SIPp writes them (``Via:``, ``Call-ID:``, ``Max-Forwards:``, ``C
 and ends.
 
 Prints one JSON line ``{"event": "relay.started", ...}`` on stderr once the socket is
-bound (the benchmark's readiness signal, as udp_relay.py's) and ``relay.stopped`` with its
-counters on SIGTERM/SIGINT, then exits 0.
+bound (the benchmark's readiness signal) and ``relay.stopped`` with its counters on
+SIGTERM/SIGINT, then exits 0: udp_relay.py's command line and lifecycle, with this relay.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
-import signal
 import sys
 from hashlib import blake2b
 from typing import Any, cast
 
-import uvloop
+import udp_relay  # beside this file: the command line and lifecycle both relays share
 
 # Bounds the Call-ID map, which keeps every call that never gets a final response to its
 # BYE (failed calls, a stopped UAC). Clearing it all is O(1) amortised, where evicting the
@@ -72,13 +69,6 @@ VIA = b"\r\nVia:"
 CSEQ = b"\r\nCSeq:"
 MAX_FORWARDS = b"\r\nMax-Forwards:"
 CRLF = b"\r\n"
-
-
-def _host_port(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return host, int(port)
 
 
 class Floor(asyncio.DatagramProtocol):
@@ -163,37 +153,18 @@ class Floor(asyncio.DatagramProtocol):
     def error_received(self, exc: Exception) -> None:
         pass  # ICMP port unreachable from a peer that went away
 
-
-def _log(event: str, **fields: object) -> None:
-    print(json.dumps({"event": event, **fields}), file=sys.stderr, flush=True)
-
-
-async def serve(listen: tuple[str, int], upstream: tuple[str, int]) -> int:
-    loop = asyncio.get_running_loop()
-    transport, floor = await loop.create_datagram_endpoint(lambda: Floor(listen, upstream), local_addr=listen)
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    bound = transport.get_extra_info("sockname")
-    _log("relay.started", listen=f"udp:{bound[0]}:{bound[1]}", upstream=f"udp:{upstream[0]}:{upstream[1]}")
-    await stop.wait()
-    transport.close()
-    _log(
-        "relay.stopped",
-        to_upstream=floor.to_upstream,
-        to_client=floor.to_client,
-        dropped=floor.dropped,
-        calls_remembered=len(floor.calls),
-    )
-    return 0
+    def counters(self) -> dict[str, int]:
+        """What ``relay.stopped`` reports."""
+        return {
+            "to_upstream": self.to_upstream,
+            "to_client": self.to_client,
+            "dropped": self.dropped,
+            "calls_remembered": len(self.calls),
+        }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--listen", type=_host_port, required=True, metavar="HOST:PORT")
-    parser.add_argument("--upstream", type=_host_port, required=True, metavar="HOST:PORT")
-    args = parser.parse_args(argv)
-    return uvloop.run(serve(args.listen, args.upstream))
+    return udp_relay.main(argv, factory=Floor, description=__doc__)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ import asyncio
 import json
 import signal
 import sys
-from typing import Any, cast
+from collections.abc import Callable
+from typing import Any, Protocol, cast
 
 import uvloop
 
@@ -35,7 +36,7 @@ def _host_port(text: str) -> tuple[str, int]:
 
 
 class Relay(asyncio.DatagramProtocol):
-    def __init__(self, upstream: tuple[str, int]) -> None:
+    def __init__(self, listen: tuple[str, int], upstream: tuple[str, int]) -> None:
         self.upstream = upstream
         self.client: tuple[str, int] | None = None
         self.transport: asyncio.DatagramTransport | None = None
@@ -64,15 +65,30 @@ class Relay(asyncio.DatagramProtocol):
     def error_received(self, exc: Exception) -> None:
         pass  # ICMP port unreachable from a peer that went away
 
+    def counters(self) -> dict[str, int]:
+        """What ``relay.stopped`` reports."""
+        return {"to_upstream": self.to_upstream, "to_client": self.to_client, "dropped": self.dropped}
+
+
+class RelayProtocol(Protocol):
+    """What serve() needs of a relay: this file's, or sip_floor.py's."""
+
+    def counters(self) -> dict[str, int]: ...
+
 
 def _log(event: str, **fields: object) -> None:
     print(json.dumps({"event": event, **fields}), file=sys.stderr, flush=True)
 
 
-async def serve(listen: tuple[str, int], upstream: tuple[str, int]) -> int:
+RelayFactory = Callable[[tuple[str, int], tuple[str, int]], asyncio.DatagramProtocol]
+
+
+async def serve(listen: tuple[str, int], upstream: tuple[str, int], factory: RelayFactory) -> int:
     loop = asyncio.get_running_loop()
-    transport, protocol = await loop.create_datagram_endpoint(lambda: Relay(upstream), local_addr=listen)
-    relay = cast(Relay, protocol)
+    transport, protocol = await loop.create_datagram_endpoint(
+        lambda: factory(listen, upstream), local_addr=listen
+    )
+    relay = cast(RelayProtocol, protocol)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -80,16 +96,17 @@ async def serve(listen: tuple[str, int], upstream: tuple[str, int]) -> int:
     _log("relay.started", listen=f"udp:{bound[0]}:{bound[1]}", upstream=f"udp:{upstream[0]}:{upstream[1]}")
     await stop.wait()
     transport.close()
-    _log("relay.stopped", to_upstream=relay.to_upstream, to_client=relay.to_client, dropped=relay.dropped)
+    _log("relay.stopped", **relay.counters())
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, factory: RelayFactory = Relay, description: str = __doc__) -> int:
+    """The command line of this relay, and of sip_floor.py's (``factory``, ``description``)."""
+    parser = argparse.ArgumentParser(description=description.splitlines()[0])
     parser.add_argument("--listen", type=_host_port, required=True, metavar="HOST:PORT")
     parser.add_argument("--upstream", type=_host_port, required=True, metavar="HOST:PORT")
     args = parser.parse_args(argv)
-    return uvloop.run(serve(args.listen, args.upstream))
+    return uvloop.run(serve(args.listen, args.upstream, factory))
 
 
 if __name__ == "__main__":
