@@ -50,7 +50,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from hashlib import blake2b
-from typing import Any, cast
+from typing import Any
 
 import udp_relay  # beside this file: the command line and lifecycle both relays share
 
@@ -71,10 +71,12 @@ MAX_FORWARDS = b"\r\nMax-Forwards:"
 CRLF = b"\r\n"
 
 
-class Floor(asyncio.DatagramProtocol):
+class Floor(udp_relay.Relay):
+    """udp_relay.py's Relay (its socket, counters, stop line), doing SIP work on each datagram."""
+
     def __init__(self, listen: tuple[str, int], upstream: tuple[str, int]) -> None:
+        super().__init__(listen, upstream)
         me = f"{listen[0]}:{listen[1]}".encode()
-        self.upstream = upstream
         # what we write, and so what comes back to us, built once from the --listen address
         self.via_value = b"SIP/2.0/UDP " + me + b";branch=" + BRANCH_PREFIX
         self.via_head = VIA + b" " + self.via_value
@@ -82,13 +84,6 @@ class Floor(asyncio.DatagramProtocol):
         self.record_route = b"\r\nRecord-Route: <sip:" + me + b";lr>"
         self.our_route = b"\r\nRoute: <sip:" + me + b";lr>"
         self.calls: dict[bytes, Any] = {}  # Call-ID -> the client's address
-        self.transport: asyncio.DatagramTransport | None = None
-        self.to_upstream = 0
-        self.to_client = 0
-        self.dropped = 0
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         transport = self.transport
@@ -150,17 +145,8 @@ class Floor(asyncio.DatagramProtocol):
         transport.sendto(popped, client)
         self.to_client += 1
 
-    def error_received(self, exc: Exception) -> None:
-        pass  # ICMP port unreachable from a peer that went away
-
     def counters(self) -> dict[str, int]:
-        """What ``relay.stopped`` reports."""
-        return {
-            "to_upstream": self.to_upstream,
-            "to_client": self.to_client,
-            "dropped": self.dropped,
-            "calls_remembered": len(self.calls),
-        }
+        return {**super().counters(), "calls_remembered": len(self.calls)}
 
 
 def main(argv: list[str] | None = None) -> int:
