@@ -30,9 +30,7 @@ MAX_DATAGRAM = 65535
 SOCKET_BUFFER = 8 * 1024 * 1024
 TCP_CONNECT_TIMEOUT = 5.0
 MAX_TCP_CONNECTIONS = 10_000
-
-
-MAX_SOURCES = 100_000
+MAX_SOURCES = 100_000  # UDP peers whose Address is reused (UdpEndpoint._sources)
 
 
 class UdpEndpoint(asyncio.DatagramProtocol):
