@@ -5,6 +5,15 @@ per (text, region) in a bounded LRU; a busy proxy sees the same few thousand cal
 again and again. Owned numbers are compiled once at policy load into a set of exact
 numbers, a set of prefixes and a sorted list of ranges, so a lookup is a few dict hits
 and one bisect, whatever the size of the list.
+
+A caller the cache has not seen yet is the costly case, and on a carrier it is the
+usual one. ``NumberSet.lists`` answers it for the legitimate caller: text already
+written in E.164 that equals an owned number, or falls in an owned range, is that
+number. It needs no phonenumbers: the operator assigned it, which is stronger evidence
+that it exists than the library's metadata, and the set's entries were normalised at
+load, so the text cannot be a second spelling of another number (see ``lists``).
+Prefixes do not count: ``+44*`` would also match ``+4402...``, which phonenumbers
+spells ``+442...``, and the two spellings must share one per-number counter.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from proxy.sip.uri import OpaqueUri, SipUri, TelUri, Uri
 _VISUAL_SEPARATORS = re.compile(r"[\-.()\s]")
 _DIALLABLE = re.compile(r"\+?[0-9]+")
 _RANGE = re.compile(r"(\+?[0-9]+)-(\+?[0-9]+)")
+_E164_TEXT = re.compile(r"\+[1-9][0-9]{1,14}")  # ITU-T E.164: at most 15 digits, no leading 0
 ANONYMOUS_USERS = frozenset({"anonymous", "restricted", "unavailable", "unknown", "private"})
 
 
@@ -140,6 +150,22 @@ class NumberSet:
             return False
         starts, ends = spans
         value = int(e164[1:])
+        at = bisect.bisect_right(starts, value) - 1
+        return at >= 0 and value <= ends[at]
+
+    def lists(self, text: str) -> bool:
+        """``text`` is, as written, one of the exact numbers or in one of the ranges.
+
+        Both were normalised at load, and a range runs between two real numbers of one
+        length, so text inside it is written the way phonenumbers would write it.
+        """
+        if text in self.exact:
+            return True
+        spans = self.ranges.get(len(text) - 1)
+        if spans is None or not _E164_TEXT.fullmatch(text):
+            return False
+        starts, ends = spans
+        value = int(text[1:])
         at = bisect.bisect_right(starts, value) - 1
         return at >= 0 and value <= ends[at]
 

@@ -38,7 +38,7 @@ from policies.base import (
     Warn,
 )
 from policies.caller_id import CallerIdConfig
-from policies.numbering import dialled_digits, is_anonymous, normalise
+from policies.numbering import NumberSet, dialled_digits, is_anonymous, normalise
 
 from .decisions import Decision, DecisionMemory
 from .policyfile import CompiledPolicy
@@ -270,7 +270,7 @@ class PolicyEngine:
                 log.info("call.emergency", **decision.fields())
                 plan.final = ACCEPT
                 return plan
-            identities = self._identities(request, region)
+            identities = self._identities(request, region, account.numbers if account else None)
         except ParseError as error:
             plan.final = Reject(status=400, reason=error.reason)
             self.counters.verdicts["rejected"] += 1
@@ -407,24 +407,26 @@ class PolicyEngine:
                 return policy.accounts[name]
         return None
 
-    def _identities(self, request: Request, region: str) -> tuple[Identity, ...]:
-        identities = [self._identity("from", request.from_, region)]
+    def _identities(self, request: Request, region: str, owned: NumberSet | None) -> tuple[Identity, ...]:
+        identities = [self._identity("from", request.from_, region, owned)]
         for header in _IDENTITY_HEADERS:
             if request.has(header):
                 identities += [
-                    self._identity(header, value, region) for value in _name_addrs(request, header)
+                    self._identity(header, value, region, owned) for value in _name_addrs(request, header)
                 ]
         return tuple(identities)
 
-    def _identity(self, header: str, value: NameAddr, region: str) -> Identity:
+    def _identity(self, header: str, value: NameAddr, region: str, owned: NumberSet | None) -> Identity:
         presented = str(value.uri)
         if header == "from" and is_anonymous(value.uri, value.display_name):
             return Identity(header=header, presented=presented, e164=None, anonymous=True)
         digits = dialled_digits(value.uri)
         if digits is None:
             return Identity(header=header, presented=presented, e164=None, problem="no telephone number")
-        number = normalise(digits, region)
         emergency = digits.lstrip("+") in self.policy.emergency.numbers
+        if owned is not None and owned.lists(digits):  # the account's own number, in E.164 already
+            return Identity(header=header, presented=presented, e164=digits, emergency=emergency)
+        number = normalise(digits, region)
         return Identity(
             header=header, presented=presented, e164=number.e164, problem=number.problem, emergency=emergency
         )

@@ -360,6 +360,21 @@ def test_an_emergency_number_as_caller_id_is_refused() -> None:
     assert verdict == Reject(status=403, reason="Caller ID not permitted")
 
 
+def test_an_owned_number_is_believed_to_exist_and_an_unowned_one_is_checked() -> None:
+    # +1 213 000-5555 lies in the owned range, but phonenumbers' metadata calls it unreal
+    # (no NANP exchange starts with 0): the operator's assignment wins over the library's.
+    accounts = {"acme": {"sources": ["192.0.2.0/24"], "numbers": ["+12125550000-+12135559999"]}}
+    engine = engine_for({"caller_id": {}}, accounts)
+    with capture_logs() as logs:
+        assert decide(engine, attempt("owned", caller="+12130005555")) == STRIPPED
+        assert decide(engine, attempt("unowned", caller="+12140005555")) == Reject(
+            status=403, reason="Caller ID not permitted"
+        )
+    accepted, refused = decisions(logs)
+    assert (accepted["verdict"], accepted["caller_e164"]) == ("accept", "+12130005555")
+    assert refused["detail"] == "from sip:+12140005555@customer.example: number cannot exist"
+
+
 # -- identity headers ---------------------------------------------------------------------------
 def test_untrusted_identity_headers_are_stripped() -> None:
     engine = engine_for({"caller_id": {}})

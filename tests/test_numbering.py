@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from policies.numbering import EmergencyNumbers, NumberSet, dialled_digits, is_anonymous, normalise
 from proxy.sip import parse_uri
@@ -217,6 +219,51 @@ def test_non_strings_are_never_members() -> None:
     numbers = NumberSet(["+14155550100-+14155550199", "+1415*"], "US")
     assert 14155550100 not in numbers
     assert None not in numbers
+
+
+# Ranges whose endpoints are real numbers, in countries that write numbers differently:
+# a national prefix phonenumbers strips (GB, DE, RU, FR, AU), variable lengths (DE), a
+# leading 0 that stays (IT).
+RANGES_BY_COUNTRY = [
+    "+14155550000-+14155559999",
+    "+442071234000-+442071239999",
+    "+4930123400-+4930123499",
+    "+390612345000-+390612345999",
+    "+74951234500-+74951234599",
+    "+33142685300-+33142685399",
+    "+61212345000-+61212345999",
+]
+
+
+@settings(max_examples=300)
+@given(
+    spec=st.sampled_from(RANGES_BY_COUNTRY),
+    offset=st.integers(-2000, 2000),
+    extra=st.text("0123456789", max_size=2),
+)
+def test_text_a_set_lists_is_the_number_phonenumbers_would_write(spec: str, offset: int, extra: str) -> None:
+    # The engine takes text the account lists as already normalised; it must never be
+    # a second spelling of a number (two spellings would mean two per-number counters).
+    numbers = NumberSet([spec], "US")
+    low = spec.split("-")[0]
+    text = f"+{int(low[1:]) + offset}{extra}"
+    normalised = normalise(text, "US")
+    if numbers.lists(text):
+        assert normalised.e164 in (text, None)  # None: the library calls it unreal; owned wins
+    elif normalised.e164 == text:
+        assert text not in numbers  # and an owned number in E.164 is always listed
+
+
+def test_only_exact_numbers_and_ranges_list_text_as_written() -> None:
+    numbers = NumberSet(["+14155559999", "+14155550100-+14155550199", "+44*"], "US")
+    assert numbers.lists("+14155559999")
+    assert numbers.lists("+14155550150")
+    assert not numbers.lists("+14155550200")
+    assert not numbers.lists("14155550150")  # national or bare forms go through phonenumbers
+    assert not numbers.lists("+014155550150")
+    # a prefix matches spellings phonenumbers would rewrite (+44 0 20... is +44 20...)
+    assert "+4402079460000" in numbers
+    assert not numbers.lists("+4402079460000")
 
 
 @pytest.mark.parametrize(
