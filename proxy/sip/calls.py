@@ -80,6 +80,13 @@ class CallTable:
                 return call
         return None
 
+    def live_call(self, info: CallInfo) -> Call | None:
+        """The call that ``info`` started, while it lasts."""
+        for call in self._by_call_id.get(info.call_id, ()):
+            if call.info is info:
+                return call
+        return None
+
     def answer(self, call: Call, to_tag: str | None, now: float) -> None:
         call.state = CallState.CONFIRMED
         call.to_tag = to_tag

@@ -27,16 +27,13 @@ that party is just not reachable.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 from .errors import ParseError
-from .events import Address, Keepalive
+from .events import Address, CallInfo, Keepalive
 from .headers import parse_name_addr, split_values
 from .message import Request, Response
 from .timers import T1, T2, T4, TIMER_B
-
-if TYPE_CHECKING:
-    from .calls import Call
 
 TIMER_F = TIMER_B
 
@@ -62,7 +59,6 @@ class Dialog:
     __slots__ = (
         "_callee_contacts",
         "_caller_contacts",
-        "_is_us",
         "_record_routes",
         "callee",
         "callee_cseq",
@@ -82,14 +78,12 @@ class Dialog:
         self._callee_contacts: list[str] = []
         self.callee_cseq = 0  # none sent yet: its first request may use any number (§12.2.2)
         self._record_routes: list[str] = []
-        self._is_us: Callable[[object], bool] | None = None
 
-    def answered(self, ok: Response, is_us: Callable[[object], bool]) -> None:
+    def answered(self, ok: Response) -> None:
         """Learn the callee's side from the 2xx that answered the INVITE."""
         self.callee = ok.get("to") or ""
         self._callee_contacts = ok.values("contact")
         self._record_routes = ok.values("record-route")
-        self._is_us = is_us
 
     def saw_request(self, from_caller: bool, request: Request) -> None:
         """A party sent a request in the dialog: ours must come after it (§12.2.1.1); a
@@ -114,22 +108,24 @@ class Dialog:
         else:
             self._callee_contacts = contacts
 
-    def request_to(self, caller: bool) -> InDialogRequest | None:
+    def request_to(self, caller: bool, is_us: Callable[[object], bool]) -> InDialogRequest | None:
         """A request to the caller (as if from the callee) or to the callee (as if from
-        the caller); None when that party gave no Contact to send it to."""
+        the caller); None when that party gave no Contact to send it to. ``is_us`` picks
+        sipguard's own Record-Route entries (asked for here, not kept: a dialog that held
+        the core's method would tie every limited call to the core in a reference cycle)."""
         if caller:
             target = _first_uri(self._caller_contacts)
             if target is None:
                 return None
-            return InDialogRequest(target, self._route_set(toward_caller=True), self.callee, self.caller,
-                                   self.callee_cseq + 1)  # fmt: skip
+            route = self._route_set(is_us, toward_caller=True)
+            return InDialogRequest(target, route, self.callee, self.caller, self.callee_cseq + 1)
         target = _first_uri(self._callee_contacts)
         if target is None:
             return None
-        return InDialogRequest(target, self._route_set(toward_caller=False), self.caller, self.callee,
-                               self.caller_cseq + 1)  # fmt: skip
+        route = self._route_set(is_us, toward_caller=False)
+        return InDialogRequest(target, route, self.caller, self.callee, self.caller_cseq + 1)
 
-    def _route_set(self, *, toward_caller: bool) -> tuple[str, ...]:
+    def _route_set(self, is_us: Callable[[object], bool], *, toward_caller: bool) -> tuple[str, ...]:
         """The Record-Route entries between sipguard and that party, nearest hop first;
         empty (requests go straight to the target) when the 2xx did not route through us."""
         try:
@@ -137,8 +133,7 @@ class Dialog:
             routes = [parse_name_addr(value) for value in values]
         except ParseError:
             return ()
-        is_us = self._is_us
-        ours = [i for i, route in enumerate(routes) if is_us is not None and is_us(route.uri)]
+        ours = [i for i, route in enumerate(routes) if is_us(route.uri)]
         if not ours:
             return ()
         # Each proxy puts its Record-Route on top (§16.6): the hops toward the callee are
@@ -205,8 +200,10 @@ class Prober:
 
     __slots__ = ("call", "misses", "rounds", "settings", "timer_at")
 
-    def __init__(self, call: Call, settings: Keepalive) -> None:
-        self.call: Call | None = call  # None once the call has ended
+    def __init__(self, call: CallInfo, settings: Keepalive) -> None:
+        # the call's info, not the call: the call holds its dialog, which holds this, and
+        # a reference cycle would leave every such call to the full garbage collection
+        self.call = call
         self.settings = settings
         self.misses = [0, 0]  # the callee's, the caller's (indexed by ``to_caller``)
         self.rounds = 0  # rounds sent so far: each probe's branch names its round
@@ -217,11 +214,8 @@ class Prober:
         self.timer_at = now + self.settings.interval
 
     def stop(self) -> None:
-        """The call ended: no more rounds, and answers still in flight count for nothing.
-        (Letting go of the call also breaks the cycle call - dialog - prober, so an ended
-        call is freed at once, not at the next full garbage collection.)"""
+        """The call ended: no more rounds (answers still in flight find no call)."""
         self.timer_at = None
-        self.call = None
 
     def next_round(self, now: float) -> int:
         """A round is being sent now: its number; ``timer_at`` is then the next one."""
