@@ -145,13 +145,7 @@ class NumberSet:
         for length in self._prefix_lengths:
             if e164[:length] in self.prefixes:
                 return True
-        spans = self.ranges.get(len(e164) - 1)
-        if spans is None:
-            return False
-        starts, ends = spans
-        value = int(e164[1:])
-        at = bisect.bisect_right(starts, value) - 1
-        return at >= 0 and value <= ends[at]
+        return self._in_ranges(e164)
 
     def lists(self, text: str) -> bool:
         """``text`` is, as written, one of the exact numbers or in one of the ranges.
@@ -159,13 +153,14 @@ class NumberSet:
         Both were normalised at load, and a range runs between two real numbers of one
         length, so text inside it is written the way phonenumbers would write it.
         """
-        if text in self.exact:
-            return True
-        spans = self.ranges.get(len(text) - 1)
-        if spans is None or not _E164_TEXT.fullmatch(text):
+        return text in self.exact or (_E164_TEXT.fullmatch(text) is not None and self._in_ranges(text))
+
+    def _in_ranges(self, e164: str) -> bool:
+        spans = self.ranges.get(len(e164) - 1)
+        if spans is None:
             return False
         starts, ends = spans
-        value = int(text[1:])
+        value = int(e164[1:])
         at = bisect.bisect_right(starts, value) - 1
         return at >= 0 and value <= ends[at]
 
