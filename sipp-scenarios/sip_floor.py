@@ -109,7 +109,7 @@ class Floor(udp_relay.Relay):
         if hops < 0:
             self.dropped += 1
             return
-        if len(self.calls) > MAX_CALLS:
+        if len(self.calls) >= MAX_CALLS:
             self.calls.clear()
         self.calls[call_id] = addr
         line_end = data.find(CRLF)
