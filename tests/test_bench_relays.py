@@ -19,7 +19,8 @@ import re
 import signal
 import socket
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
 
@@ -114,7 +115,10 @@ class Relayed(Generic[RelayT]):
             transport.close()
 
 
-async def relayed(factory: Callable[[Address, Address], RelayT]) -> Relayed[RelayT]:
+@asynccontextmanager
+async def relayed(factory: Callable[[Address, Address], RelayT]) -> AsyncIterator[Relayed[RelayT]]:
+    """A relay built by ``factory`` between an upstream and a first client; every socket
+    is closed on the way out."""
     transports: list[asyncio.BaseTransport] = []
     upstream = await open_peer(transports)
     client = await open_peer(transports)
@@ -127,7 +131,11 @@ async def relayed(factory: Callable[[Address, Address], RelayT]) -> Relayed[Rela
         lambda: factory(listen, upstream.address), sock=sock
     )
     transports.append(transport)
-    return Relayed(relay, listen, upstream, client, transports)
+    setup = Relayed(relay, listen, upstream, client, transports)
+    try:
+        yield setup
+    finally:
+        setup.close()
 
 
 def run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -209,23 +217,19 @@ def floor_via(setup: Relayed[Floor], forwarded: bytes) -> str:
 
 def test_relay_forwards_client_to_upstream_and_back_and_counts_both() -> None:
     async def scenario() -> None:
-        setup = await relayed(Relay)
-        try:
+        async with relayed(Relay) as setup:
             setup.client.send(b"ping", setup.address)
             assert await setup.upstream.receive_from() == (b"ping", setup.address)  # one socket, as sipguard
             setup.upstream.send(b"pong", setup.address)
             assert await setup.client.receive_from() == (b"pong", setup.address)
             assert setup.relay.counters() == {"to_upstream": 1, "to_client": 1, "dropped": 0}
-        finally:
-            setup.close()
 
     run(scenario)
 
 
 def test_relay_sends_upstream_datagrams_to_the_last_client_seen() -> None:
     async def scenario() -> None:
-        setup = await relayed(Relay)
-        try:
+        async with relayed(Relay) as setup:
             second = await setup.peer()
             assert await setup.forward(b"from first") == b"from first"
             assert await setup.forward(b"from second", second) == b"from second"
@@ -235,8 +239,6 @@ def test_relay_sends_upstream_datagrams_to_the_last_client_seen() -> None:
             setup.upstream.send(b"to first", setup.address)
             assert await setup.client.receive() == b"to first"  # "to second" never came here before it
             assert setup.relay.counters() == {"to_upstream": 3, "to_client": 2, "dropped": 0}
-        finally:
-            setup.close()
 
     run(scenario)
 
@@ -256,8 +258,7 @@ class WatchedRelay(Relay):
 
 def test_relay_drops_and_counts_an_upstream_datagram_before_any_client() -> None:
     async def scenario() -> None:
-        setup = await relayed(WatchedRelay)
-        try:
+        async with relayed(WatchedRelay) as setup:
             setup.upstream.send(b"too early", setup.address)
             assert await asyncio.wait_for(setup.relay.handled.get(), TIMEOUT) == b"too early"
             assert setup.relay.counters() == {"to_upstream": 0, "to_client": 0, "dropped": 1}
@@ -265,8 +266,6 @@ def test_relay_drops_and_counts_an_upstream_datagram_before_any_client() -> None
             setup.upstream.send(b"reply", setup.address)
             assert await setup.client.receive() == b"reply"  # the early one was not kept for it either
             assert setup.relay.counters() == {"to_upstream": 1, "to_client": 1, "dropped": 1}
-        finally:
-            setup.close()
 
     run(scenario)
 
@@ -334,8 +333,7 @@ def test_command_line_is_ready_on_relay_started_and_reports_its_counters_on_sigt
 
 def test_floor_pushes_its_via_on_top_decrements_max_forwards_and_changes_nothing_else() -> None:
     async def scenario() -> None:
-        setup = await relayed(Floor)
-        try:
+        async with relayed(Floor) as setup:
             options = request("OPTIONS", "call-1", setup.client.via())
             forwarded = await setup.forward(options)
             ours = floor_via(setup, forwarded)
@@ -352,16 +350,13 @@ def test_floor_pushes_its_via_on_top_decrements_max_forwards_and_changes_nothing
                 "dropped": 0,
                 "calls_remembered": 1,
             }
-        finally:
-            setup.close()
 
     run(scenario)
 
 
 def test_floor_branch_is_a_digest_of_the_top_via_so_cancel_and_ack_share_their_invites() -> None:
     async def scenario() -> None:
-        setup = await relayed(Floor)
-        try:
+        async with relayed(Floor) as setup:
             via = setup.client.via("z9hG4bK-invite1")
             invite = floor_via(setup, await setup.forward(request("INVITE", "call-1", via)))
             cancel = floor_via(setup, await setup.forward(request("CANCEL", "call-1", via)))
@@ -370,16 +365,13 @@ def test_floor_branch_is_a_digest_of_the_top_via_so_cancel_and_ack_share_their_i
             another_invite = floor_via(setup, await setup.forward(request("INVITE", "call-2", other)))
             assert invite == cancel == ack
             assert another_invite != invite
-        finally:
-            setup.close()
 
     run(scenario)
 
 
 def test_floor_drops_and_counts_a_request_at_zero_hops_or_without_max_forwards() -> None:
     async def scenario() -> None:
-        setup = await relayed(Floor)
-        try:
+        async with relayed(Floor) as setup:
             via = setup.client.via()
             setup.client.send(request("OPTIONS", "zero-hops", via, max_forwards=0), setup.address)
             setup.client.send(request("OPTIONS", "no-max-forwards", via, max_forwards=None), setup.address)
@@ -388,16 +380,13 @@ def test_floor_drops_and_counts_a_request_at_zero_hops_or_without_max_forwards()
             assert header_values(forwarded, "Max-Forwards") == ["0"]
             assert setup.relay.counters()["dropped"] == 2
             assert setup.relay.counters()["to_upstream"] == 1
-        finally:
-            setup.close()
 
     run(scenario)
 
 
 def test_floor_adds_record_route_to_an_invite_only() -> None:
     async def scenario() -> None:
-        setup = await relayed(Floor)
-        try:
+        async with relayed(Floor) as setup:
             sdp = "v=0\r\no=alice 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
             invite = request("INVITE", "call-1", setup.client.via(), body=sdp)
             forwarded = await setup.forward(invite)
@@ -408,24 +397,19 @@ def test_floor_adds_record_route_to_an_invite_only() -> None:
             assert restored.replace(b"Max-Forwards: 69", b"Max-Forwards: 70") == invite  # body untouched
             bye = await setup.forward(request("BYE", "call-1", setup.client.via("z9hG4bK-bye"), cseq=2))
             assert header_values(bye, "Record-Route") == []
-        finally:
-            setup.close()
 
     run(scenario)
 
 
 def test_floor_removes_its_own_route_from_an_in_dialog_request_and_keeps_the_next() -> None:
     async def scenario() -> None:
-        setup = await relayed(Floor)
-        try:
+        async with relayed(Floor) as setup:
             routes = [f"<sip:{setup.me};lr>", "<sip:pbx.example.com;lr>"]
             bye = request("BYE", "call-1", setup.client.via(), routes=routes, cseq=2)
             forwarded = await setup.forward(bye)
             assert header_values(forwarded, "Route") == ["<sip:pbx.example.com;lr>"]
             assert header_values(forwarded, "Max-Forwards") == ["69"]  # the lines around it intact
             assert header_values(forwarded, "Via")[1:] == [setup.client.via()]
-        finally:
-            setup.close()
 
     run(scenario)
 
@@ -435,8 +419,7 @@ def test_floor_removes_its_own_route_from_an_in_dialog_request_and_keeps_the_nex
 
 def test_floor_pops_its_via_and_sends_each_response_to_its_calls_client() -> None:
     async def scenario() -> None:
-        setup = await relayed(Floor)
-        try:
+        async with relayed(Floor) as setup:
             second = await setup.peer()
             first_invite = await setup.forward(request("INVITE", "call-1", setup.client.via()))
             second_invite = await setup.forward(request("INVITE", "call-2", second.via()), second)
@@ -453,16 +436,13 @@ def test_floor_pops_its_via_and_sends_each_response_to_its_calls_client() -> Non
             assert header_values(first_received, "Via") == [setup.client.via()]
             assert first_source == second_source == setup.address
             assert setup.relay.counters()["to_client"] == 2
-        finally:
-            setup.close()
 
     run(scenario)
 
 
 def test_floor_pops_only_its_value_from_a_folded_via_line() -> None:
     async def scenario() -> None:
-        setup = await relayed(Floor)
-        try:
+        async with relayed(Floor) as setup:
             invite = await setup.forward(request("INVITE", "call-1", setup.client.via()))
             folded = answer(invite, "200 OK", fold_vias=True)
             assert header_lines(folded)[0] == f"Via: {floor_via(setup, invite)}, {setup.client.via()}"
@@ -470,8 +450,6 @@ def test_floor_pops_only_its_value_from_a_folded_via_line() -> None:
             received = await setup.client.receive()
             assert header_lines(received)[0] == f"Via: {setup.client.via()}"
             assert header_lines(received)[1:] == header_lines(folded)[1:]
-        finally:
-            setup.close()
 
     run(scenario)
 
@@ -500,8 +478,7 @@ def test_floor_drops_and_counts_what_the_upstream_sends_that_is_not_a_response_t
     spoil: Callable[[bytes], bytes],
 ) -> None:
     async def scenario() -> None:
-        setup = await relayed(Floor)
-        try:
+        async with relayed(Floor) as setup:
             invite = await setup.forward(request("INVITE", "call-1", setup.client.via()))
             ringing = answer(invite, "180 Ringing")
             setup.upstream.send(spoil(ringing), setup.address)
@@ -511,16 +488,13 @@ def test_floor_drops_and_counts_what_the_upstream_sends_that_is_not_a_response_t
             )  # the spoilt one went nowhere
             assert setup.relay.counters()["dropped"] == 1
             assert setup.relay.counters()["to_client"] == 1
-        finally:
-            setup.close()
 
     run(scenario)
 
 
 def test_floor_forgets_a_call_after_the_final_response_to_its_bye_only() -> None:
     async def scenario() -> None:
-        setup = await relayed(Floor)
-        try:
+        async with relayed(Floor) as setup:
             invite = await setup.forward(request("INVITE", "call-1", setup.client.via("z9hG4bK-inv1")))
             other_invite = await setup.forward(request("INVITE", "call-2", setup.client.via("z9hG4bK-inv2")))
             # a final response to the INVITE forgets nothing: its retransmission still goes through
@@ -547,8 +521,6 @@ def test_floor_forgets_a_call_after_the_final_response_to_its_bye_only() -> None
                 "dropped": 1,
                 "calls_remembered": 1,
             }
-        finally:
-            setup.close()
 
     run(scenario)
 
@@ -557,8 +529,7 @@ def test_floor_forgets_every_call_when_its_map_is_full(monkeypatch: pytest.Monke
     monkeypatch.setattr(sip_floor, "MAX_CALLS", 3)
 
     async def scenario() -> None:
-        setup = await relayed(Floor)
-        try:
+        async with relayed(Floor) as setup:
             sizes = []
             for number in range(1, 8):
                 call_id = f"call-{number}"
@@ -566,7 +537,5 @@ def test_floor_forgets_every_call_when_its_map_is_full(monkeypatch: pytest.Monke
                 assert call_id.encode() in setup.relay.calls  # the newest call is always kept
                 sizes.append(len(setup.relay.calls))
             assert sizes == [1, 2, 3, 1, 2, 3, 1]  # never more than MAX_CALLS
-        finally:
-            setup.close()
 
     run(scenario)
