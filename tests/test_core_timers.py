@@ -273,14 +273,41 @@ def test_udp_in_udp_out_is_never_retransmitted_by_sipguard() -> None:
 # -- the policy layer's time ------------------------------------------------------------------------
 def test_a_decision_that_never_comes_times_out_to_503() -> None:
     sim = Sim.make(decision_timeout=32.0)
-    decide = sim.offer()
+    sim.offer()
     assert sim.run_until(31.9) == []
     actions = sim.run_until(32.0)
     assert kinds(actions) == ["Send", "Discarded"]
     reply = parse_response(of_type(actions, Send)[0].data)
     assert reply.status_code == 503 and reply.values("retry-after") == ["5"]
-    assert sim.decide(decide.attempt.attempt_id, Accept()) == []
     assert sim.core.calls.live == 0 and sim.core.pending == 0
+
+
+def test_a_late_accept_gives_back_what_the_policies_took() -> None:
+    """The policies may have taken slots before their Accept came too late: the call was
+    never forwarded, so it ends at once and they release them (a Reject took nothing)."""
+    sim = Sim.make(decision_timeout=32.0)
+    late, refused = sim.offer(), sim.offer(second_call())
+    sim.run_until(32.0)
+    sim.now = 33.0
+    actions = sim.decide(late.attempt.attempt_id, Accept())
+    assert kinds(actions) == ["CallEnded"]  # and nothing is sent
+    ended = actions[0]
+    assert isinstance(ended, CallEnded) and ended.reason is EndReason.DECISION_TIMEOUT
+    assert ended.call.attempt_id == late.attempt.attempt_id and ended.now == 33.0
+    assert sim.decide(refused.attempt.attempt_id, Reject(status=403, reason="Forbidden")) == []
+    assert sim.decide(late.attempt.attempt_id, Accept()) == []  # once
+    assert sim.core.calls.live == 0
+
+
+def test_a_verdict_that_never_comes_is_forgotten_with_its_transaction() -> None:
+    sim = Sim.make(decision_timeout=32.0, max_calls=1)
+    decide = sim.offer()
+    sim.run_until(32.0)
+    # awaited still, and counted: the policies may hold slots for it until their verdict comes
+    assert statuses(sim.customer(second_call(2))) == [503]
+    sim.run_until(64.0)  # the 503's transaction ends (Timer J: 32 s), and the wait with it
+    assert kinds(sim.customer(second_call(3))) == ["Decide"]
+    assert sim.decide(decide.attempt.attempt_id, Accept()) == []
 
 
 # -- bounds -------------------------------------------------------------------------------------------

@@ -176,6 +176,7 @@ class ProxyCore:
         self.calls = CallTable(max_lifetime=config.max_call_lifetime, early_timeout=config.early_timeout)
         self._server_tx: dict[tuple[str, str, str], Transaction] = {}
         self._client_tx: dict[tuple[str, str], Transaction] = {}
+        # by attempt id: INVITEs whose verdict is awaited, answered already or not (CANCEL, timeout)
         self._deciding: dict[str, Transaction] = {}
         self._timers: list[tuple[float, int, str, TimerTarget]] = []
         self._own_requests: dict[str, OwnRequest] = {}  # by branch: the BYEs and probes sipguard sent
@@ -251,10 +252,11 @@ class ProxyCore:
         actions: list[Action] = []
         tx = self._deciding.pop(attempt_id, None)
         if tx is None or tx.attempt is None:
-            return actions  # the transaction timed out meanwhile
-        if tx.cancelled:
+            return actions  # unknown, or its transaction is long gone
+        if tx.state is not TxState.DECIDING:  # answered meanwhile: a CANCEL, or the decision timeout
             if isinstance(verdict, Accept):  # the policies took state for a call that is gone
-                actions.append(CallEnded(call=tx.attempt, reason=EndReason.CANCELLED, now=now))
+                reason = EndReason.CANCELLED if tx.cancelled else EndReason.DECISION_TIMEOUT
+                actions.append(CallEnded(call=tx.attempt, reason=reason, now=now))
             return actions
         if not isinstance(verdict, Accept):
             self._reply(tx, verdict.status, verdict.reason, now, actions, headers=verdict.headers)
@@ -878,8 +880,7 @@ class ProxyCore:
 
     def _expire_transaction(self, tx: Transaction, now: float, actions: list[Action]) -> None:
         if tx.state is TxState.DECIDING:
-            if tx.attempt is not None:
-                self._deciding.pop(tx.attempt.attempt_id, None)
+            # the attempt stays in _deciding: a late Accept must still give back what it took
             self._reply(tx, 503, "Policy Decision Timeout", now, actions, headers=(("Retry-After", "5"),))
             return
         if tx.state is TxState.FORWARDED and tx.method == "INVITE":
@@ -895,6 +896,8 @@ class ProxyCore:
         tx.retransmit_at = None  # Timer F: Timer E stops too
         tx.timer_at = None
         del self._server_tx[tx.key]
+        if tx.attempt is not None:  # a verdict not come by now is no longer waited for
+            self._deciding.pop(tx.attempt.attempt_id, None)
         if self._client_tx.get((tx.out_branch, tx.method)) is tx:
             del self._client_tx[(tx.out_branch, tx.method)]
 

@@ -66,6 +66,7 @@ class EndReason(enum.Enum):
     NO_ANSWER = "no-answer"  # still ringing when the early-dialog timeout ran out
     MAX_DURATION = "max-duration"  # sipguard ended it (BYE to both sides): a policy's limit
     KEEPALIVE_FAILED = "keepalive-failed"  # sipguard ended it (BYE to both sides): a party stopped answering
+    DECISION_TIMEOUT = "decision-timeout"  # never forwarded: sipguard answered 503 before a late Accept
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
