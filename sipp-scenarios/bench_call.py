@@ -10,14 +10,16 @@ Each call is the message sequence bench_proxy.py's SIPp peers exchange, handed t
 and 200 (built from the INVITE as forwarded, so they carry sipguard's Via and
 Record-Route), the ACK and BYE along the Record-Route, the PBX's 200 to the BYE. Printed:
 microseconds per call spent inside ``deliver`` (flood guard, parse, core, policies,
-actions; no system calls), min and median over the repeats; building the PBX's responses
-is outside the timed part. Against bench_proxy.py's CPU per call this tells the SIP work
+actions; no system calls), min and median over the repeats, and the fastest repeat split
+by message (the INVITE's share includes the verdict and its forwarding); building the PBX's
+responses is outside the timed part. Against bench_proxy.py's CPU per call this tells the SIP work
 from what the same work costs live, where SIPp shares the two cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import cProfile
 import itertools
 import pstats
@@ -89,12 +91,12 @@ class CallDriver:
         self.proxy = proxy
         self.sent: list[tuple[bytes, Address]] = []
         guard.transports.send = lambda data, destination, local: self.sent.append((data, destination))
-        self.spent = 0.0
+        self.spent: collections.defaultdict[str, float] = collections.defaultdict(float)  # s, by message
 
-    def _deliver(self, data: bytes, source: Address) -> None:
+    def _deliver(self, message: str, data: bytes, source: Address) -> None:
         started = time.perf_counter()
         self.guard.deliver(data, source, self.proxy)
-        self.spent += time.perf_counter() - started
+        self.spent[message] += time.perf_counter() - started
 
     def _taken(self, to: Address) -> bytes:
         sent = [data for data, destination in self.sent if destination == to]
@@ -104,25 +106,25 @@ class CallDriver:
         return sent[0]
 
     def call(self, n: int) -> None:
-        self._deliver(uac_request("INVITE", n, self.proxy, cseq=1, routes=[]), UAC)
+        self._deliver("INVITE", uac_request("INVITE", n, self.proxy, cseq=1, routes=[]), UAC)
         invite = self._taken(PBX)  # (and the 100 Trying to the UAC, dropped)
         to_tag = f"pbx{n}"
-        self._deliver(response(invite, 180, to_tag=to_tag), PBX)
-        self._deliver(
-            response(invite, 200, to_tag=to_tag, contact=f"sip:{CALLEE}@{PBX.host}:{PBX.port}"), PBX
-        )
+        self._deliver("180", response(invite, 180, to_tag=to_tag), PBX)
+        answer = response(invite, 200, to_tag=to_tag, contact=f"sip:{CALLEE}@{PBX.host}:{PBX.port}")
+        self._deliver("200 INVITE", answer, PBX)
         ok = self.sent[-1][0]
         self.sent.clear()
         routes = [value.decode() for value in re.findall(rb"Record-Route: ([^\r]*)", ok)]
-        self._deliver(uac_request("ACK", n, self.proxy, cseq=1, to_tag=to_tag, routes=routes), UAC)
+        self._deliver("ACK", uac_request("ACK", n, self.proxy, cseq=1, to_tag=to_tag, routes=routes), UAC)
         self._taken(PBX)
-        self._deliver(uac_request("BYE", n, self.proxy, cseq=2, to_tag=to_tag, routes=routes), UAC)
+        self._deliver("BYE", uac_request("BYE", n, self.proxy, cseq=2, to_tag=to_tag, routes=routes), UAC)
         bye = self._taken(PBX)
-        self._deliver(response(bye, 200, to_tag=None), PBX)
+        self._deliver("200 BYE", response(bye, 200, to_tag=None), PBX)
         self._taken(UAC)
 
 
-async def measure(policy_path: Path, calls: int, repeats: int, profile: bool) -> list[float]:
+async def measure(policy_path: Path, calls: int, repeats: int, profile: bool) -> list[dict[str, float]]:
+    """µs per call inside ``deliver``, by message, for each repeat."""
     configure_logging("warning", "json")
     policy = load_policy(str(policy_path))
     settings = ProxySettings.from_policy(policy, listen=[Address("udp", "127.0.0.1", 0)], upstream=PBX)
@@ -133,16 +135,16 @@ async def measure(policy_path: Path, calls: int, repeats: int, profile: bool) ->
     for _ in range(200):  # warm-up
         driver.call(next(numbers))
     profiler = cProfile.Profile() if profile else None
-    per_call: list[float] = []
+    per_call: list[dict[str, float]] = []
     for _ in range(repeats):
-        driver.spent = 0.0
+        driver.spent.clear()
         if profiler:
             profiler.enable()
         for _ in range(calls):
             driver.call(next(numbers))
         if profiler:
             profiler.disable()
-        per_call.append(driver.spent / calls * 1e6)
+        per_call.append({message: spent / calls * 1e6 for message, spent in driver.spent.items()})
     if profiler:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
     await guard.transports.close()
@@ -158,12 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.calls * (args.repeats + 1) > 3 * CALLERS:
         parser.error(f"at most {3 * CALLERS} calls in all: a caller would exceed bench_policy.yaml's burst")
-    per_call = uvloop.run(measure(args.policy, args.calls, args.repeats, args.profile))
+    repeats = uvloop.run(measure(args.policy, args.calls, args.repeats, args.profile))
+    totals = [sum(repeat.values()) for repeat in repeats]
     core = "compiled" if COMPILED else "interpreted"
     print(f"{args.policy.name}: {args.calls} calls x {args.repeats}, proxy/sip {core}")
-    print(
-        f"us per call in SipGuard.deliver: min {min(per_call):.1f}, median {statistics.median(per_call):.1f}"
-    )
+    print(f"us per call in SipGuard.deliver: min {min(totals):.1f}, median {statistics.median(totals):.1f}")
+    fastest = repeats[totals.index(min(totals))]
+    print("  by message (fastest repeat): " + ", ".join(f"{name} {us:.1f}" for name, us in fastest.items()))
     return 0
 
 
