@@ -57,6 +57,10 @@ RATE_WINDOW_TICKS = 10  # calls per second are averaged over this many ticks
 # At 20,000, 45 s at 1,000 calls/s with the mission rules: no full collection after start,
 # the longest pause 148 ms, GC time 4.4 s -> 1.1 s, 0 failed calls instead of 1,541.
 GC_YOUNG_THRESHOLD = 20_000
+# call ends logged at info: sipguard hung up, or a verdict came after it had answered 503
+ENDED_BY_SIPGUARD = frozenset(
+    {EndReason.MAX_DURATION, EndReason.KEEPALIVE_FAILED, EndReason.DECISION_TIMEOUT}
+)
 _FLOOD_COUNTERS = {Banned: "flood_bans", Unbanned: "flood_unbans", BanListFull: "flood_ban_list_full"}
 
 
@@ -344,13 +348,16 @@ class SipGuard:
             elif isinstance(action, CallEnded):
                 self.counters["calls_ended"] += 1
                 self.ended_by_reason[action.reason] += 1
-                log.debug(  # per call: debug, or the log costs more CPU than the call
-                    "call.ended",
-                    call_id=action.call.call_id,
-                    reason=action.reason.value,
-                    status=action.status,
-                    duration=round(action.now - action.call.started_at, 3),
-                )
+                ended = {
+                    "call_id": action.call.call_id,
+                    "reason": action.reason.value,
+                    "status": action.status,
+                    "duration": round(action.now - action.call.started_at, 3),
+                }
+                if action.reason in ENDED_BY_SIPGUARD:  # sipguard's own doing: operators must see it
+                    log.info("call.ended", **ended)
+                else:  # per call: debug, or the log costs more CPU than the call
+                    log.debug("call.ended", **ended)
                 self.hook.call_ended(action)
             elif isinstance(action, Discarded):
                 self.counters["discarded"] += 1

@@ -455,7 +455,7 @@ def test_max_call_duration_byes_both_sides_and_frees_the_slot(policy_lab: Policy
     # sipguard ended both calls itself, each about 2 s after its answer
     for call_id in (first_id, again_id):
         ended = log.events[index_of(log, "call.ended", call_id)]
-        assert ended["reason"] == "max-duration", ended
+        assert (ended["reason"], ended["level"]) == ("max-duration", "info"), ended
         assert 2.0 <= ended["duration"] < 4.0, ended
     # each party got one BYE from sipguard, in its own dialog's terms, and sent none
     assert pbx.requests("sent", "BYE") == []
@@ -598,7 +598,7 @@ def test_keepalive_ends_a_call_whose_callee_vanished_and_frees_the_slot(policy_l
     first_id, again_id = assert_slot_held_then_freed(log, first_result, busy, again)
     for call in (first_id, again_id):
         ended = log.events[index_of(log, "call.ended", call)]
-        assert (ended["reason"], ended["status"]) == ("keepalive-failed", 408), ended
+        assert (ended["reason"], ended["status"], ended["level"]) == ("keepalive-failed", 408, "info"), ended
         assert 3.5 <= ended["duration"] < 5.0, ended
     for caller in (first_result, again):
         assert_probes(caller, pbx, policy_lab.proxy, 3)
