@@ -189,6 +189,12 @@ class Policy(ABC, Generic[ConfigT]):
         Like ``check``, pure: the engine runs what it returns."""
         return ()
 
+    def keeps_counters(self, config: ConfigT) -> bool:
+        """Whether ``check`` may ask for state operations under this configuration, the
+        counters ``fail_mode`` is about (/readyz reads it while Redis is away). True unless
+        a rule says otherwise: a rule that does not say may count."""
+        return True
+
     def history_settings(self, config: ConfigT) -> HistorySettings:
         """For a rule with ``uses_history``: how the history measures calls."""
         return HistorySettings()

@@ -89,9 +89,12 @@ class CallRatePolicy(Policy[CallRateConfig]):
             overrides[names[key]] = value
         return overrides
 
-    def warnings(self, config: CallRateConfig) -> list[str]:
+    def keeps_counters(self, config: CallRateConfig) -> bool:
         limits = (config.per_number, config.per_account, config.per_source, config.per_destination)
-        if all(limit is None for limit in limits):
+        return any(limit is not None for limit in limits)
+
+    def warnings(self, config: CallRateConfig) -> list[str]:
+        if not self.keeps_counters(config):
             names = "per_number, per_account, per_source, per_destination"
             return [f"call_rate has no limit set ({names}): it never fires"]
         return []

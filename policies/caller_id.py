@@ -37,6 +37,9 @@ class CallerIdPolicy(Policy[CallerIdConfig]):
     Config = CallerIdConfig
     description = "caller numbers must be owned by the sending account"
 
+    def keeps_counters(self, config: CallerIdConfig) -> bool:
+        return False
+
     def check(self, call: CallContext, config: CallerIdConfig) -> Verdict:
         if call.account is None:
             return Deny(f"source {call.source_host} belongs to no account")

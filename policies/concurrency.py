@@ -52,7 +52,11 @@ class ConcurrencyPolicy(Policy[ConcurrencyConfig]):
         names["concurrent_per_destination"] = "per_destination"
         return {names[key]: value for key, value in limits.items() if key in names}
 
+    def keeps_counters(self, config: ConcurrencyConfig) -> bool:
+        limits = (config.per_number, config.per_account, config.per_destination)
+        return any(limit is not None for limit in limits)
+
     def warnings(self, config: ConcurrencyConfig) -> list[str]:
-        if config.per_number is None and config.per_account is None and config.per_destination is None:
+        if not self.keeps_counters(config):
             return ["concurrency has no limit set (per_number, per_account, per_destination): it never fires"]
         return []

@@ -67,6 +67,9 @@ class DestinationsPolicy(Policy[DestinationsConfig]):
     Config = DestinationsConfig
     description = "destination prefixes blocked and allowed, longest match"
 
+    def keeps_counters(self, config: DestinationsConfig) -> bool:
+        return False
+
     def check(self, call: CallContext, config: DestinationsConfig) -> Verdict:
         number = call.callee or _dialled_number(call)
         if number is None:

@@ -136,7 +136,10 @@ class DialerPolicy(Policy[DialerConfig]):
     name = "dialer"
     Config = DialerConfig
     description = "auto-dialer signatures: sequential, bulk, short calls, ASR, abandonment, pacing"
-    uses_history = True
+    uses_history = True  # kept in this instance's memory, not in the state store
+
+    def keeps_counters(self, config: DialerConfig) -> bool:
+        return False
 
     def history_settings(self, config: DialerConfig) -> HistorySettings:
         pacing = config.pacing.min_calls if config.pacing else 0

@@ -155,6 +155,9 @@ class CallingHoursPolicy(Policy[CallingHoursConfig]):
     Config = CallingHoursConfig
     description = "telemarketing accounts: calls only inside the callee's local calling hours"
 
+    def keeps_counters(self, config: CallingHoursConfig) -> bool:
+        return False
+
     def check(self, call: CallContext, config: CallingHoursConfig) -> Verdict:
         if call.account is None or not call.account.telemarketing:
             return ALLOW
@@ -250,6 +253,9 @@ class DoNotCallPolicy(Policy[DoNotCallConfig]):
     name = "do_not_call"
     Config = DoNotCallConfig
     description = "telemarketing accounts: never to numbers on the do-not-call lists"
+
+    def keeps_counters(self, config: DoNotCallConfig) -> bool:
+        return False
 
     def check(self, call: CallContext, config: DoNotCallConfig) -> Verdict:
         if call.account is None or not call.account.telemarketing or call.callee is None:

@@ -165,6 +165,12 @@ class UsagePolicy(Policy[UsageConfig]):
                 overrides[setting] = {**dict(base), kind: limits[shorthand]}
         return overrides
 
+    def keeps_counters(self, config: UsageConfig) -> bool:
+        """Quotas are counters; max_call_duration and keepalive alone keep none."""
+        quotas = (*_quotas(config, "day"), *_quotas(config, "month"))
+        limits = [(quota.per_number, quota.per_account) for quota in quotas if quota is not None]
+        return any(limit is not None for pair in limits for limit in pair)
+
     def warnings(self, config: UsageConfig) -> list[str]:
         quotas = (*_quotas(config, "day"), *_quotas(config, "month"))
         unset = config.max_call_duration is None and config.keepalive is None

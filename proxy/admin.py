@@ -34,7 +34,7 @@ from policies.numbering import normalise
 from .app import SipGuard
 from .decisions import wall_iso
 from .engine import PolicyEngine
-from .metrics import exposition, metrics_registry, readiness_problems
+from .metrics import exposition, metrics_registry, readiness
 from .policyfile import CompiledPolicy
 from .reload import Reloader
 from .state.history import Penalty
@@ -169,11 +169,15 @@ class AdminServer:
         return HttpResponse(200, {"status": "ok"})
 
     async def readyz(self, request: HttpRequest) -> HttpResponse:
-        """``GET /readyz``: 200 when this instance should get calls, else 503 with the reasons."""
-        problems = await readiness_problems(self.guard, self.engine)
-        if problems:
-            return HttpResponse(503, {"status": "not ready", "reasons": problems})
-        return HttpResponse(200, {"status": "ready"})
+        """``GET /readyz``: 200 when this instance should get calls, else 503 with the
+        reasons; either says what is degraded, if anything (Redis away, rules failing open)."""
+        answer = await readiness(self.guard, self.engine)
+        body: dict[str, Any] = {"status": "ready"}
+        if answer.problems:
+            body = {"status": "not ready", "reasons": list(answer.problems)}
+        if answer.degraded:
+            body["degraded"] = list(answer.degraded)
+        return HttpResponse(503 if answer.problems else 200, body)
 
     # -- status, explain, reload, the penalty box: what an operator asks of the engine ---------
     async def status(self, request: HttpRequest) -> HttpResponse:

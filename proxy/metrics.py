@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -25,6 +26,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from .app import SipGuard
 from .engine import PolicyEngine
+from .policyfile import CompiledPolicy
 from .reload import Reloader
 from .sip.events import EndReason
 from .state.redis_store import RedisStore, StoreUnavailableError
@@ -243,22 +245,63 @@ def store_usable(engine: PolicyEngine | None) -> bool:
     return not isinstance(store, RedisStore) or store.available
 
 
-async def readiness_problems(guard: SipGuard, engine: PolicyEngine | None) -> list[str]:
-    """Why this instance should not get new calls; empty when it should. A remote store
-    is asked (one PING through its circuit breaker), so an idle instance notices Redis
-    going away and coming back."""
-    problems = []
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Readiness:
+    """What /readyz answers: ``problems``, why this instance should not get new calls (none:
+    it should); ``degraded``, what works less well while it still serves calls."""
+
+    problems: tuple[str, ...] = ()
+    degraded: tuple[str, ...] = ()
+
+
+async def readiness(guard: SipGuard, engine: PolicyEngine | None) -> Readiness:
+    """Whether this instance should get new calls. A remote store is asked (one PING
+    through its circuit breaker), so an idle instance notices Redis going away and coming
+    back. Redis away makes it not ready only if a rule that keeps counters there fails
+    closed (refuses calls 503 meanwhile); otherwise calls go on, counted on this instance
+    alone, and it is ready but degraded: every instance shares one Redis, and a load
+    balancer steering by /readyz would otherwise take the whole fleet out at once."""
+    problems, degraded = [], []
     if not guard.listening:
         problems.append("not listening yet")
     if guard.draining:
         problems.append("draining: shutting down, new calls get 503")
-    store = engine.store if engine else None
-    if isinstance(store, RedisStore):
+    if engine is not None and isinstance(engine.store, RedisStore):
         try:
-            await store.ping()
+            await engine.store.ping()
         except StoreUnavailableError as error:
-            problems.append(f"state store (Redis) unavailable: {error}")
-    return problems
+            away = f"state store (Redis) unavailable: {error}"
+            rules = counting_rules(engine.policy)
+            closed = [_closed_where(rule, scopes) for rule, scopes in rules.items() if scopes]
+            if closed:
+                problems.append(
+                    f"{away}; rules that fail closed refuse new calls with 503: {', '.join(closed)}"
+                )
+            elif rules:
+                degraded.append(f"{away}; limits are counted on this instance alone (fail_mode: open)")
+            else:
+                degraded.append(f"{away}; no rule keeps counters in it, so calls are not affected")
+    return Readiness(problems=tuple(problems), degraded=tuple(degraded))
+
+
+def counting_rules(policy: CompiledPolicy) -> dict[str, list[str | None]]:
+    """The enabled rules that keep counters in the state store, in file order, each with
+    where it fails closed (the engine's test: ``fail_mode == "closed"``): None for callers
+    of no account, else the accounts whose ``rules:`` override say so."""
+    rules: dict[str, list[str | None]] = {}
+    for account, rule_set in ((None, policy.rules), *policy.account_rules.items()):
+        for rule, config in rule_set:
+            if rule.keeps_counters(config):
+                closed = rules.setdefault(rule.name, [])
+                if config.fail_mode == "closed":
+                    closed.append(account)
+    return rules
+
+
+def _closed_where(rule: str, scopes: list[str | None]) -> str:
+    if None in scopes:
+        return rule
+    return f"{rule} (accounts: {', '.join(scope for scope in scopes if scope is not None)})"
 
 
 # -- exposition -------------------------------------------------------------------------------------

@@ -11,8 +11,10 @@
   labels.
 - End to end: a real sipguard process between SIPp customers and a SIPp PBX, scraped over
   HTTP: the counters match what SIPp saw. /healthz and /readyz need no token, /metrics
-  does; /readyz says 503 while sipguard drains and while its Redis is down, and 200 again
-  once Redis is back.
+  does; /readyz says 503 while sipguard drains. While its Redis is down it follows
+  fail_mode: 200 and degraded when every rule that keeps counters fails open (calls go
+  on, counted locally), 503 when one fails closed (calls get 503); plain 200 once Redis
+  is back.
 """
 
 from __future__ import annotations
@@ -47,14 +49,20 @@ from sipsim import (
     response,
 )
 from test_dialer import DIALER, Phone, callee, only
-from test_engine import OWNED, engine_for, policy
+from test_engine import OWNED, attempt, engine_for, policy
 
+from policies.base import ALLOW, CallContext, Policy, Reply, RuleConfig, Verdict
+from policies.call_rate import CallRateConfig, CallRatePolicy, RateLimit
+from policies.concurrency import ConcurrencyConfig, ConcurrencyPolicy
+from policies.registry import BUILTIN
+from policies.usage import QuotaLimits, UsageConfig, UsagePolicy
+from proxy.admin import AdminServer, HttpRequest
 from proxy.app import ProxySettings, RateWindow, SipGuard
 from proxy.engine import PolicyEngine
-from proxy.metrics import SipguardCollector, readiness_problems
+from proxy.metrics import Readiness, SipguardCollector, readiness
 from proxy.reload import Reloader
 from proxy.sip.core import KNOWN_METHODS
-from proxy.sip.events import Accept, Action, CallEnded, Send
+from proxy.sip.events import Accept, Action, CallEnded, Reject, Send
 from proxy.state.redis_store import LatencyHistogram, RedisStore, StoreUnavailableError
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
@@ -285,13 +293,13 @@ def test_state_store_families_against_a_real_redis(redis_server: RedisServer) ->
     proxy = Proxy(engine)
     guard = proxy.guard
 
-    async def judge_and_probe() -> list[str]:
+    async def judge_and_probe() -> Readiness:
         decide = proxy.sim.offer(proxy.invite(0))
         assert engine.decide_now(decide.attempt) is None  # a round trip
         assert isinstance(await engine.decide(decide.attempt), Accept)
-        return await readiness_problems(guard, engine)
+        return await readiness(guard, engine)
 
-    assert asyncio.run(judge_and_probe()) == []  # listening (a core), not draining, Redis answers
+    assert asyncio.run(judge_and_probe()) == Readiness()  # listening (a core), not draining, Redis answers
     samples = scrape(proxy.collector)
     assert value(samples, "sipguard_state_store_latency_seconds_count") == 2  # the call and the PING
     assert value(samples, "sipguard_state_store_latency_seconds_bucket", le="+Inf") == 2
@@ -300,17 +308,47 @@ def test_state_store_families_against_a_real_redis(redis_server: RedisServer) ->
     assert value(samples, "sipguard_state_store_up") == 1
 
 
-def test_a_store_that_does_not_answer_is_down_and_not_ready() -> None:
+# /readyz while Redis is away follows fail_mode: what the engine does with the calls
+AWAY = "state store (Redis) unavailable: "
+COUNTED_LOCALLY = "; limits are counted on this instance alone (fail_mode: open)"
+FAIL_CLOSED = "; rules that fail closed refuse new calls with 503: "
+NOTHING_COUNTED = "; no rule keeps counters in it, so calls are not affected"
+BREAKER_OPEN = AWAY + "circuit breaker open"
+OPEN_CAP = {"concurrency": {"per_number": 1, "per_account": None}}
+CLOSED_CAP = {"concurrency": {"per_number": 1, "per_account": None, "fail_mode": "closed"}}
+READYZ = HttpRequest(method="GET", path="/readyz", query="", headers={}, body=b"")
+
+
+def readyz(engine: PolicyEngine, probes: int = 1, *, draining: bool = False) -> tuple[int, Any]:
+    """The admin listener's /readyz handler (no socket) asked ``probes`` times, of a proxy
+    that listens: its last status and body."""
+    proxy = Proxy(engine)
+    if draining:
+        proxy.guard.request_stop()
+    admin = AdminServer(proxy.guard, LOOPBACK, 0, engine=engine)
+
+    async def ask() -> tuple[int, Any]:
+        for _ in range(probes):
+            answer = await admin.readyz(READYZ)
+        return answer.status, answer.body
+
+    return asyncio.run(ask())
+
+
+def test_a_store_that_does_not_answer_is_down_and_ready_but_degraded() -> None:
+    """A rule keeps counters, failing open (the default): calls go on, counted locally."""
     store = RedisStore(f"redis://127.0.0.1:{closed_port()}/0", timeout=0.5, clock=None)
     engine = redis_engine(store)
     proxy = Proxy(engine)
 
-    async def probe(times: int) -> list[list[str]]:
-        return [await readiness_problems(proxy.guard, engine) for _ in range(times)]
+    async def probe(times: int) -> list[Readiness]:
+        return [await readiness(proxy.guard, engine) for _ in range(times)]
 
     first, *_, last = asyncio.run(probe(4))  # three failures open the breaker
-    assert len(first) == 1 and first[0].startswith("state store (Redis) unavailable: ")
-    assert last == ["state store (Redis) unavailable: circuit breaker open"]
+    (degraded,) = first.degraded
+    assert first.problems == () and degraded.startswith(AWAY) and degraded.endswith(COUNTED_LOCALLY)
+    assert "circuit breaker" not in degraded  # the first one made a round trip
+    assert last == Readiness(degraded=(BREAKER_OPEN + COUNTED_LOCALLY,))
     samples = scrape(proxy.collector)
     assert value(samples, "sipguard_state_store_errors_total") == 3  # the fourth made no round trip
     assert value(samples, "sipguard_state_store_up") == 0
@@ -319,13 +357,105 @@ def test_a_store_that_does_not_answer_is_down_and_not_ready() -> None:
         asyncio.run(store.ping())
 
 
+@pytest.mark.parametrize(
+    ("rules", "overrides", "status", "body", "refused"),
+    [
+        pytest.param(
+            {"caller_id": {}, "call_rate": {}, **OPEN_CAP}, {}, 200,
+            {"status": "ready", "degraded": [BREAKER_OPEN + COUNTED_LOCALLY]}, False,
+            id="every-counting-rule-fails-open",
+        ),
+        pytest.param(
+            {"caller_id": {}, "call_rate": {}, **CLOSED_CAP}, {}, 503,
+            {"status": "not ready", "reasons": [BREAKER_OPEN + FAIL_CLOSED + "concurrency"]}, True,
+            id="a-counting-rule-fails-closed",
+        ),
+        pytest.param(
+            {"call_rate": {}, **OPEN_CAP}, {"concurrency": {"fail_mode": "closed"}}, 503,
+            {"status": "not ready", "reasons": [BREAKER_OPEN + FAIL_CLOSED + "concurrency (accounts: acme)"]},
+            True, id="an-account-makes-a-counting-rule-fail-closed",
+        ),
+        pytest.param(  # caller_id never counts; usage with no quota (a duration cap) neither
+            {"caller_id": {"fail_mode": "closed"}, "call_rate": {},
+             "usage": {"max_call_duration": 3600, "fail_mode": "closed"}},
+            {}, 200, {"status": "ready", "degraded": [BREAKER_OPEN + COUNTED_LOCALLY]}, False,
+            id="closed-only-where-nothing-is-counted",
+        ),
+        pytest.param(
+            {"caller_id": {"fail_mode": "closed"}, "destinations": {"block": ["+1900"]}}, {}, 200,
+            {"status": "ready", "degraded": [BREAKER_OPEN + NOTHING_COUNTED]}, False,
+            id="no-rule-keeps-counters",
+        ),
+    ],
+)  # fmt: skip
+def test_readyz_with_redis_away_follows_what_the_engine_does_with_calls(
+    rules: dict[str, Any], overrides: dict[str, Any], status: int, body: dict[str, Any], refused: bool
+) -> None:
+    """Not ready exactly when the engine refuses calls for want of Redis (a rule that keeps
+    counters fails closed, for callers of no account or by an account's override);
+    otherwise ready, saying what is degraded. A call from acme shows what the engine does."""
+    accounts = {"acme": {**ACCOUNTS["acme"], "rules": overrides}}
+    store = RedisStore(f"redis://127.0.0.1:{closed_port()}/0", timeout=0.5, clock=None)
+    engine = PolicyEngine(policy(rules, accounts), store)
+    assert readyz(engine, probes=4) == (status, body)  # three failures open the breaker
+    call = attempt("away")
+    assert engine.decide_now(call) is None
+    verdict = asyncio.run(engine.decide(call))
+    assert isinstance(verdict, Reject if refused else Accept), verdict
+    assert engine.counters.verdicts == ({"error": 1} if refused else {"accepted": 1})
+
+
+def test_which_rules_keep_counters_that_fail_mode_is_about() -> None:
+    """The rules docs/deployment.md says keep counters, when configured to; a rule that
+    does not say (a plugin) is taken to keep some."""
+    defaults = {name: rule().keeps_counters(rule.Config.model_validate({})) for name, rule in BUILTIN.items()}
+    assert {name for name, counts in defaults.items() if counts} == {"concurrency", "call_rate"}
+    usage, concurrency, call_rate = UsagePolicy(), ConcurrencyPolicy(), CallRatePolicy()
+    assert usage.keeps_counters(UsageConfig(minutes_per_month=QuotaLimits(per_account=600)))
+    assert not usage.keeps_counters(UsageConfig(calls_per_day=QuotaLimits(), max_call_duration=60))
+    assert not concurrency.keeps_counters(ConcurrencyConfig(per_number=None, per_account=None))
+    assert concurrency.keeps_counters(ConcurrencyConfig(per_number=None, per_account=None, per_destination=1))
+    assert not call_rate.keeps_counters(CallRateConfig(per_number=None, per_account=None))
+    per_source = RateLimit(per_minute=60)
+    assert call_rate.keeps_counters(CallRateConfig(per_number=None, per_account=None, per_source=per_source))
+
+    class Plugin(Policy[RuleConfig]):
+        name = "plugin"
+        Config = RuleConfig
+
+        def check(self, call: CallContext, config: RuleConfig) -> Verdict:
+            return ALLOW
+
+    assert Plugin().keeps_counters(RuleConfig(reply=Reply(code=403, reason="Forbidden")))
+
+
+def test_a_draining_proxy_with_redis_away_says_both() -> None:
+    store = RedisStore(f"redis://127.0.0.1:{closed_port()}/0", timeout=0.5, clock=None)
+    assert readyz(redis_engine(store), probes=4, draining=True) == (
+        503,
+        {
+            "status": "not ready",
+            "reasons": ["draining: shutting down, new calls get 503"],
+            "degraded": [BREAKER_OPEN + COUNTED_LOCALLY],
+        },
+    )
+
+
+@pytest.mark.parametrize("rules", [OPEN_CAP, CLOSED_CAP], ids=["open", "closed"])
+def test_with_redis_up_readyz_is_plainly_ready(redis_server: RedisServer, rules: dict[str, Any]) -> None:
+    store = RedisStore(redis_server.url, timeout=0.5, clock=None)
+    assert readyz(PolicyEngine(policy(rules, ACCOUNTS), store)) == (200, {"status": "ready"})
+    assert sum(store.latency.counts) == 1  # Redis answered the PING
+
+
 def test_a_proxy_not_started_or_draining_is_not_ready() -> None:
     guard = SipGuard(ProxySettings(listen=[LOCAL_UDP], upstream=UPSTREAM))
-    assert asyncio.run(readiness_problems(guard, None)) == ["not listening yet"]
+    assert asyncio.run(readiness(guard, None)) == Readiness(problems=("not listening yet",))
     guard.core = Sim.make().core
-    assert asyncio.run(readiness_problems(guard, None)) == []
+    assert asyncio.run(readiness(guard, None)) == Readiness()
     guard.request_stop()
-    assert asyncio.run(readiness_problems(guard, None)) == ["draining: shutting down, new calls get 503"]
+    draining = ("draining: shutting down, new calls get 503",)
+    assert asyncio.run(readiness(guard, None)) == Readiness(problems=draining)
 
 
 # -- docs/metrics.md ------------------------------------------------------------------------------
@@ -559,19 +689,22 @@ def test_readyz_says_503_while_draining(tmp_path: Path) -> None:
 
 
 @pytest.mark.sipp
-def test_readyz_follows_redis_down_and_back(policy_lab: PolicyLab) -> None:
-    """With Redis stopped, /readyz answers 503 naming the state store and /metrics shows
-    the store down; restarted on the same port, it is ready again within the breaker's
+@pytest.mark.parametrize("fail_mode", ["open", "closed"])
+def test_readyz_follows_redis_down_and_back(policy_lab: PolicyLab, fail_mode: str) -> None:
+    """With Redis stopped, /readyz follows concurrency's fail_mode, as the calls do: open,
+    200 saying the state store is away and limits are counted locally (a call connects);
+    closed, 503 naming the rule (a call gets 503). /metrics shows the store down either
+    way. Restarted on the same port, /readyz is plainly ready again within the breaker's
     reset (5 s) with no call needed to find out."""
     redis = start_redis(policy_lab.lab.workdir)
     try:
         guard = policy_lab.start(
             f'state: {{url: "{redis.url}", timeout: 0.25}}\n'
             + ADMIN_AND_ACME
-            + "rules:\n  concurrency: {per_number: 2, per_account: null}\n"
+            + f"rules:\n  concurrency: {{per_number: 2, per_account: null, fail_mode: {fail_mode}}}\n"
         )
         port = admin_port(guard)
-        assert http_get(port, "/readyz")[0] == 200
+        assert json_get(port, "/readyz") == (200, {"status": "ready"})
         assert_calls(policy_lab.run("uac_caller.xml", ACME_NUMBER), [200])
         up = metrics_over_http(port)
         assert value(up, "sipguard_state_store_up") == 1
@@ -581,16 +714,35 @@ def test_readyz_follows_redis_down_and_back(policy_lab: PolicyLab) -> None:
 
         redis.stop()
         status, answer = json_get(port, "/readyz")
-        assert status == 503 and answer["reasons"][0].startswith("state store (Redis) unavailable: "), answer
+        if fail_mode == "open":
+            assert status == 200 and set(answer) == {"status", "degraded"}, answer
+            assert answer["status"] == "ready"
+            (reason,) = answer["degraded"]
+            assert reason.endswith("; limits are counted on this instance alone (fail_mode: open)"), answer
+        else:
+            assert status == 503 and answer["status"] == "not ready" and "degraded" not in answer, answer
+            (reason,) = answer["reasons"]
+            assert reason.endswith("; rules that fail closed refuse new calls with 503: concurrency"), answer
+        assert reason.startswith("state store (Redis) unavailable: "), answer
         for _ in range(2):
             http_get(port, "/readyz")  # three failures in a row open the breaker
         down = metrics_over_http(port)
         assert value(down, "sipguard_state_store_up") == 0
         assert value(down, "sipguard_state_store_errors_total") >= 3
+        if fail_mode == "open":  # as /readyz said: calls go on, counted on this instance
+            assert_calls(policy_lab.run("uac_caller.xml", ACME_NUMBER), [200])
+        else:
+            assert_calls(policy_lab.run("uac_refused.xml", ACME_NUMBER), [503])
 
         redis = start_redis(policy_lab.lab.workdir, redis.port)
-        wait_until(lambda: http_get(port, "/readyz")[0] == 200, 15, "ready once Redis is back", interval=0.25)
+        wait_until(
+            lambda: json_get(port, "/readyz") == (200, {"status": "ready"}),
+            15,
+            "plainly ready once Redis is back",
+            interval=0.25,
+        )
         assert value(metrics_over_http(port), "sipguard_state_store_up") == 1
+        assert_calls(policy_lab.run("uac_caller.xml", ACME_NUMBER), [200])
         log, _ = policy_lab.finish()
         assert log.returncode == 0 and log.counter("internal_errors") == 0, log.summary()
     finally:
