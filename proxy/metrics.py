@@ -286,8 +286,8 @@ async def readiness(guard: SipGuard, engine: PolicyEngine | None) -> Readiness:
 
 def counting_rules(policy: CompiledPolicy) -> dict[str, list[str | None]]:
     """The enabled rules that keep counters in the state store, in file order, each with
-    where it fails closed (the engine's test: ``fail_mode == "closed"``): None for callers
-    of no account, else the accounts whose ``rules:`` override say so."""
+    where it fails closed (the engine's test: ``fail_mode == "closed"``): None for the
+    policy's own ``rules:`` section, else the accounts whose ``rules:`` override says so."""
     rules: dict[str, list[str | None]] = {}
     for account, rule_set in ((None, policy.rules), *policy.account_rules.items()):
         for rule, config in rule_set:
