@@ -71,6 +71,13 @@ class RuleConfig(BaseModel):
         """Whether this rule's state operations may block a call (stamped on each operation)."""
         return self.mode is Mode.ENFORCE
 
+    @property
+    def fails_closed(self) -> bool:
+        """Whether this rule refuses calls (503) while the shared state store is away:
+        ``fail_mode: closed`` and enforced. In monitor or tag mode a rule never refuses a
+        call, so it counts on this instance alone, as ``open`` does."""
+        return self.fail_mode == "closed" and self.enforced
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Account:

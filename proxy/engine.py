@@ -167,7 +167,7 @@ class PolicyEngine:
         """The shared store is away: rules that fail closed refuse the call; the others
         count on this instance alone (a local store), so limits still hold per instance."""
         self.counters.store_unavailable += 1
-        closed = sorted({op.rule for op in plan.operations if plan.configs[op.rule].fail_mode == "closed"})
+        closed = sorted({op.rule for op in plan.operations if plan.configs[op.rule].fails_closed})
         if closed and not plan.blocked:  # (a call another rule refused keeps that rule's answer)
             self.counters.verdicts["error"] += 1
             detail = f"the shared state store is unreachable ({error}); {', '.join(closed)} fail closed"

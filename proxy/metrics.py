@@ -286,14 +286,14 @@ async def readiness(guard: SipGuard, engine: PolicyEngine | None) -> Readiness:
 
 def counting_rules(policy: CompiledPolicy) -> dict[str, list[str | None]]:
     """The enabled rules that keep counters in the state store, in file order, each with
-    where it fails closed (the engine's test: ``fail_mode == "closed"``): None for the
+    where it fails closed (``RuleConfig.fails_closed``, as the engine asks): None for the
     policy's own ``rules:`` section, else the accounts whose ``rules:`` override says so."""
     rules: dict[str, list[str | None]] = {}
     for account, rule_set in ((None, policy.rules), *policy.account_rules.items()):
         for rule, config in rule_set:
             if rule.keeps_counters(config):
                 closed = rules.setdefault(rule.name, [])
-                if config.fail_mode == "closed":
+                if config.fails_closed:
                     closed.append(account)
     return rules
 

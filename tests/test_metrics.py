@@ -381,6 +381,11 @@ def test_a_store_that_does_not_answer_is_down_and_ready_but_degraded() -> None:
             {}, 200, {"status": "ready", "degraded": [BREAKER_OPEN + COUNTED_LOCALLY]}, False,
             id="closed-only-where-nothing-is-counted",
         ),
+        pytest.param(  # monitor never refuses a call: it counts locally, as open does
+            {"concurrency": {**CLOSED_CAP["concurrency"], "mode": "monitor"}}, {}, 200,
+            {"status": "ready", "degraded": [BREAKER_OPEN + COUNTED_LOCALLY]}, False,
+            id="a-monitored-rule-failing-closed",
+        ),
         pytest.param(
             {"caller_id": {"fail_mode": "closed"}, "destinations": {"block": ["+1900"]}}, {}, 200,
             {"status": "ready", "degraded": [BREAKER_OPEN + NOTHING_COUNTED]}, False,
