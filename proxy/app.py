@@ -73,6 +73,7 @@ class ProxySettings:
     max_calls: int = 100_000
     max_call_lifetime: float = 4 * 3600.0
     early_timeout: float = 180.0
+    tcp_idle_timeout: float = 600.0
     decision_timeout: float = 5.0
     shutdown_grace: float = 10.0
     server_header: str | None = "sipguard"
@@ -94,6 +95,7 @@ class ProxySettings:
             max_calls=section.max_calls,
             max_call_lifetime=section.max_call_lifetime,
             early_timeout=section.ringing_timeout,
+            tcp_idle_timeout=section.tcp_idle_timeout,
             server_header=section.server_header,
             flood=flood_settings(policy.flood, trusted, upstream),
         )
@@ -150,7 +152,7 @@ class SipGuard:
         self.settings = settings
         self.hook: DecisionHook = hook or AcceptAll()
         self.on_reload = on_reload  # called on SIGHUP
-        self.transports = Transports(self.deliver)
+        self.transports = Transports(self.deliver, self.unreachable)
         self.core: ProxyCore | None = None
         self.counters: Counter[str] = Counter()
         self.ended_by_reason: Counter[EndReason] = Counter()
@@ -221,6 +223,17 @@ class SipGuard:
             return
         self._execute(actions)
 
+    def unreachable(self, next_hop: Address) -> None:
+        """The transports could not reach ``next_hop``: what waits on it fails now (503)."""
+        assert self.core is not None and self._loop is not None
+        try:
+            actions = self.core.unreachable(next_hop, self._loop.time())
+        except Exception:  # a bug must cost these transactions, never the proxy
+            self.counters["internal_errors"] += 1
+            log.exception("proxy.internal_error", next_hop=str(next_hop))
+            return
+        self._execute(actions)
+
     def _on_timer(self) -> None:
         assert self.core is not None and self._loop is not None
         self._timer = self._timer_when = None
@@ -279,6 +292,10 @@ class SipGuard:
     def _on_tick(self) -> None:
         assert self._loop is not None
         self.sweep_flood()
+        idle = self.transports.tcp.close_idle(self.settings.tcp_idle_timeout)
+        if idle:
+            self.counters["tcp_idle_closed"] += idle
+            log.info("tcp.idle_closed", connections=idle, idle_timeout=self.settings.tcp_idle_timeout)
         self.attempt_rate.sample(self._loop.time(), self.counters["call_attempts"])
         self._tick = self._loop.call_later(TICK, self._on_tick)
 

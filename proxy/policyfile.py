@@ -65,6 +65,7 @@ class ProxySection(_Strict):
     max_calls: int = Field(default=100_000, ge=1)
     max_call_lifetime: float = Field(default=4 * 3600.0, gt=0, description="seconds")
     ringing_timeout: float = Field(default=180.0, gt=0, description="seconds")
+    tcp_idle_timeout: float = Field(default=600.0, gt=0, description="seconds")
     server_header: str | None = "sipguard"
 
     @field_validator("listen")

@@ -4,13 +4,16 @@ Each transport hands every datagram or framed stream message to ``deliver(data,
 source, local)`` and sends what it is told to. TCP connections are kept by the peer's
 address, so a response goes back on the connection its request came in on (RFC 3261
 §18.2.2), and a connection to a next hop is opened on first use and reused. DNS names
-are resolved by the event loop, never inside the core.
+are resolved by the event loop, never inside the core. A next hop that cannot be reached
+(a failed connect, a name that does not resolve) is reported through ``unreachable``, so
+that what was sent there fails at once rather than by timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Callable
 from typing import cast
 
@@ -22,6 +25,7 @@ from .sip.hosts import is_ip
 
 log = structlog.get_logger("sipguard.transport")
 Deliver = Callable[[bytes, Address, Address], None]
+Unreachable = Callable[[Address], None]  # a next hop that could not be reached, as the core named it
 
 MAX_DATAGRAM = 65535
 # A pause of the event loop (a GC pass, a slow policy) must not become kernel drops: at
@@ -80,6 +84,9 @@ class TcpConnection(asyncio.Protocol):
         self.peer = peer
         self._framer = StreamFramer()
         self.transport: asyncio.Transport | None = None
+        # when a whole message (or a keep-alive) last went either way: bytes alone do not
+        # count, or a peer trickling one byte at a time would hold the connection for ever
+        self.last_active = pool.clock()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -97,6 +104,8 @@ class TcpConnection(asyncio.Protocol):
             log.info("tcp.framing_lost", peer=str(self.peer), status=error.status, reason=error.reason)
             self.transport.close()
             return
+        if frames:
+            self.last_active = self._pool.clock()
         for frame in frames:
             if isinstance(frame, KeepAlivePing):
                 self.transport.write(b"\r\n")  # RFC 5626 §4.4.1 pong
@@ -109,15 +118,22 @@ class TcpConnection(asyncio.Protocol):
     def send(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
+            self.last_active = self._pool.clock()
 
 
 class TcpPool:
     """Open TCP connections by peer address, plus outgoing connects in progress."""
 
-    def __init__(self, deliver: Deliver) -> None:
+    def __init__(
+        self, deliver: Deliver, unreachable: Unreachable, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.deliver = deliver
+        self.unreachable = unreachable
+        self.clock = clock  # seconds, for idle connections
         self._connections: dict[tuple[str, int], TcpConnection] = {}
-        self._connecting: dict[tuple[str, int], list[bytes]] = {}
+        # by peer: what waits for the connect, and the next hops it was sent to as the core
+        # named them (a DNS name, or the address itself)
+        self._connecting: dict[tuple[str, int], tuple[list[bytes], set[Address]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def register(self, connection: TcpConnection) -> None:
@@ -133,7 +149,9 @@ class TcpPool:
         if self._connections.get(key) is connection:
             del self._connections[key]
 
-    def send(self, data: bytes, destination: Address, local: Address | None) -> None:
+    def send(
+        self, data: bytes, destination: Address, local: Address | None, named: Address | None = None
+    ) -> None:
         key = (destination.host, destination.port)
         connection = self._connections.get(key)
         if connection is not None:
@@ -141,9 +159,10 @@ class TcpPool:
             return
         queued = self._connecting.get(key)
         if queued is not None:
-            queued.append(data)
+            queued[0].append(data)
+            queued[1].add(named or destination)
             return
-        self._connecting[key] = [data]
+        self._connecting[key] = ([data], {named or destination})
         task = asyncio.get_running_loop().create_task(self._connect(destination, local))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -162,13 +181,26 @@ class TcpPool:
                 TCP_CONNECT_TIMEOUT,
             )
         except (OSError, TimeoutError) as error:
-            dropped = self._connecting.pop(key, [])
+            dropped, next_hops = self._connecting.pop(key, ([], set()))
             log.warning(
                 "tcp.connect_failed", destination=str(destination), error=str(error), dropped=len(dropped)
             )
+            for next_hop in next_hops:
+                self.unreachable(next_hop)
             return
-        for data in self._connecting.pop(key, []):
+        for data in self._connecting.pop(key, ([], set()))[0]:
             connection.send(data)
+
+    def close_idle(self, idle_timeout: float) -> int:
+        """Close the connections no whole message went through for ``idle_timeout`` seconds,
+        as Kamailio's tcp_connection_lifetime does: left open, idle and half-sent connections
+        would fill MAX_TCP_CONNECTIONS and lock new peers out. Returns how many."""
+        idle_since = self.clock() - idle_timeout
+        idle = [c for c in self._connections.values() if c.last_active < idle_since and c.transport]
+        for connection in idle:
+            assert connection.transport is not None
+            connection.transport.close()
+        return len(idle)
 
     def close(self) -> None:
         for connection in list(self._connections.values()):
@@ -179,10 +211,11 @@ class TcpPool:
 class Transports:
     """Every listener sipguard has, and the one send() the core's Send actions go through."""
 
-    def __init__(self, deliver: Deliver) -> None:
+    def __init__(self, deliver: Deliver, unreachable: Unreachable) -> None:
         self._deliver = deliver
+        self.unreachable = unreachable
         self.udp: dict[Address, UdpEndpoint] = {}
-        self.tcp = TcpPool(deliver)
+        self.tcp = TcpPool(deliver, unreachable)
         self._servers: list[asyncio.Server] = []
         self._resolved: dict[str, str] = {}
 
@@ -214,7 +247,11 @@ class Transports:
         bound_tcp[0] = Address("tcp", address.host, server.sockets[0].getsockname()[1])
         return bound_tcp[0]
 
-    def send(self, data: bytes, destination: Address, local: Address | None) -> None:
+    def send(
+        self, data: bytes, destination: Address, local: Address | None, named: Address | None = None
+    ) -> None:
+        """``named``: the next hop as the core named it, when ``destination`` is what its
+        DNS name resolved to."""
         if not is_ip(destination.host):
             self._send_after_resolving(data, destination, local)
             return
@@ -227,7 +264,7 @@ class Transports:
                 return
             endpoint.send(data, destination.host, destination.port)
         else:
-            self.tcp.send(data, destination, local)
+            self.tcp.send(data, destination, local, named)
 
     def _udp_for(self, destination: Address) -> UdpEndpoint | None:
         wants_ipv6 = ":" in destination.host
@@ -239,7 +276,7 @@ class Transports:
     def _send_after_resolving(self, data: bytes, destination: Address, local: Address | None) -> None:
         cached = self._resolved.get(destination.host)
         if cached is not None:
-            self.send(data, Address(destination.transport, cached, destination.port), local)
+            self.send(data, Address(destination.transport, cached, destination.port), local, destination)
             return
 
         async def resolve() -> None:
@@ -248,6 +285,7 @@ class Transports:
                 infos = await loop.getaddrinfo(destination.host, destination.port, type=socket.SOCK_DGRAM)
             except OSError as error:
                 log.warning("dns.failed", host=destination.host, error=str(error))
+                self.unreachable(destination)
                 return
             if len(self._resolved) > 10_000:
                 self._resolved.clear()

@@ -310,6 +310,50 @@ def test_a_verdict_that_never_comes_is_forgotten_with_its_transaction() -> None:
     assert sim.decide(decide.attempt.attempt_id, Accept()) == []
 
 
+# -- a next hop that cannot be reached -----------------------------------------------------------
+def test_requests_to_an_unreachable_next_hop_get_503_at_once() -> None:
+    """RFC 3261 §16.9: a transport error counts as a 503 from the next hop. The caller hears
+    it now, not after Timer B, and the call's slots come back with the call."""
+    sim = Sim.make()
+    sim.forward()
+    sim.now = 0.2
+    actions = sim.core.unreachable(UPSTREAM, sim.now)
+    assert kinds(actions) == ["CallEnded", "Send", "Discarded"]
+    [end] = ended(actions)
+    assert (end.reason, end.status, end.now) == (EndReason.REJECTED, 503, 0.2)
+    [reply] = of_type(actions, Send)
+    message = parse_response(reply.data)
+    assert reply.destination == CUSTOMER and message.call_id == CALL_ID
+    assert (message.status_code, message.reason) == (503, "Next Hop Unreachable")
+    assert message.values("retry-after") == ["5"]
+    assert sim.core.calls.live == 0 and sim.core.pending == 0
+    assert statuses(sim.customer(invite())) == [503]  # a retransmission gets the same answer
+    assert [kind for kind in kinds(sim.run_until(200.0)) if kind != "Discarded"] == []  # no 408 later
+
+
+def test_an_unreachable_next_hop_leaves_answered_requests_and_other_hops_alone() -> None:
+    sim = Sim.make()
+    ringing = sim.forward()
+    sim.pbx(response(ringing.data, 180))
+    elsewhere = Address("tcp", "192.0.2.99", 5060)
+    assert sim.core.unreachable(UPSTREAM, sim.now) == []  # a provisional came: it got through
+    waiting = sim.forward(second_call())
+    assert sim.core.unreachable(elsewhere, sim.now) == []
+    assert statuses(sim.core.unreachable(waiting.destination, sim.now)) == [503]
+    assert sim.core.calls.live == 1  # the ringing call goes on
+    assert sim.core.unreachable(UPSTREAM, sim.now) == []  # once
+
+
+def test_an_in_dialog_request_to_an_unreachable_caller_gets_503() -> None:
+    sim = Sim.make()
+    forwarded = sim.forward()
+    sim.answer(forwarded.data)
+    [bye] = of_type(sim.pbx(in_dialog_from_pbx("BYE")), Send)
+    actions = sim.core.unreachable(bye.destination, sim.now)
+    assert statuses(actions) == [503]
+    assert of_type(actions, Send)[0].destination == UPSTREAM
+
+
 # -- bounds -------------------------------------------------------------------------------------------
 def second_call(n: int = 2) -> bytes:
     return invite(call_id=f"call-{n}@192.0.2.10", vias=(f"SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bKc{n}",))

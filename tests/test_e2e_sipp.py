@@ -29,6 +29,7 @@ from sipp import (
     SippResult,
     TracedMessage,
     free_ports,
+    guard_command,
     installed_sipguard,
 )
 
@@ -294,6 +295,53 @@ def test_reinvite_mid_call(lab: Lab) -> None:
 
 
 # -- packet loss --------------------------------------------------------------------------------------
+# -- next hops that fail, connections that idle ----------------------------------------------------
+def test_a_pbx_that_refuses_tcp_gets_callers_503_at_once(lab: Lab) -> None:
+    """The PBX's TCP port is closed: each INVITE's connect is refused, and the caller gets
+    503 Next Hop Unreachable now (RFC 3261 §16.9), not 408 after Timer B's 32 s, which is
+    longer than SIPp's timeout here."""
+    calls = 3
+    proxy, pbx, caller = free_ports(3)  # nothing listens on pbx
+    guard = lab.guard([udp(proxy), f"tcp:{at(proxy)}"], f"tcp:{at(pbx)}")
+
+    uac = lab.uac(
+        "uac_refused.xml", caller, at(proxy), calls=calls, timeout=10,
+        extra=["-key", "caller", "+14155550100", "-s", "+12125551234"],
+    )  # fmt: skip
+
+    log = guard.stop()
+    assert_sipp_passed(uac, calls)
+    refusals = [m for m in uac.messages if m.direction == "received" and m.method is None]
+    assert [m.first_line for m in refusals if "100 " not in m.first_line] == [
+        "SIP/2.0 503 Next Hop Unreachable"
+    ] * calls, uac.summary()
+    assert all(m.headers("retry-after") == ["5"] for m in refusals if " 503 " in m.first_line)
+    assert_guard_clean(log)
+    assert log.counter("calls_ended") == log.counter("calls_ended_rejected") == calls
+    assert {(e["reason"], e["status"]) for e in log.named("call.ended")} == {("rejected", 503)}
+    assert len(log.named("tcp.connect_failed")) >= 1
+
+
+def test_an_idle_tcp_connection_is_closed(lab: Lab) -> None:
+    """A peer that connects and sends half a message, never the rest, is disconnected after
+    proxy.tcp_idle_timeout: such connections must not pile up to the connection limit."""
+    proxy, pbx = free_ports(2)
+    policy = lab.workdir / "policy.yaml"
+    policy.write_text(
+        f"proxy:\n  listen: [tcp:{at(proxy)}]\n  upstream: udp:{at(pbx)}\n  tcp_idle_timeout: 1\n"
+    )
+    guard = lab.guard_argv([*guard_command([], f"udp:{at(pbx)}"), "--config", str(policy)])
+
+    with socket.create_connection((LOOPBACK, proxy), timeout=15) as peer:
+        peer.sendall(b"OPTIONS sip:" + at(proxy).encode() + b" SIP/2.0\r\nVia: SIP/2.0/TCP")
+        closed_by_sipguard = peer.recv(100)  # blocks until sipguard closes it (or 15 s)
+
+    log = guard.stop()
+    assert closed_by_sipguard == b""
+    assert [(e["connections"], e["idle_timeout"]) for e in log.named("tcp.idle_closed")] == [(1, 1.0)]
+    assert_guard_clean(log)
+
+
 LOSS_CALLS = 300
 
 

@@ -1,13 +1,18 @@
-"""The UDP endpoint's handling of sources, without sockets: datagrams are handed to it as
-uvloop would, and what it delivers to the core is recorded."""
+"""The transports below the core. The UDP endpoint's handling of sources, without
+sockets: datagrams are handed to it as uvloop would, and what it delivers to the core is
+recorded. The TCP pool's failed connects and idle connections, over real loopback sockets."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
+import uvloop
+from sipp import free_ports
 
 from proxy import transport
 from proxy.sip.events import Address
-from proxy.transport import UdpEndpoint
+from proxy.transport import TcpConnection, TcpPool, UdpEndpoint
 
 LOCAL = Address("udp", "127.0.0.1", 5060)
 
@@ -43,3 +48,58 @@ def test_the_peer_table_is_emptied_when_full(monkeypatch: pytest.MonkeyPatch) ->
         udp.datagram_received(b"x", ("192.0.2.9", port))
         assert len(udp._sources) <= 3
     assert [source.port for _, source, _ in delivered] == list(range(1, 8))
+
+
+# -- TCP --------------------------------------------------------------------------------------------
+OPTIONS_START = b"OPTIONS sip:127.0.0.1 SIP/2.0\r\n"  # a message's first line, its rest never sent
+
+
+def test_a_failed_connect_reports_each_next_hop_as_the_core_named_it() -> None:
+    [closed] = free_ports(1)  # nothing listens there: the connect is refused
+    address = Address("tcp", "127.0.0.1", closed)
+    by_name = Address("tcp", "pbx.example.net", closed)  # what the core asked for, resolved
+    reported: list[Address] = []
+
+    async def connect_and_fail() -> None:
+        pool = TcpPool(lambda data, source, local: None, reported.append)
+        pool.send(b"INVITE ...", address, None, by_name)
+        pool.send(b"CANCEL ...", address, None)  # queued behind the same connect
+        await asyncio.gather(*pool._tasks)
+
+    uvloop.run(connect_and_fail())
+    assert sorted(reported, key=str) == [address, by_name]
+
+
+def test_idle_and_half_sent_connections_are_closed_and_active_ones_kept() -> None:
+    now = [0.0]  # the pool's clock, set by the test
+
+    async def ping(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+        """An RFC 5626 keep-alive; its answer shows the pool has read all sent before it."""
+        writer.write(b"\r\n\r\n")
+        return await asyncio.wait_for(reader.readexactly(2), 5)
+
+    async def three_peers() -> tuple[int, list[bytes], bytes]:
+        pool = TcpPool(lambda data, source, local: None, lambda next_hop: None, clock=lambda: now[0])
+        local = Address("tcp", "127.0.0.1", 0)
+        server = await asyncio.get_running_loop().create_server(
+            lambda: TcpConnection(pool, local), "127.0.0.1", 0
+        )
+        port = server.sockets[0].getsockname()[1]
+        peers = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        for reader, writer in peers:  # at 0 s
+            assert await ping(reader, writer) == b"\r\n"
+        now[0] = 100.0
+        (idle, _), (trickling, trickling_writer), alive = peers
+        trickling_writer.write(OPTIONS_START)  # bytes since, but never a whole message
+        await ping(*alive)  # (and the pool has read the trickle too: it was sent first)
+        closed = pool.close_idle(60.0)
+        ends = [await asyncio.wait_for(reader.read(), 5) for reader in (idle, trickling)]
+        still_answers = await ping(*alive)
+        alive[1].close()
+        server.close()
+        return closed, ends, still_answers
+
+    closed, ends, still_answers = uvloop.run(three_peers())
+    assert closed == 2
+    assert ends == [b"", b""]  # end of file: sipguard closed them
+    assert still_answers == b"\r\n"

@@ -273,6 +273,24 @@ class ProxyCore:
         )
         return actions
 
+    def unreachable(self, destination: Address, now: float) -> list[Action]:
+        """The transport could not reach ``destination`` (a TCP connect failed, its name did
+        not resolve): each request forwarded there and not answered yet fails at once, as if
+        it had got a 503 (RFC 3261 §16.9), instead of leaving its caller waiting for Timer
+        B or C and its call holding policy slots meanwhile."""
+        actions: list[Action] = []
+        stranded = [
+            tx
+            for tx in self._client_tx.values()
+            if tx.destination == destination and tx.state is TxState.FORWARDED and not tx.has_response
+        ]
+        for tx in stranded:
+            tx.retransmit_at = None
+            if tx.call is not None and not tx.is_session_refresh:
+                self._end_call(tx.call, EndReason.REJECTED, now, actions, status=503)
+            self._reply(tx, 503, "Next Hop Unreachable", now, actions, headers=(("Retry-After", "5"),))
+        return actions
+
     def get_timer(self) -> float | None:
         return self._timers[0][0] if self._timers else None
 
