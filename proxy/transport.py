@@ -35,6 +35,9 @@ SOCKET_BUFFER = 8 * 1024 * 1024
 TCP_CONNECT_TIMEOUT = 5.0
 MAX_TCP_CONNECTIONS = 10_000
 MAX_SOURCES = 100_000  # UDP peers whose Address is reused (UdpEndpoint._sources)
+# A name is resolved again this long after it was: a PBX moved by DNS (a failover) is
+# followed within a minute, not at the next restart. A failed connect forgets it at once.
+DNS_CACHE_SECONDS = 60.0
 
 
 class UdpEndpoint(asyncio.DatagramProtocol):
@@ -211,13 +214,19 @@ class TcpPool:
 class Transports:
     """Every listener sipguard has, and the one send() the core's Send actions go through."""
 
-    def __init__(self, deliver: Deliver, unreachable: Unreachable) -> None:
+    def __init__(
+        self, deliver: Deliver, unreachable: Unreachable, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._deliver = deliver
         self.unreachable = unreachable
         self.udp: dict[Address, UdpEndpoint] = {}
-        self.tcp = TcpPool(deliver, unreachable)
+        self.tcp = TcpPool(deliver, self._unreachable, clock)
         self._servers: list[asyncio.Server] = []
-        self._resolved: dict[str, str] = {}
+        self._resolved: dict[str, tuple[str, float]] = {}  # name -> its address, resolved when
+
+    def _unreachable(self, next_hop: Address) -> None:
+        self._resolved.pop(next_hop.host, None)  # the name may lead elsewhere by now
+        self.unreachable(next_hop)
 
     async def listen(self, address: Address) -> Address:
         """Bind a listener; returns its address with the real port (when 0 was asked for)."""
@@ -275,8 +284,9 @@ class Transports:
 
     def _send_after_resolving(self, data: bytes, destination: Address, local: Address | None) -> None:
         cached = self._resolved.get(destination.host)
-        if cached is not None:
-            self.send(data, Address(destination.transport, cached, destination.port), local, destination)
+        if cached is not None and self.tcp.clock() - cached[1] < DNS_CACHE_SECONDS:
+            address = Address(destination.transport, cached[0], destination.port)
+            self.send(data, address, local, destination)
             return
 
         async def resolve() -> None:
@@ -289,7 +299,7 @@ class Transports:
                 return
             if len(self._resolved) > 10_000:
                 self._resolved.clear()
-            self._resolved[destination.host] = str(infos[0][4][0])
+            self._resolved[destination.host] = (str(infos[0][4][0]), self.tcp.clock())
             self.send(data, destination, local)
 
         task = asyncio.get_running_loop().create_task(resolve())

@@ -5,6 +5,7 @@ recorded. The TCP pool's failed connects and idle connections, over real loopbac
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import pytest
 import uvloop
@@ -12,7 +13,7 @@ from sipp import free_ports
 
 from proxy import transport
 from proxy.sip.events import Address
-from proxy.transport import TcpConnection, TcpPool, UdpEndpoint
+from proxy.transport import DNS_CACHE_SECONDS, TcpConnection, TcpPool, Transports, UdpEndpoint
 
 LOCAL = Address("udp", "127.0.0.1", 5060)
 
@@ -103,3 +104,71 @@ def test_idle_and_half_sent_connections_are_closed_and_active_ones_kept() -> Non
     assert closed == 2
     assert ends == [b"", b""]  # end of file: sipguard closed them
     assert still_answers == b"\r\n"
+
+
+def count_lookups(loop: asyncio.AbstractEventLoop, lookups: list[str]) -> None:
+    """Record each name the loop resolves (for real)."""
+    real_getaddrinfo = loop.getaddrinfo
+
+    async def counted(host: str, *args: object, **kwargs: object) -> object:
+        lookups.append(host)
+        return await real_getaddrinfo(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    loop.getaddrinfo = counted  # type: ignore[method-assign, assignment]
+
+
+def test_a_name_is_resolved_again_after_a_minute() -> None:
+    """A PBX given by name and moved by DNS is followed: its address is cached for
+    DNS_CACHE_SECONDS. (The name is localhost, so the move itself is not shown.)"""
+    now = [0.0]
+    lookups: list[str] = []
+
+    async def send_three() -> list[bytes]:
+        loop = asyncio.get_running_loop()
+        count_lookups(loop, lookups)
+        # localhost is 127.0.0.1 or ::1, as the machine's resolver has it
+        family, _, _, _, (loopback, *_) = socket.getaddrinfo("localhost", 0, type=socket.SOCK_DGRAM)[0]
+        pbx = socket.socket(family, socket.SOCK_DGRAM)
+        pbx.bind((loopback, 0))
+        pbx.setblocking(False)
+        transports = Transports(lambda data, source, local: None, lambda next_hop: None, lambda: now[0])
+        await transports.listen(Address("udp", str(loopback), 0))
+        by_name = Address("udp", "localhost", pbx.getsockname()[1])
+        received: list[bytes] = []
+        for moment in (0.0, DNS_CACHE_SECONDS - 1, DNS_CACHE_SECONDS + 1):
+            now[0] = moment
+            transports.send(b"OPTIONS %d" % len(received), by_name, None)
+            received.append(await asyncio.wait_for(loop.sock_recv(pbx, 100), 5))
+        await transports.close()
+        pbx.close()
+        return received
+
+    received = uvloop.run(send_three())
+    assert received == [b"OPTIONS 0", b"OPTIONS 1", b"OPTIONS 2"]
+    assert lookups == ["localhost", "localhost"]  # the first send, and the one after expiry
+
+
+def test_a_failed_connect_forgets_what_the_name_resolved_to() -> None:
+    [closed] = free_ports(1)
+    by_name = Address("tcp", "localhost", closed)
+    lookups: list[str] = []
+    reported: list[Address] = []
+
+    async def connect_twice() -> None:
+        count_lookups(asyncio.get_running_loop(), lookups)
+        failed = asyncio.Event()
+
+        def unreachable(next_hop: Address) -> None:
+            reported.append(next_hop)
+            failed.set()
+
+        transports = Transports(lambda data, source, local: None, unreachable)
+        for _ in range(2):
+            failed.clear()
+            transports.send(b"INVITE ...", by_name, None)
+            await asyncio.wait_for(failed.wait(), 10)
+        await transports.close()
+
+    uvloop.run(connect_twice())
+    assert reported == [by_name, by_name]  # as the core named it: its requests get 503
+    assert lookups == ["localhost", "localhost"]  # resolved again after the failure
