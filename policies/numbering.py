@@ -30,6 +30,7 @@ from proxy.sip.uri import OpaqueUri, SipUri, TelUri, Uri
 # RFC 3966 §5.1.1 visual separators; RFC 4904 ;tgrp= and ;trunk-context= ride in the user part
 _VISUAL_SEPARATORS = re.compile(r"[\-.()\s]")
 _DIALLABLE = re.compile(r"\+?[0-9]+")
+_GLOBAL_DIGITS = re.compile(r"\+[0-9]+")  # RFC 3966 global-number-digits, separators dropped
 _RANGE = re.compile(r"(\+?[0-9]+)-(\+?[0-9]+)")
 _E164_TEXT = re.compile(r"\+[1-9][0-9]{1,14}")  # ITU-T E.164: at most 15 digits, no leading 0
 ANONYMOUS_USERS = frozenset({"anonymous", "restricted", "unavailable", "unknown", "private"})
@@ -48,17 +49,43 @@ def dialled_digits(uri: Uri) -> str | None:
     """The number a URI carries, without separators or parameters; None if it carries none.
 
     sip/sips: the user part when ``user=phone`` or when it is numeric; tel: the number.
+    A local number in a global ``;phone-context=`` (RFC 3966 §5.1.5) dials that context's
+    digits first: ``tel:555-0100;phone-context=+1-415`` is +14155550100, and
+    ``tel:4155550100;phone-context=+49`` is a German number, not a US one.
     """
+    written = _written_number(uri)
+    if written is None:
+        return None
+    digits, context = written
+    return digits if context is None else context + digits
+
+
+def _written_number(uri: Uri) -> tuple[str, str | None] | None:
+    """The number as written, and the global phone-context of a local one (None for a
+    global number, no context or a domain's)."""
     if isinstance(uri, TelUri):
-        text = uri.number
+        text, context = uri.number, uri.params.get("phone-context")
     elif isinstance(uri, SipUri) and uri.user is not None:
-        text = uri.user.split(";", 1)[0]  # RFC 4904 parameters inside the user part
+        # RFC 4904 and RFC 3966 parameters ride inside the user part
+        text, _, user_params = uri.user.partition(";")
+        context = _user_param(user_params, "phone-context") if user_params else None
     else:
         return None
     digits = _VISUAL_SEPARATORS.sub("", text)
     if not _DIALLABLE.fullmatch(digits):
         return None
-    return digits
+    if not context or digits.startswith("+"):
+        return digits, None
+    context = _VISUAL_SEPARATORS.sub("", context)
+    return digits, context if _GLOBAL_DIGITS.fullmatch(context) else None
+
+
+def _user_param(params: str, name: str) -> str | None:
+    for param in params.split(";"):
+        key, _, value = param.partition("=")
+        if key.lower() == name:
+            return value
+    return None
 
 
 def is_anonymous(uri: Uri, display_name: str | None) -> bool:
@@ -238,11 +265,14 @@ class EmergencyNumbers:
     def matches(self, uri: Uri, region: str) -> bool:
         if isinstance(uri, OpaqueUri):
             return uri.scheme == "urn" and uri.opaque.lower().startswith("service:sos")  # RFC 5031
-        digits = dialled_digits(uri)
-        if digits is None:
+        written = _written_number(uri)
+        if written is None:
             return False
-        if digits.lstrip("+") in self.numbers:
+        digits, context = written
+        if digits.lstrip("+") in self.numbers:  # as dialled: 911;phone-context=+1-415 too
             return True
+        if context is not None:
+            digits = context + digits
         national = _national_number(digits, region)
         return national is not None and national in self.numbers
 

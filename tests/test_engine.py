@@ -450,6 +450,25 @@ def test_an_anonymous_display_name_does_not_hide_the_number() -> None:
     assert isinstance(decide(engine, call), Reject)
 
 
+@pytest.mark.parametrize(
+    ("from_", "caller_e164", "owned"),
+    [
+        ("<tel:555-0142;phone-context=+1-415>", OWNED, True),  # an IMS network's local form
+        ("<sip:5550142;phone-context=+1415@customer.example;user=phone>", OWNED, True),
+        # acme's national digits in Germany's context: +49 415 55550142, not acme's number
+        ("<tel:4155550142;phone-context=+49>", "+494155550142", False),
+        ("<sip:4155550142;phone-context=+49@customer.example;user=phone>", "+494155550142", False),
+    ],
+)
+def test_a_local_number_is_judged_in_its_phone_context(from_: str, caller_e164: str, owned: bool) -> None:
+    engine = engine_for({"caller_id": {}})
+    with capture_logs() as logs:
+        verdict = decide(engine, attempt("a", from_=from_))
+    assert (verdict == STRIPPED) is owned
+    [line] = decisions(logs)
+    assert line["caller_e164"] == caller_e164
+
+
 def test_a_malformed_identity_header_is_a_bad_request() -> None:
     engine = engine_for({"caller_id": {}})
     with capture_logs() as logs:

@@ -39,6 +39,12 @@ DEFAULT_EMERGENCY = ["911", "112", "999", "000", "110", "119", "933", "988"]
         ("tel:+1-415-555-0100", "+14155550100"),
         ("tel:+1.415.555.0100;ext=12", "+14155550100"),
         ("tel:911", "911"),
+        # RFC 3966 §5.1.5: a local number in a global number's context dials that number
+        ("tel:555-0100;phone-context=+1-415", "+14155550100"),
+        ("tel:2025550142;Phone-Context=+49", "+492025550142"),
+        ("sip:2025550142;phone-context=+49@gw.example.com;user=phone", "+492025550142"),
+        ("tel:+14155550100;phone-context=+49", "+14155550100"),  # a global number has no context
+        ("tel:4155550100;phone-context=example.com", "4155550100"),  # a private context adds no digits
     ],
 )
 def test_dialled_digits(uri: str, digits: str) -> None:
@@ -336,6 +342,10 @@ def test_overlaps(first: list[str], second: list[str], shared: list[str]) -> Non
         ("urn:service:sos", "US"),  # RFC 5031
         ("urn:service:sos.fire", "US"),
         ("URN:Service:SOS.police", "US"),
+        # in a phone-context: dialled as written (911 in +1-415) or as the number it makes
+        ("tel:911;phone-context=+1-415", "US"),
+        ("sip:112;phone-context=+49@pbx.example.com;user=phone", "US"),
+        ("tel:999;phone-context=+44", "US"),
     ],
 )
 def test_emergency_calls(uri: str, region: str) -> None:
