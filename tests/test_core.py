@@ -311,6 +311,26 @@ def test_bye_ends_the_call_once_even_when_retransmitted(side: str) -> None:
     assert len(of_type(sim.log, CallEnded)) == 1
 
 
+@pytest.mark.parametrize("method", ["INVITE", "UPDATE", "INFO"])
+def test_the_callers_later_requests_lose_the_headers_its_invite_lost(method: str) -> None:
+    """RFC 3325: identity the caller asserts mid-call (a re-INVITE or UPDATE with a new
+    P-Asserted-Identity, which PBXs show as the connected party) is no more believed than
+    the one in its INVITE. The PBX side's requests are trusted and pass as they are."""
+    sim = Sim.make()
+    strip = ("p-asserted-identity", "remote-party-id", "x-sipguard-tag")
+    send = sim.forward(verdict=Accept(remove_headers=strip))
+    sim.answer(send.data)
+    asserted = (
+        ("Route", OUR_RR),
+        ("P-Asserted-Identity", "<tel:+14155559999>"),
+        ("Remote-Party-ID", "<sip:+14155559999@c>"),
+    )
+    forwarded = parse_request(only_send(sim.customer(in_dialog_from_customer(method, headers=asserted))).data)
+    assert forwarded.values("p-asserted-identity") == forwarded.values("remote-party-id") == []
+    from_pbx = parse_request(only_send(sim.pbx(in_dialog_from_pbx(method, headers=asserted))).data)
+    assert from_pbx.values("p-asserted-identity") == ["<tel:+14155559999>"]
+
+
 def test_a_bye_on_an_early_dialog_ends_the_call_with_the_invites_final_response() -> None:
     # RFC 3261 §15: the caller MAY send BYE on an early dialog. Ending the call there would
     # let a 2xx crossing the BYE leave a live call that no policy counts.

@@ -262,6 +262,7 @@ class ProxyCore:
             self._reply(tx, verdict.status, verdict.reason, now, actions, headers=verdict.headers)
             return actions
         tx.call = self.calls.start(tx.attempt)
+        tx.call.remove_headers = verdict.remove_headers
         if verdict.max_duration is not None or verdict.keepalive is not None:
             assert tx.request is not None
             tx.call.dialog = Dialog(tx.request, verdict.max_duration)
@@ -365,9 +366,12 @@ class ProxyCore:
         if method == "INVITE" and to_tag is None:
             self._on_initial_invite(tx, from_customer, now, actions)
             return
+        remove_headers: tuple[str, ...] = ()
         if to_tag is not None:
             call = self.calls.find(request.call_id, (request.from_.tag, to_tag))
             if call is not None:
+                if from_customer:  # identity a judged caller asserts mid-call is not believed either
+                    remove_headers = call.remove_headers
                 from_caller = request.from_.tag == call.info.from_tag
                 if call.dialog is not None:
                     call.dialog.saw_request(from_caller, request)
@@ -379,7 +383,7 @@ class ProxyCore:
                 elif method in ("INVITE", "UPDATE"):
                     tx.call = call
                     tx.is_session_refresh = True
-        self._forward(tx, now, actions)
+        self._forward(tx, now, actions, remove_headers=remove_headers)
 
     def _on_initial_invite(
         self, tx: Transaction, from_customer: bool, now: float, actions: list[Action]

@@ -155,7 +155,8 @@ class Keepalive:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Accept:
     """Forward the call, adding these headers (e.g. a tag for the PBX) and removing those
-    (e.g. identity headers a customer may not assert, RFC 3325)."""
+    (e.g. identity headers a customer may not assert, RFC 3325); the caller's in-dialog
+    requests lose the same headers."""
 
     add_headers: tuple[tuple[str, str], ...] = ()
     remove_headers: tuple[str, ...] = ()
