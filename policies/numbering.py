@@ -30,6 +30,7 @@ from proxy.sip.uri import OpaqueUri, SipUri, TelUri, Uri
 # RFC 3966 §5.1.1 visual separators; RFC 4904 ;tgrp= and ;trunk-context= ride in the user part
 _VISUAL_SEPARATORS = re.compile(r"[\-.()\s]")
 _DIALLABLE = re.compile(r"\+?[0-9]+")
+_DIGIT = re.compile(r"[0-9]")
 _GLOBAL_DIGITS = re.compile(r"\+[0-9]+")  # RFC 3966 global-number-digits, separators dropped
 _RANGE = re.compile(r"(\+?[0-9]+)-(\+?[0-9]+)")
 _E164_TEXT = re.compile(r"\+[1-9][0-9]{1,14}")  # ITU-T E.164: at most 15 digits, no leading 0
@@ -80,6 +81,11 @@ def _written_number(uri: Uri) -> tuple[str, str | None] | None:
     return digits, context if _GLOBAL_DIGITS.fullmatch(context) else None
 
 
+def _user_text(uri: TelUri | SipUri) -> str | None:
+    """A tel number or a sip user part, without its parameters."""
+    return uri.number if isinstance(uri, TelUri) else uri.user and uri.user.partition(";")[0]
+
+
 def _user_param(params: str, name: str) -> str | None:
     for param in params.split(";"):
         key, _, value = param.partition("=")
@@ -92,9 +98,10 @@ def is_anonymous(uri: Uri, display_name: str | None) -> bool:
     """RFC 3323 anonymous identities: anonymous@anonymous.invalid and friends.
 
     A URI that carries a number is never anonymous, whatever its host or display name:
-    the number is what a PBX would present, so it is checked like any other.
+    the number is what a PBX would present, so it is checked like any other. Nor is one
+    with junk around its digits (``+1415...%00``, ``415...x``): a PBX may drop the junk.
     """
-    if dialled_digits(uri) is not None:
+    if isinstance(uri, TelUri | SipUri) and _DIGIT.search(_user_text(uri) or ""):
         return False
     if isinstance(uri, SipUri):
         if uri.host.lower() == "anonymous.invalid":

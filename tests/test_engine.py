@@ -450,6 +450,14 @@ def test_an_anonymous_display_name_does_not_hide_the_number() -> None:
     assert isinstance(decide(engine, call), Reject)
 
 
+def test_junk_after_a_number_does_not_make_it_anonymous() -> None:
+    # otherwise an owned P-Preferred-Identity would carry a From a PBX reads as +1...9999
+    engine = engine_for({"caller_id": {}})
+    vouched = [("P-Preferred-Identity", f"<sip:{OWNED}@customer.example>")]
+    for from_ in (f'"Anonymous" <sip:{NOT_OWNED}%00@c>', f"<sip:{NOT_OWNED}%00@anonymous.invalid>"):
+        assert isinstance(decide(engine, attempt("a", from_=from_, headers=vouched)), Reject), from_
+
+
 @pytest.mark.parametrize(
     ("from_", "caller_e164", "owned"),
     [

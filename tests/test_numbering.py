@@ -145,6 +145,12 @@ def test_anonymous_identities(uri: str, display_name: str | None) -> None:
         ("sip:+14155550100@example.com", "Anonymous"),
         ("sip:+14155550100@anonymous.invalid", None),
         ("tel:+14155550100", "anonymous"),
+        # nor does junk around the digits make a number anonymous: a PBX may drop the
+        # junk (a C string ends at %00) and present the number
+        ("sip:+14155550100%00@example.com", "Anonymous"),
+        ("sip:+14155550100%00@anonymous.invalid", None),
+        ("sip:4155550100x@example.com", "Anonymous"),
+        ("tel:*67+14155550100", "Anonymous"),
     ],
 )
 def test_not_anonymous(uri: str, display_name: str | None) -> None:
