@@ -240,11 +240,11 @@ def in_dialog_from_customer(
 ) -> bytes:
     """A request the caller sends inside the answered call (loose-routed through us)."""
     kwargs.setdefault("headers", (("Route", OUR_RR),))
+    kwargs.setdefault("to_tag", CALLEE_TAG)
     return request(
         method,
         CALLEE_CONTACT,
         vias=(f"SIP/2.0/UDP 192.0.2.10:5060;branch={branch}",),
-        to_tag=CALLEE_TAG,
         cseq=cseq,
         **kwargs,
     )
