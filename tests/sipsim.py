@@ -254,12 +254,12 @@ def in_dialog_from_pbx(method: str, *, cseq: int = 1, branch: str = "z9hG4bKpbx2
     """A request the callee (behind the PBX) sends inside the answered call."""
     kwargs.setdefault("headers", (("Route", OUR_RR),))
     kwargs.setdefault("contact", CALLEE_CONTACT)
+    kwargs.setdefault("from_tag", CALLEE_TAG)
     return request(
         method,
         CALLER_CONTACT,
         vias=(f"SIP/2.0/UDP 127.0.0.1:5070;branch={branch}",),
         from_=CALLEE,
-        from_tag=CALLEE_TAG,
         to=CALLER,
         to_tag=CALLER_TAG,
         cseq=cseq,

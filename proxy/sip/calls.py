@@ -1,13 +1,13 @@
 """Call tracking: every forwarded initial INVITE is a call, early → confirmed → ended.
 
-Strategy: calls are found by Call-ID plus either dialog tag (a BYE from the callee
-carries the caller's tag in To). Each live call has one deadline: the early-dialog
-timeout while it rings, then the earliest of its maximum lifetime, when an RFC 4028
-session timer was negotiated the last refresh plus the session interval, and when the
-policies gave it a maximum duration the answer plus that (the call then carries a
-``Dialog``, to be ended with BYEs; so does a call with a keepalive, whose probes have
-their own timer, dialogs.py ``Prober``). The core owns the timer heap; this module only
-says what each deadline is and what ended.
+Strategy: calls are found by Call-ID plus the caller's tag, in From or in To (a BYE
+from the callee carries it in To), and once answered the callee's tag too. Each live
+call has one deadline: the early-dialog timeout while it rings, then the earliest of
+its maximum lifetime, when an RFC 4028 session timer was negotiated the last refresh
+plus the session interval, and when the policies gave it a maximum duration the answer
+plus that (the call then carries a ``Dialog``, to be ended with BYEs; so does a call
+with a keepalive, whose probes have their own timer, dialogs.py ``Prober``). The core
+owns the timer heap; this module only says what each deadline is and what ended.
 
 Invariants: a call ends exactly once, and stays ENDED (a late 2xx or refresh cannot
 bring it back); every end carries an EndReason; the table never holds more than
@@ -61,7 +61,13 @@ class Call:
         return self.answered_at + self.dialog.max_duration
 
     def matches(self, tags: tuple[str | None, str | None]) -> bool:
-        return self.info.from_tag in tags
+        """A request's (From, To) tags, from either party. While the call rings any callee
+        tag will do (each fork has its early dialog); once answered, only the answered
+        dialog's: another fork's 2xx makes a dialog the caller must BYE (§13.2.2.4), and
+        that BYE must not end the call."""
+        if self.to_tag is None:
+            return self.info.from_tag in tags
+        return self.info.from_tag in tags and self.to_tag in tags
 
 
 class CallTable:
