@@ -8,18 +8,24 @@ refuses honest calls until the maximum lifetime.
 
 from __future__ import annotations
 
+import pytest
 from sipsim import (
     CALLEE_CONTACT,
+    CALLEE_TAG,
+    SDP,
+    UPSTREAM,
     Sim,
     in_dialog_from_customer,
     in_dialog_from_pbx,
+    invite,
     kinds,
     of_type,
     only_send,
+    request,
     response,
 )
 
-from proxy.sip.events import Address, CallEnded, EndReason
+from proxy.sip.events import Accept, Address, CallAnswered, CallEnded, EndReason
 
 ELSEWHERE = Address("udp", "198.51.100.7", 5060)  # a customer that is no party to the call
 
@@ -83,3 +89,78 @@ def test_a_second_2xx_from_another_fork_makes_no_call_and_its_bye_ends_nothing()
     )
     [end] = of_type(sim.pbx(response(bye.data, 200, to_tag=None)), CallEnded)
     assert (end.reason, end.now, end.answered_at) == (EndReason.BYE, 30.0, 1.0)
+
+
+# -- a digest challenge, then the same call again with credentials ----------------------------------
+def test_a_challenged_invite_ends_its_attempt_and_the_retry_is_judged_as_a_new_one() -> None:
+    sim = Sim.make()
+    first = sim.forward()
+    challenge = sim.pbx(response(first.data, 407, headers=(("Proxy-Authenticate", 'Digest realm="pbx"'),)))
+    assert kinds(challenge) == ["CallEnded", "Send"]
+    [end] = of_type(challenge, CallEnded)
+    assert (end.reason, end.status) == (EndReason.REJECTED, 407)
+    ack = only_send(sim.customer(request("ACK", to_tag=CALLEE_TAG, contact=None)))
+    assert ack.destination == UPSTREAM
+    # RFC 3261 §22.2: same Call-ID and From tag, CSeq + 1, a new branch, credentials
+    retry = invite(
+        cseq=2,
+        vias=("SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bKcust-auth",),
+        headers=(("Proxy-Authorization", 'Digest username="acme", realm="pbx"'),),
+    )
+    decide = sim.offer(retry)  # judged (so its slot is taken again), not relayed as a retransmission
+    assert decide.attempt.attempt_id != end.call.attempt_id
+    sim.answer(only_send(sim.decide(decide.attempt.attempt_id, Accept())).data)
+    assert sim.core.calls.live == 1 and len(of_type(sim.log, CallEnded)) == 1
+
+
+# -- CANCEL ----------------------------------------------------------------------------------------
+def test_a_cancel_crossing_the_200_leaves_an_answered_call_that_ends_at_its_bye() -> None:
+    sim = Sim.make()
+    send = sim.forward()
+    sim.pbx(response(send.data, 180))
+    cancel = only_send(sim.customer(request("CANCEL", contact=None)))
+    sim.now = 1.0
+    sim.answer(send.data)  # the PBX answered before the CANCEL reached it
+    assert kinds(sim.pbx(response(cancel.data, 200, to_tag=None))) == ["Send"]
+    sim.customer(in_dialog_from_customer("ACK", cseq=1, branch="z9hG4bKack1", contact=None))
+    assert sim.core.calls.live == 1 and of_type(sim.log, CallEnded) == []
+    sim.now = 2.0
+    bye = only_send(sim.customer(in_dialog_from_customer("BYE")))
+    [end] = of_type(sim.pbx(response(bye.data, 200, to_tag=None)), CallEnded)
+    assert (end.reason, end.answered_at, end.now) == (EndReason.BYE, 1.0, 2.0)
+
+
+def test_a_cancel_before_any_provisional_ends_the_call_with_the_487() -> None:
+    # (RFC 3261 §9.1 has a UAC wait for a provisional before it cancels; sipguard relays the
+    # CANCEL at once, and the call ends with the 487 as after any CANCEL)
+    sim = Sim.make()
+    send = sim.forward()
+    cancel = only_send(sim.customer(request("CANCEL", contact=None)))
+    assert cancel.destination == UPSTREAM and sim.core.calls.live == 1
+    sim.pbx(response(cancel.data, 200, to_tag=None))
+    [end] = of_type(sim.pbx(response(send.data, 487)), CallEnded)
+    assert (end.reason, end.status) == (EndReason.CANCELLED, 487)
+    assert sim.core.calls.live == 0
+
+
+# -- re-INVITEs ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("status", [488, 491, 500])
+def test_a_refused_re_invite_does_not_end_the_call(status: int) -> None:
+    sim = answered_call()
+    reinvite = only_send(sim.customer(in_dialog_from_customer("INVITE", body=SDP)))
+    assert kinds(sim.pbx(response(reinvite.data, status, to_tag=None))) == ["Send"]
+    reinvite = only_send(sim.pbx(in_dialog_from_pbx("INVITE", body=SDP)))
+    assert kinds(sim.customer(response(reinvite.data, status, to_tag=None))) == ["Send"]
+    assert sim.core.calls.live == 1 and of_type(sim.log, CallEnded) == []
+
+
+def test_200_retransmissions_after_the_ack_answer_the_call_once() -> None:
+    sim = Sim.make()
+    send = sim.forward()
+    ok = response(send.data, 200, contact=CALLEE_CONTACT)
+    sim.pbx(ok)
+    sim.customer(in_dialog_from_customer("ACK", cseq=1, branch="z9hG4bKack1", contact=None))
+    assert kinds(sim.pbx(ok)) == ["Send"]  # RFC 6026: relayed, for the caller to ACK again
+    sim.run_until(40.0)  # the INVITE transaction is forgotten: a late copy follows the Via
+    assert kinds(sim.pbx(ok)) == ["Send"]
+    assert len(of_type(sim.log, CallAnswered)) == 1 and sim.core.calls.live == 1
