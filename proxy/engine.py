@@ -4,7 +4,10 @@ Per initial INVITE from a customer: find the account (source network, then auth
 username, then From domain); let emergency calls through untouched and uncounted;
 build the CallContext (identities normalised once); ask each rule; run every state
 operation the rules require in one atomic store call; turn the answers into one
-verdict according to each rule's mode; log one line that explains it.
+verdict according to each rule's mode; log one line that explains it. A call the PBX
+challenges (401/407) and the caller sends again with credentials is one call: its retry
+is judged and takes its slots again, but is not counted again (rates, call quotas, the
+dialer's history).
 
 Slots a call holds are remembered here by attempt id, exactly as they were taken, and
 given back when the core reports the call's end; a reload swaps the compiled policy
@@ -43,9 +46,9 @@ from policies.numbering import NumberSet, dialled_digits, is_anonymous, normalis
 from .decisions import Decision, DecisionMemory
 from .policyfile import CompiledPolicy
 from .sip import NameAddr, ParseError, Request
-from .sip.events import Accept, CallAnswered, CallAttempt, CallEnded, Keepalive, Reject, Verdict
-from .state import MemoryStore, Operation, OpResult, StateStore, TakeSlot, UseQuota
-from .state.history import CallHistory, HistorySettings
+from .sip.events import Accept, CallAnswered, CallAttempt, CallEnded, EndReason, Keepalive, Reject, Verdict
+from .state import HitRate, MemoryStore, Operation, OpResult, StateStore, TakeSlot, UseQuota
+from .state.history import CallHistory, HistorySettings, LiveRecord
 from .state.redis_store import StoreUnavailableError
 
 log = structlog.get_logger("sipguard.policy")
@@ -56,6 +59,12 @@ ACCEPT = Accept()
 UNTRUSTED_IDENTITY_HEADERS = ("p-asserted-identity", "remote-party-id")
 # Only sipguard tags calls for the PBX: a customer's own tag header would be a forged verdict.
 FORGEABLE_HEADERS = (TAG_HEADER.lower(),)
+# A PBX that authenticates answers the first INVITE 401/407, and the caller sends it again
+# with credentials (RFC 3261 §22.2: same Call-ID and From tag, CSeq + 1) within moments;
+# 32 s is the life of the challenged transaction (Timer B).
+CHALLENGES = (401, 407)
+CHALLENGE_RETRY_WINDOW = 32.0
+MAX_CHALLENGES = 100_000
 
 
 @dataclass(slots=True)
@@ -75,6 +84,7 @@ class _Plan:
     warnings: list[tuple[str, str]] = field(default_factory=list)  # (rule, detail) of every Warn
     history_keys: tuple[str, ...] = ()  # the call's subjects, when a rule reads the history
     hooked: tuple[tuple[Policy[Any], RuleConfig], ...] = ()  # rules told how the call ends
+    retry: _Challenge | None = None  # the call was challenged, and this is it again
 
 
 @dataclass(slots=True)
@@ -88,6 +98,14 @@ class PolicyCounters:
     rejections: Counter[tuple[str, int]] = field(default_factory=Counter)  # (rule that refused, status)
     penalised: Counter[str] = field(default_factory=Counter)  # rule -> subjects it put in the penalty box
     store_unavailable: int = 0  # calls judged while the shared store did not answer
+
+
+@dataclass(slots=True)
+class _Challenge:
+    """A call the PBX challenged, waiting for the caller to send it again with credentials."""
+
+    at: float
+    history: LiveRecord | None
 
 
 @dataclass(slots=True)
@@ -129,6 +147,9 @@ class PolicyEngine:
         )
         self.held_locally: set[str] = set()
         self._planned: dict[str, _Plan] = {}  # judged by decide_now, waiting for decide
+        # by (Call-ID, From tag, source host): calls the PBX challenged, counted already
+        self._challenged: dict[tuple[str, str, str], _Challenge] = {}
+        self._retries: set[str] = set()  # live calls that are a challenged call sent again
         # Given each judged call's call.decision fields whatever the log level (what-if replay)
         self.on_decision: Callable[[dict[str, Any]], None] | None = None
 
@@ -193,7 +214,12 @@ class PolicyEngine:
             live.answered_at = event.now
 
     def call_ended(self, event: CallEnded) -> None:
-        self.history.call_ended(event.call.attempt_id, event.now, event.by_caller)
+        attempt_id = event.call.attempt_id
+        if self._challenged_once(event):
+            self._expect_retry(event, self.history.call_challenged(attempt_id))
+        else:
+            self.history.call_ended(attempt_id, event.now, event.by_caller)
+        self._retries.discard(attempt_id)
         self.decisions.ended(event)
         live = self.live.pop(event.call.attempt_id, None)
         if live is not None:
@@ -205,6 +231,36 @@ class PolicyEngine:
                 self.held_locally.discard(event.call.attempt_id)
                 store = self.local
             self._in_background(store.release(event.call.attempt_id, keys, event.now))
+
+    def _challenged_once(self, event: CallEnded) -> bool:
+        """A call the rules counted, refused by the PBX asking for credentials. Only the
+        first challenge: a retry challenged again (wrong credentials) does not make the
+        next INVITE free, or password guessing in one Call-ID would never be counted."""
+        attempt_id = event.call.attempt_id
+        return (
+            event.reason is EndReason.REJECTED
+            and event.status in CHALLENGES
+            and attempt_id in self.held
+            and attempt_id not in self._retries
+        )
+
+    def _expect_retry(self, event: CallEnded, history: LiveRecord | None) -> None:
+        if len(self._challenged) >= MAX_CHALLENGES:  # callers that never retried (scanners)
+            expired = event.now - CHALLENGE_RETRY_WINDOW
+            self._challenged = {key: c for key, c in self._challenged.items() if c.at >= expired}
+            if len(self._challenged) >= MAX_CHALLENGES // 2:  # a flood: not worth a pass each time
+                self._challenged.clear()
+        call = event.call
+        self._challenged[(call.call_id, call.from_tag, call.source.host)] = _Challenge(event.now, history)
+
+    def _retry_of(self, attempt: CallAttempt) -> _Challenge | None:
+        """The challenge this INVITE answers, if it is a challenged call sent again."""
+        request = attempt.request
+        key = (request.call_id, request.from_.tag or "", attempt.source.host)
+        challenge = self._challenged.pop(key, None)
+        if challenge is None or attempt.now - challenge.at > CHALLENGE_RETRY_WINDOW:
+            return None
+        return challenge
 
     def _tell_rules(self, live: _LiveCall, event: CallEnded) -> None:
         outcome = CallOutcome(
@@ -296,6 +352,7 @@ class PolicyEngine:
         )
         if reads_history:
             plan.history_keys = _subjects(context)
+        plan.retry = self._retry_of(attempt)
         plan.hooked = tuple(
             (rule, config) for rule, config in rules if type(rule).call_ended is not Policy.call_ended
         )
@@ -319,6 +376,8 @@ class PolicyEngine:
                     plan.max_duration = min(limits)
                 if verdict.keepalive is not None and config.mode is Mode.ENFORCE:
                     plan.keepalive = plan.keepalive or verdict.keepalive
+        if plan.retry is not None:  # counted at its first INVITE: its slots are to take again
+            plan.operations = [op for op in plan.operations if not _counts_calls(op)]
         return plan
 
     def _finish(self, plan: _Plan, results: list[OpResult]) -> Verdict:
@@ -354,7 +413,11 @@ class PolicyEngine:
             return Reject(status=reply.code, reason=reply.reason, headers=headers)
         attempt_id = plan.attempt.attempt_id
         self.held[attempt_id] = tuple(op.key for op in plan.operations if isinstance(op, TakeSlot))
-        if plan.history_keys and plan.context is not None:
+        if plan.retry is not None:
+            self._retries.add(attempt_id)
+        if plan.retry is not None and plan.retry.history is not None:
+            self.history.call_retried(attempt_id, plan.retry.history)
+        elif plan.history_keys and plan.context is not None:
             self.history.call_started(attempt_id, plan.history_keys, plan.context.callee, plan.attempt.now)
         if plan.hooked and plan.context is not None:
             context = plan.context
@@ -486,6 +549,11 @@ def _owned(operations: tuple[Operation, ...], rule: Policy[Any], config: RuleCon
         else replace(op, rule=rule.name, enforced=enforced)
         for op in operations
     ]
+
+
+def _counts_calls(operation: Operation) -> bool:
+    """A rate hit or a quota of calls: what a call adds once, unlike a slot it holds."""
+    return isinstance(operation, HitRate) or (isinstance(operation, UseQuota) and operation.amount > 0)
 
 
 def _history_settings(policy: CompiledPolicy) -> HistorySettings:

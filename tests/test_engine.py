@@ -25,6 +25,7 @@ from proxy.sip import Request, parse_message
 from proxy.sip.events import (
     Accept,
     Address,
+    CallAnswered,
     CallAttempt,
     CallEnded,
     CallInfo,
@@ -282,6 +283,83 @@ def test_call_ended_releases_exactly_the_slots_held() -> None:
     assert [held(engine, key) for key in keys] == [0, 0, 0, 0]
     assert engine.held == {}
     assert store_of(engine).slots == {}
+
+
+def challenged(engine: PolicyEngine, call: CallAttempt, status: int = 407) -> CallAttempt:
+    """The PBX challenges ``call`` (RFC 3261 §22.2); returns the retry the caller sends a
+    moment later: same Call-ID and From tag, with credentials, a new attempt for the core."""
+    info = CallInfo(
+        call_id=call.request.call_id,
+        from_tag=CALLER_TAG,
+        attempt_id=call.attempt_id,
+        source=call.source,
+        from_customer=True,
+        started_at=call.now,
+    )
+    engine.call_ended(CallEnded(call=info, reason=EndReason.REJECTED, now=call.now + 0.05, status=status))
+    credentials = ("Proxy-Authorization", 'Digest username="acme", realm="pbx"')
+    data = call.request.raw.replace(
+        b"\r\n\r\n", f"\r\n{credentials[0]}: {credentials[1]}\r\n\r\n".encode(), 1
+    )
+    request = parse_message(data)
+    assert isinstance(request, Request)
+    return CallAttempt(
+        attempt_id=f"{call.attempt_id}-retry", request=request, source=call.source, now=call.now + 0.1
+    )
+
+
+def test_a_challenged_call_and_its_retry_count_as_one_call() -> None:
+    # Most trunks authenticate each INVITE: the PBX answers 407, the caller sends it again
+    # with credentials. The slot is given back at the 407 and taken again; the rates and
+    # the call quota count the call once, or every authenticated account would get half
+    # the calls per minute (and per day) its limits say.
+    engine = engine_for(
+        {
+            "concurrency": {"per_number": 1},
+            "call_rate": {"per_number": {"per_minute": 1, "burst": 1}},
+            "usage": {"calls_per_day": {"per_number": 1}},
+        }
+    )
+    first = attempt("a")
+    assert decide(engine, first) == ACCEPT
+    retry = challenged(engine, first)
+    assert held(engine, f"conc:num:{OWNED}") == 0
+    assert decide(engine, retry) == ACCEPT
+    assert held(engine, f"conc:num:{OWNED}") == 1
+    assert decide(engine, attempt("b", now=T0 + 1)) == Reject(
+        status=486, reason="Too many simultaneous calls"
+    )
+    # the retry's exemption is spent: a third INVITE of that Call-ID is a new call
+    again = challenged(engine, retry, 401)
+    assert held(engine, f"conc:num:{OWNED}") == 0
+    assert isinstance(decide(engine, again), Reject)
+
+
+def test_the_dialer_history_sees_a_challenged_call_once() -> None:
+    # A challenge is no outcome: counted as an unanswered call it would halve an
+    # authenticated caller's answer-seizure ratio, and its retry (to the same callee)
+    # would break every run of adjacent callees the sequential signature looks for.
+    engine = engine_for({"dialer": {}})
+    for index in range(3):
+        first = attempt(f"c{index}", callee=f"+1415555{2000 + index}", now=T0 + 100 * index)
+        assert decide(engine, first) == ACCEPT
+        retry = challenged(engine, first)
+        assert decide(engine, retry) == ACCEPT
+        info = CallInfo(
+            call_id=retry.request.call_id,
+            from_tag=CALLER_TAG,
+            attempt_id=retry.attempt_id,
+            source=retry.source,
+            from_customer=True,
+            started_at=retry.now,
+        )
+        engine.call_answered(CallAnswered(call=info, now=retry.now + 5))
+        engine.call_ended(
+            CallEnded(call=info, reason=EndReason.BYE, now=retry.now + 65, answered_at=retry.now + 5)
+        )
+    subject = engine.history.subject(f"num:{OWNED}", T0 + 300)
+    assert subject is not None
+    assert (len(subject.attempts), subject.ended, subject.answered, subject.run) == (3, 3, 3, 3)
 
 
 def test_a_rejected_call_ending_releases_nothing() -> None:

@@ -153,7 +153,9 @@ class SubjectHistory:
 
 
 @dataclass(slots=True)
-class _Live:
+class LiveRecord:
+    """A forwarded call's subjects, from its start to its end."""
+
     subjects: tuple[SubjectHistory, ...]
     answered_at: float | None = None
 
@@ -162,7 +164,7 @@ class CallHistory:
     def __init__(self, settings: HistorySettings | None = None) -> None:
         self.settings = settings or HistorySettings()
         self._subjects: dict[str, SubjectHistory] = {}
-        self._live: dict[str, _Live] = {}  # by attempt id
+        self._live: dict[str, LiveRecord] = {}  # by attempt id
         self._penalties: dict[str, Penalty] = {}
 
     def __len__(self) -> int:
@@ -224,12 +226,21 @@ class CallHistory:
             subject.started(now, callee_number)
             subject.last_seen = now
             subjects.append(subject)
-        self._live[attempt_id] = _Live(tuple(subjects))
+        self._live[attempt_id] = LiveRecord(tuple(subjects))
 
     def call_answered(self, attempt_id: str, now: float) -> None:
         live = self._live.get(attempt_id)
         if live is not None:
             live.answered_at = now
+
+    def call_challenged(self, attempt_id: str) -> LiveRecord | None:
+        """The PBX asked the caller for credentials (401/407): no outcome of the call, which
+        the caller sends again. Its record, for ``call_retried``; nothing is counted."""
+        return self._live.pop(attempt_id, None)
+
+    def call_retried(self, attempt_id: str, record: LiveRecord) -> None:
+        """The challenged call again, with credentials: the same call, not a new attempt."""
+        self._live[attempt_id] = record
 
     def call_ended(self, attempt_id: str, now: float, by_caller: bool | None) -> None:
         live = self._live.pop(attempt_id, None)
