@@ -92,7 +92,14 @@ def decide(engine: PolicyEngine, call: CallAttempt) -> Verdict:
     return verdict
 
 
-def end(engine: PolicyEngine, call: CallAttempt, now: float | None = None) -> None:
+def end(
+    engine: PolicyEngine,
+    call: CallAttempt,
+    now: float | None = None,
+    *,
+    reason: EndReason = EndReason.BYE,
+    status: int | None = None,
+) -> None:
     info = CallInfo(
         call_id=call.request.call_id,
         from_tag=CALLER_TAG,
@@ -101,7 +108,7 @@ def end(engine: PolicyEngine, call: CallAttempt, now: float | None = None) -> No
         from_customer=True,
         started_at=call.now,
     )
-    engine.call_ended(CallEnded(call=info, reason=EndReason.BYE, now=now or call.now + 60))
+    engine.call_ended(CallEnded(call=info, reason=reason, now=now or call.now + 60, status=status))
 
 
 def store_of(engine: PolicyEngine) -> MemoryStore:
@@ -288,15 +295,7 @@ def test_call_ended_releases_exactly_the_slots_held() -> None:
 def challenged(engine: PolicyEngine, call: CallAttempt, status: int = 407) -> CallAttempt:
     """The PBX challenges ``call`` (RFC 3261 §22.2); returns the retry the caller sends a
     moment later: same Call-ID and From tag, with credentials, a new attempt for the core."""
-    info = CallInfo(
-        call_id=call.request.call_id,
-        from_tag=CALLER_TAG,
-        attempt_id=call.attempt_id,
-        source=call.source,
-        from_customer=True,
-        started_at=call.now,
-    )
-    engine.call_ended(CallEnded(call=info, reason=EndReason.REJECTED, now=call.now + 0.05, status=status))
+    end(engine, call, call.now + 0.05, reason=EndReason.REJECTED, status=status)
     credentials = ("Proxy-Authorization", 'Digest username="acme", realm="pbx"')
     data = call.request.raw.replace(
         b"\r\n\r\n", f"\r\n{credentials[0]}: {credentials[1]}\r\n\r\n".encode(), 1
