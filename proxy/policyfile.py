@@ -44,6 +44,7 @@ from .state.redis_url import NODES_SCHEMES, REDIS_SCHEMES, parse_nodes_url
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 SECRET_KEYS = frozenset({"token"})
 DEFAULT_EMERGENCY_NUMBERS = ["911", "112", "999", "000", "110", "119", "933", "988"]
+MERGE_TAG = "tag:yaml.org,2002:merge"  # the << key
 
 
 class _Strict(BaseModel):
@@ -671,7 +672,11 @@ def _build(
     lines.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         mapping: dict[Any, Any] = {}
+        merges: list[yaml.Node] = []
         for key_node, value_node in node.value:
+            if key_node.tag == MERGE_TAG:
+                merges.append(value_node)
+                continue
             key = _build(key_node, (*path, "<key>"), {}, duplicates, loader, name)
             if key in mapping:
                 dotted = ".".join(map(str, (*path, key)))
@@ -679,7 +684,10 @@ def _build(
                 duplicates.append(f"{name}:{line}: {dotted}: duplicate key (YAML keeps only the last one)")
             lines[(*path, key)] = key_node.start_mark.line + 1
             mapping[key] = _build(value_node, (*path, key), lines, duplicates, loader, name)
-        return mapping
+        if not merges:
+            return mapping
+        merged = _merged(merges, path, lines, set(mapping), duplicates, loader, name)
+        return {**merged, **mapping}  # keys written here win over merged ones, as in YAML
     if isinstance(node, yaml.SequenceNode):
         return [
             _build(item, (*path, index), lines, duplicates, loader, name)
@@ -691,3 +699,38 @@ def _build(
     if node.tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float") and ":" in node.value:
         return node.value  # times of day: YAML 1.1 reads 21:00 as 1260 (base 60)
     return loader.construct_object(node, deep=True)
+
+
+def _merged(
+    merges: list[yaml.Node],
+    path: tuple[Any, ...],
+    lines: dict[tuple[Any, ...], int],
+    written: set[Any],
+    duplicates: list[str],
+    loader: yaml.SafeLoader,
+    name: str,
+) -> dict[Any, Any]:
+    """The keys ``<<:`` merge keys bring (YAML 1.1 merge): each one mapping, or a list of
+    them where the first listed wins. The lines of the keys not ``written`` in the mapping
+    itself are where the merged values are."""
+    sources = [
+        source
+        for node in merges
+        for source in (node.value if isinstance(node, yaml.SequenceNode) else [node])
+    ]
+    for source in sources:
+        if not isinstance(source, yaml.MappingNode):
+            found = _shown(_build(source, (), {}, duplicates, loader, name))
+            line = source.start_mark.line + 1
+            dotted = ".".join(map(str, (*path, "<<")))
+            raise PolicyFileError(
+                [f"{name}:{line}: {dotted}: merges mappings (<<: *anchor or <<: [*a, *b]); found {found}"]
+            )
+    merged: dict[Any, Any] = {}
+    for source in reversed(sources):
+        source_lines: dict[tuple[Any, ...], int] = {}
+        merged.update(_build(source, path, source_lines, duplicates, loader, name))
+        for where, line in source_lines.items():
+            if len(where) > len(path) and where[len(path)] not in written:
+                lines[where] = line
+    return merged

@@ -336,6 +336,55 @@ def test_duplicate_keys_are_errors(tmp_path: Path, text: str, expected: list[str
     assert errors(tmp_path, text) == expected
 
 
+def test_merge_keys_share_settings_and_explicit_keys_win(tmp_path: Path) -> None:
+    """``<<: *anchor`` is how engineers share one account's settings with the next; it used
+    to crash the load with a traceback."""
+    policy = load(
+        tmp_path,
+        """\
+        accounts:
+          acme: &trunk
+            sources: [192.0.2.0/24]
+            numbers: ["+14155550100-+14155550199"]
+            limits: {concurrent: 5, concurrent_per_number: 3}
+          beta:
+            <<: *trunk
+            sources: [198.51.100.0/24]
+          gamma:
+            <<: [{limits: {concurrent: 7}}, *trunk]
+            sources: [203.0.113.0/24]
+            numbers: ["+14155550200"]
+        rules:
+          concurrency:
+        """,
+    )
+    assert "+14155550150" in policy.accounts["beta"].numbers
+    assert "+14155550150" not in policy.accounts["gamma"].numbers  # its own key wins over <<
+    assert [(str(net), name) for net, name in policy.networks] == [
+        ("192.0.2.0/24", "acme"),
+        ("198.51.100.0/24", "beta"),
+        ("203.0.113.0/24", "gamma"),
+    ]
+    beta = dict((rule.name, config) for rule, config in policy.account_rules["beta"])
+    gamma = dict((rule.name, config) for rule, config in policy.account_rules["gamma"])
+    assert (beta["concurrency"].per_account, beta["concurrency"].per_number) == (5, 3)
+    assert gamma["concurrency"].per_account == 7  # the first mapping listed under << wins
+
+
+def test_a_typo_inside_a_merged_mapping_names_the_line_it_is_on(tmp_path: Path) -> None:
+    text = "accounts:\n  acme: &trunk\n    limits: {concurent: 5}\n  beta:\n    <<: *trunk\n"
+    assert errors(tmp_path, text) == [
+        "3: accounts.acme.limits.concurent: unknown key 'concurent' (did you mean 'concurrent'?)",
+        "3: accounts.beta.limits.concurent: unknown key 'concurent' (did you mean 'concurrent'?)",
+    ]
+
+
+def test_a_merge_key_must_name_mappings(tmp_path: Path) -> None:
+    assert errors(tmp_path, "accounts:\n  acme:\n    <<: [1, 2]\n") == [
+        "3: accounts.acme.<<: merges mappings (<<: *anchor or <<: [*a, *b]); found 1"
+    ]
+
+
 @pytest.mark.parametrize(
     ("numbers", "message"),
     [
