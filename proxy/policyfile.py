@@ -668,8 +668,15 @@ def _build(
     duplicates: list[str],
     loader: yaml.SafeLoader,
     name: str,
+    ancestors: frozenset[yaml.Node] = frozenset(),
 ) -> Any:
     lines.setdefault(path, node.start_mark.line + 1)
+    if node in ancestors:  # &a [*a]: a value that contains itself is infinitely deep
+        dotted = ".".join(map(str, path))
+        raise PolicyFileError(
+            [f"{name}:{lines[path]}: {dotted}: an alias refers to the mapping or list it is part of"]
+        )
+    ancestors |= {node}
     if isinstance(node, yaml.MappingNode):
         mapping: dict[Any, Any] = {}
         merges: list[yaml.Node] = []
@@ -683,14 +690,14 @@ def _build(
                 line = key_node.start_mark.line + 1
                 duplicates.append(f"{name}:{line}: {dotted}: duplicate key (YAML keeps only the last one)")
             lines[(*path, key)] = key_node.start_mark.line + 1
-            mapping[key] = _build(value_node, (*path, key), lines, duplicates, loader, name)
+            mapping[key] = _build(value_node, (*path, key), lines, duplicates, loader, name, ancestors)
         if not merges:
             return mapping
-        merged = _merged(merges, path, lines, set(mapping), duplicates, loader, name)
+        merged = _merged(merges, path, lines, set(mapping), duplicates, loader, name, ancestors)
         return {**merged, **mapping}  # keys written here win over merged ones, as in YAML
     if isinstance(node, yaml.SequenceNode):
         return [
-            _build(item, (*path, index), lines, duplicates, loader, name)
+            _build(item, (*path, index), lines, duplicates, loader, name, ancestors)
             for index, item in enumerate(node.value)
         ]
     assert isinstance(node, yaml.ScalarNode)
@@ -709,6 +716,7 @@ def _merged(
     duplicates: list[str],
     loader: yaml.SafeLoader,
     name: str,
+    ancestors: frozenset[yaml.Node],
 ) -> dict[Any, Any]:
     """The keys ``<<:`` merge keys bring (YAML 1.1 merge): each one mapping, or a list of
     them where the first listed wins. The lines of the keys not ``written`` in the mapping
@@ -729,7 +737,7 @@ def _merged(
     merged: dict[Any, Any] = {}
     for source in reversed(sources):
         source_lines: dict[tuple[Any, ...], int] = {}
-        merged.update(_build(source, path, source_lines, duplicates, loader, name))
+        merged.update(_build(source, path, source_lines, duplicates, loader, name, ancestors))
         for where, line in source_lines.items():
             if len(where) > len(path) and where[len(path)] not in written:
                 lines[where] = line

@@ -308,6 +308,19 @@ def test_invalid_yaml(tmp_path: Path) -> None:
     assert error.startswith("3: not valid YAML: ")
 
 
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("emergency_numbers: &numbers [911, *numbers]\n", "1: emergency_numbers.1"),
+        ("accounts:\n  acme: &acme\n    sources: []\n    rules: *acme\n", "4: accounts.acme.rules"),
+        ("accounts:\n  acme: &acme\n    <<: *acme\n", "2: accounts.acme"),
+    ],
+)
+def test_an_alias_inside_its_own_anchor_is_an_error(tmp_path: Path, text: str, where: str) -> None:
+    """Such a value is infinitely deep: building it used to end in a RecursionError traceback."""
+    assert errors(tmp_path, text) == [f"{where}: an alias refers to the mapping or list it is part of"]
+
+
 def test_an_unreadable_file(tmp_path: Path) -> None:
     missing = tmp_path / "missing.yaml"
     with pytest.raises(PolicyFileError, match=f"^{missing}: cannot read: "):
