@@ -44,7 +44,8 @@ from .state.redis_url import NODES_SCHEMES, REDIS_SCHEMES, parse_nodes_url
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 SECRET_KEYS = frozenset({"token"})
 DEFAULT_EMERGENCY_NUMBERS = ["911", "112", "999", "000", "110", "119", "933", "988"]
-MERGE_TAG = "tag:yaml.org,2002:merge"  # the << key
+YAML_TAG_PREFIX = "tag:yaml.org,2002:"  # written !! in a file
+MERGE_TAG = YAML_TAG_PREFIX + "merge"  # the << key
 
 
 class _Strict(BaseModel):
@@ -705,7 +706,19 @@ def _build(
         return node.value  # telephone numbers: 000 and +1415... are not arithmetic
     if node.tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float") and ":" in node.value:
         return node.value  # times of day: YAML 1.1 reads 21:00 as 1260 (base 60)
-    return loader.construct_object(node, deep=True)
+    try:
+        return loader.construct_object(node, deep=True)
+    except (yaml.YAMLError, ValueError, KeyError) as error:  # !foo x, !!int abc, a date 2001-02-30
+        tag = node.tag.replace(YAML_TAG_PREFIX, "!!")
+        problem = (
+            f"unknown tag {tag!r}"
+            if isinstance(error, yaml.constructor.ConstructorError)
+            else f"cannot read {node.value!r} as {tag} (quote it to make it text)"
+        )
+        dotted = ".".join(map(str, path))
+        raise PolicyFileError(
+            [f"{name}:{node.start_mark.line + 1}: {dotted}: not valid YAML: {problem}"]
+        ) from None
 
 
 def _merged(

@@ -321,6 +321,23 @@ def test_an_alias_inside_its_own_anchor_is_an_error(tmp_path: Path, text: str, w
     assert errors(tmp_path, text) == [f"{where}: an alias refers to the mapping or list it is part of"]
 
 
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("2001-02-30", "cannot read '2001-02-30' as !!timestamp (quote it to make it text)"),
+        ("!!int abc", "cannot read 'abc' as !!int (quote it to make it text)"),
+        ("!!bool maybe", "cannot read 'maybe' as !!bool (quote it to make it text)"),
+        ("!foo bar", "unknown tag '!foo'"),
+        ("!!python/name:os.system x", "unknown tag '!!python/name:os.system'"),
+    ],
+)
+def test_a_value_yaml_cannot_construct_is_an_error(tmp_path: Path, value: str, problem: str) -> None:
+    """These used to end in a ValueError, KeyError or ConstructorError traceback."""
+    assert errors(tmp_path, f"proxy:\n  server_header: {value}\n") == [
+        f"2: proxy.server_header: not valid YAML: {problem}"
+    ]
+
+
 def test_an_unreadable_file(tmp_path: Path) -> None:
     missing = tmp_path / "missing.yaml"
     with pytest.raises(PolicyFileError, match=f"^{missing}: cannot read: "):
