@@ -569,9 +569,7 @@ class _Errors:
         self.lines: list[str] = []
 
     def where(self, path: tuple[Any, ...], message: str) -> str:
-        line = self._line(path)
-        dotted = ".".join(str(part) for part in path)
-        return f"{self.name}:{line}: {dotted}: {message}" if dotted else f"{self.name}:{line}: {message}"
+        return _located(self.name, self._line(path), path, message)
 
     def add(self, path: tuple[Any, ...], message: str) -> None:
         self.lines.append(self.where(path, message))
@@ -596,6 +594,12 @@ class _Errors:
             if line is not None:
                 return line
         return 1
+
+
+def _located(name: str, line: int, path: tuple[Any, ...], message: str) -> str:
+    """``file:line: key.path: message``, the form of every error and warning."""
+    dotted = ".".join(str(part) for part in path)
+    return f"{name}:{line}: {dotted}: {message}" if dotted else f"{name}:{line}: {message}"
 
 
 def _is_union_tag(part: Any) -> bool:
@@ -673,10 +677,8 @@ def _build(
 ) -> Any:
     lines.setdefault(path, node.start_mark.line + 1)
     if node in ancestors:  # &a [*a]: a value that contains itself is infinitely deep
-        dotted = ".".join(map(str, path))
-        raise PolicyFileError(
-            [f"{name}:{lines[path]}: {dotted}: an alias refers to the mapping or list it is part of"]
-        )
+        itself = "an alias refers to the mapping or list it is part of"
+        raise PolicyFileError([_located(name, lines[path], path, itself)])
     ancestors |= {node}
     if isinstance(node, yaml.MappingNode):
         mapping: dict[Any, Any] = {}
@@ -686,6 +688,9 @@ def _build(
                 merges.append(value_node)
                 continue
             key = _build(key_node, (*path, "<key>"), {}, duplicates, loader, name)
+            if not isinstance(key_node, yaml.ScalarNode):  # ? [a, b]: a list is no dict key
+                found = f"a key must be a single value (a name or a number); found {_shown(key)}"
+                raise PolicyFileError([_located(name, key_node.start_mark.line + 1, path, found)])
             if key in mapping:
                 dotted = ".".join(map(str, (*path, key)))
                 line = key_node.start_mark.line + 1
@@ -715,10 +720,8 @@ def _build(
             if isinstance(error, yaml.constructor.ConstructorError)
             else f"cannot read {node.value!r} as {tag} (quote it to make it text)"
         )
-        dotted = ".".join(map(str, path))
-        raise PolicyFileError(
-            [f"{name}:{node.start_mark.line + 1}: {dotted}: not valid YAML: {problem}"]
-        ) from None
+        line = node.start_mark.line + 1
+        raise PolicyFileError([_located(name, line, path, f"not valid YAML: {problem}")]) from None
 
 
 def _merged(
@@ -742,11 +745,8 @@ def _merged(
     for source in sources:
         if not isinstance(source, yaml.MappingNode):
             found = _shown(_build(source, (), {}, duplicates, loader, name))
-            line = source.start_mark.line + 1
-            dotted = ".".join(map(str, (*path, "<<")))
-            raise PolicyFileError(
-                [f"{name}:{line}: {dotted}: merges mappings (<<: *anchor or <<: [*a, *b]); found {found}"]
-            )
+            expected = f"merges mappings (<<: *anchor or <<: [*a, *b]); found {found}"
+            raise PolicyFileError([_located(name, source.start_mark.line + 1, (*path, "<<"), expected)])
     merged: dict[Any, Any] = {}
     for source in reversed(sources):
         source_lines: dict[tuple[Any, ...], int] = {}

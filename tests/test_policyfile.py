@@ -338,6 +338,15 @@ def test_a_value_yaml_cannot_construct_is_an_error(tmp_path: Path, value: str, p
     ]
 
 
+@pytest.mark.parametrize(
+    "text", ["accounts:\n  ? [acme, beta]\n  : {sources: []}\n", "accounts:\n  {acme: 1}: {}\n"]
+)
+def test_a_key_that_is_a_list_or_mapping_is_an_error(tmp_path: Path, text: str) -> None:
+    """Such a key cannot be a Python dict key: it used to end in a TypeError traceback."""
+    [error] = errors(tmp_path, text)
+    assert error.startswith("2: accounts: a key must be a single value (a name or a number); found ")
+
+
 def test_an_unreadable_file(tmp_path: Path) -> None:
     missing = tmp_path / "missing.yaml"
     with pytest.raises(PolicyFileError, match=f"^{missing}: cannot read: "):
