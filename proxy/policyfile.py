@@ -649,6 +649,9 @@ def _load_yaml(text: str, name: str) -> tuple[Any, dict[tuple[Any, ...], int]]:
     loader = yaml.SafeLoader(text)
     try:
         root = loader.get_single_node()
+    except RecursionError:  # [[[[...: PyYAML composes a node inside its parent's call
+        line = loader.get_mark().line + 1  # where the reader had got to
+        raise PolicyFileError([f"{name}:{line}: not valid YAML: nested too deeply"]) from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = mark.line + 1 if mark is not None else 1

@@ -347,6 +347,13 @@ def test_a_key_that_is_a_list_or_mapping_is_an_error(tmp_path: Path, text: str) 
     assert error.startswith("2: accounts: a key must be a single value (a name or a number); found ")
 
 
+def test_a_value_nested_thousands_deep_is_an_error(tmp_path: Path) -> None:
+    """PyYAML composes nodes recursively: this used to end in a RecursionError traceback."""
+    [error] = errors(tmp_path, "proxy: {}\nrules: " + "[\n" * 5000 + "]" * 5000 + "\n")
+    line, message = error.split(": ", 1)
+    assert (int(line) > 2, message) == (True, "not valid YAML: nested too deeply")  # where it got too deep
+
+
 def test_an_unreadable_file(tmp_path: Path) -> None:
     missing = tmp_path / "missing.yaml"
     with pytest.raises(PolicyFileError, match=f"^{missing}: cannot read: "):
