@@ -358,9 +358,16 @@ def default_policy() -> CompiledPolicy:
 def load_policy(path: str | Path) -> CompiledPolicy:
     name = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
+        raw = Path(path).read_bytes()
+    except OSError as error:
         raise PolicyFileError([f"{name}: cannot read: {error}"]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        column = error.start - raw.rfind(b"\n", 0, error.start)
+        problem = f"byte 0x{raw[error.start]:02x} in column {column} (save the file as UTF-8)"
+        raise PolicyFileError([f"{name}:{line}: cannot read: not UTF-8: {problem}"]) from None
     data, lines = _load_yaml(text, name)
     return compile_policy(data, lines, name)
 

@@ -354,6 +354,16 @@ def test_a_value_nested_thousands_deep_is_an_error(tmp_path: Path) -> None:
     assert (int(line) > 2, message) == (True, "not valid YAML: nested too deeply")  # where it got too deep
 
 
+def test_bytes_that_are_not_utf8_name_their_line(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_bytes(b"rules:\n  caller_id:\n    reply: {code: 403, reason: Caf\xe9}\n")  # Latin-1
+    with pytest.raises(PolicyFileError) as caught:
+        load_policy(path)
+    assert caught.value.errors == [
+        f"{path}:3: cannot read: not UTF-8: byte 0xe9 in column 35 (save the file as UTF-8)"
+    ]
+
+
 def test_an_unreadable_file(tmp_path: Path) -> None:
     missing = tmp_path / "missing.yaml"
     with pytest.raises(PolicyFileError, match=f"^{missing}: cannot read: "):
