@@ -85,6 +85,14 @@ class ProxySection(_Strict):
 
     _trusted_peers = field_validator("trusted_peers")(_networks)
 
+    @field_validator("server_header")
+    @classmethod
+    def _one_header_line(cls, value: str | None) -> str | None:
+        """Written into every reply: a CR or LF in it would start header lines of its own."""
+        if value is not None and not value.isprintable():
+            raise ValueError("a header value is printable text on one line")
+        return value
+
 
 def _known_region(value: str | None) -> str | None:
     if value is None:

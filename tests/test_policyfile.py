@@ -485,6 +485,15 @@ def test_bad_addresses(tmp_path: Path, text: str, prefix: str, message: str) -> 
     assert message in error
 
 
+@pytest.mark.parametrize("value", [r'"sipguard\r\nX-Injected: 1"', r'"sipguard\n"', r'"sip\0guard"'])
+def test_a_server_header_on_more_than_one_line_is_an_error(tmp_path: Path, value: str) -> None:
+    """It is written into every reply sipguard sends: a CR or LF in it would add header lines."""
+    [error] = errors(tmp_path, f"proxy:\n  server_header: {value}\n")
+    assert error.startswith(
+        "2: proxy.server_header: Value error, a header value is printable text on one line; found "
+    )
+
+
 def test_unknown_regions(tmp_path: Path) -> None:
     text = """\
     numbering:
