@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from .flood import (
     DEFAULT_MESSAGES_PER_SECOND,
     DEFAULT_SCANNER_USER_AGENTS,
 )
+from .sip.abnf import HOSTNAME_OR_IPV4
 from .sip.events import Address, parse_address
 from .state.redis_url import NODES_SCHEMES, REDIS_SCHEMES, parse_nodes_url
 
@@ -84,6 +86,14 @@ class ProxySection(_Strict):
         return value
 
     _trusted_peers = field_validator("trusted_peers")(_networks)
+
+    @field_validator("advertise")
+    @classmethod
+    def _a_host(cls, value: str | None) -> str | None:
+        """Written into Via and Record-Route as HOST:PORT (RFC 3261 §25.1 host, IPv6 bare)."""
+        if value is not None and not (_is_ip(value) or re.fullmatch(HOSTNAME_OR_IPV4, value)):
+            raise ValueError("expected an IP address or a host name (IPv6 without brackets, no port)")
+        return value
 
     @field_validator("server_header")
     @classmethod

@@ -494,6 +494,25 @@ def test_a_server_header_on_more_than_one_line_is_an_error(tmp_path: Path, value
     )
 
 
+@pytest.mark.parametrize(
+    "advertise",
+    [r'"sbc.example.net\r\nX-Injected: 1"', '"sbc example"', "198.51.100.10:5060", '"[2001:db8::5]"'],
+)
+def test_advertise_must_be_a_host(tmp_path: Path, advertise: str) -> None:
+    """It is written into Via and Record-Route (host:port): anything but a host breaks them."""
+    [error] = errors(tmp_path, f"proxy:\n  listen: [udp:0.0.0.0:5060]\n  advertise: {advertise}\n")
+    assert error.startswith(
+        "3: proxy.advertise: Value error, expected an IP address or a host name (IPv6 without brackets, "
+        "no port); found "
+    )
+
+
+@pytest.mark.parametrize("advertise", ["sbc.example.net", "198.51.100.10", '"2001:db8::5"', "SBC-1.example"])
+def test_advertise_takes_ip_addresses_and_host_names(tmp_path: Path, advertise: str) -> None:
+    policy = load(tmp_path, f"proxy:\n  listen: [udp:0.0.0.0:5060]\n  advertise: {advertise}\n")
+    assert policy.proxy.advertise == advertise.strip('"')
+
+
 def test_unknown_regions(tmp_path: Path) -> None:
     text = """\
     numbering:
