@@ -15,12 +15,13 @@ point group for third-party packages.
 from __future__ import annotations
 
 import enum
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from proxy.sip.events import Keepalive
 from proxy.state import Operation
@@ -42,6 +43,9 @@ def is_time_zone(name: str) -> bool:
     return True
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # C0 and DEL, HTAB aside
+
+
 class Mode(enum.StrEnum):
     ENFORCE = "enforce"  # refuse the call with the rule's reply
     MONITOR = "monitor"  # forward it, log and count what would have happened
@@ -52,7 +56,16 @@ class Reply(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     code: int = Field(ge=400, le=699, description="SIP status code of the refusal")
-    reason: str = Field(min_length=1, max_length=120, pattern=r"^[^\r\n]*$")
+    reason: str = Field(min_length=1, max_length=120)
+
+    @field_validator("reason")
+    @classmethod
+    def _reason_phrase(cls, value: str) -> str:
+        """It goes on the status line: RFC 3261 §25.1 allows no control character but HTAB
+        there, and a CR or LF would start header lines of its own."""
+        if _CONTROL.search(value):
+            raise ValueError("a reason phrase is text on one line, without control characters")
+        return value
 
 
 class RuleConfig(BaseModel):

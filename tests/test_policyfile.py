@@ -297,6 +297,17 @@ def test_wrong_types_say_what_was_expected_and_found(tmp_path: Path, text: str, 
     assert errors(tmp_path, text) == [expected]
 
 
+@pytest.mark.parametrize("reason", [r'"Refused\r\nX-Injected: 1"', r'"Refused\0"', r'"Refused\e[31m"'])
+def test_a_reply_reason_with_control_characters_is_an_error(tmp_path: Path, reason: str) -> None:
+    """The reason phrase goes on the status line; RFC 3261 §25.1 allows no control character
+    in it but HTAB. Only CR and LF used to be refused: a NUL or an escape reached the wire."""
+    [error] = errors(tmp_path, f"rules:\n  caller_id:\n    reply: {{code: 403, reason: {reason}}}\n")
+    assert error.startswith(
+        "3: rules.caller_id.reply.reason: Value error, a reason phrase is text on one line, without "
+        "control characters; found "
+    )
+
+
 def test_the_file_must_be_a_mapping(tmp_path: Path) -> None:
     assert errors(tmp_path, "- rules\n") == [
         "1: the file must be a mapping of sections (proxy, accounts, rules ...)"
