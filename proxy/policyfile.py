@@ -20,11 +20,19 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import phonenumbers
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from policies.base import Account, Mode, Policy, RuleConfig
 from policies.lists import POLICY_FILE
@@ -117,6 +125,16 @@ def _numbers_as_text(value: Any) -> Any:
     if not isinstance(value, list):
         return value
     return [str(item) if isinstance(item, int) and not isinstance(item, bool) else item for item in value]
+
+
+def _dialled_digits(value: str) -> str:
+    """What EmergencyNumbers compares with the dialled digits: any other text never matches."""
+    if not re.fullmatch(r"\+?[0-9]+", value):
+        raise ValueError("an emergency number is digits, with or without a leading + (911, 112, +1911)")
+    return value
+
+
+EmergencyNumber = Annotated[str, AfterValidator(_dialled_digits)]
 
 
 class NumberingSection(_Strict):
@@ -311,15 +329,12 @@ class PolicyFileModel(_Strict):
     flood: FloodSection = FloodSection()
     admin: AdminSection = AdminSection()
     numbering: NumberingSection = NumberingSection()
-    emergency_numbers: list[str] = Field(default=DEFAULT_EMERGENCY_NUMBERS)
+    emergency_numbers: list[EmergencyNumber] = Field(default=DEFAULT_EMERGENCY_NUMBERS)
     mode_override: Mode | None = Field(default=None, description="run every rule in this mode")
     accounts: dict[str, AccountSection] = {}
     rules: dict[str, dict[str, Any] | None] = {}  # "caller_id:" alone: the rule with its defaults
 
-    @field_validator("emergency_numbers", mode="before")
-    @classmethod
-    def _as_text(cls, value: Any) -> Any:
-        return [str(item) for item in value] if isinstance(value, list) else value
+    _emergency_as_text = field_validator("emergency_numbers", mode="before")(_numbers_as_text)
 
 
 RuleSet = tuple[tuple[Policy[Any], RuleConfig], ...]

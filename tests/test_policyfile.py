@@ -147,6 +147,20 @@ def test_numbers_stay_text(tmp_path: Path) -> None:
     assert "+61255501234" in policy.accounts["au"].numbers
 
 
+def test_an_emergency_number_that_could_never_match_is_an_error(tmp_path: Path) -> None:
+    """A call to 911 must never be refused: an entry that can never match what is dialled
+    (YAML's yes, a spaced or lettered number) used to load as the text 'True', '9 1 1' ..."""
+    text = 'emergency_numbers:\n  - 911\n  - yes\n  - "9 1 1"\n  - 9II\n  - 1.5\n  - "+1911"\n'
+    assert errors(tmp_path, text) == [
+        "3: emergency_numbers.1: Input should be a valid string; found True",
+        "4: emergency_numbers.2: Value error, an emergency number is digits, with or without a leading + "
+        "(911, 112, +1911); found '9 1 1'",
+        "5: emergency_numbers.3: Value error, an emergency number is digits, with or without a leading + "
+        "(911, 112, +1911); found '9II'",
+        "6: emergency_numbers.4: Input should be a valid string; found 1.5",
+    ]
+
+
 # -- typos ----------------------------------------------------------------------------------------
 TYPOS = """\
 proxy:
