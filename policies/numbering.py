@@ -19,6 +19,7 @@ spells ``+442...``, and the two spellings must share one per-number counter.
 from __future__ import annotations
 
 import bisect
+import heapq
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -233,6 +234,50 @@ class NumberSet:
         found += _prefix_range_overlaps(self.prefixes, other.ranges)
         found += _prefix_range_overlaps(other.prefixes, self.ranges)
         return found
+
+
+def overlapping_pairs(sets: dict[str, NumberSet]) -> list[tuple[str, str]]:
+    """The pairs of named sets that share a number, each pair in name order, sorted.
+
+    For the load-time warning about accounts owning the same numbers: a sweep over every
+    set's numbers and ranges (and its prefixes as ranges, one per number length in use),
+    per number length, so n accounts cost n log n, not the n² of ``overlaps`` on every pair.
+    """
+    spans: dict[int, list[tuple[int, int, str]]] = {}  # digits -> (first, last, name)
+    for name, numbers in sets.items():
+        for number in numbers.exact:
+            spans.setdefault(len(number) - 1, []).append((int(number[1:]), int(number[1:]), name))
+        for digits, (starts, ends) in numbers.ranges.items():
+            spans.setdefault(digits, []).extend(
+                (start, end, name) for start, end in zip(starts, ends, strict=True)
+            )
+    pairs: set[tuple[str, str]] = set()
+    owners: dict[str, set[str]] = {}
+    for name, numbers in sets.items():
+        for prefix in numbers.prefixes:
+            owners.setdefault(prefix, set()).add(name)
+            head = prefix[1:]
+            for digits, listed in spans.items():
+                if len(head) <= digits:
+                    scale = 10 ** (digits - len(head))
+                    listed.append((int(head) * scale, (int(head) + 1) * scale - 1, name))
+    for prefix, names in owners.items():  # +1415* and +1415555*: one starts with the other
+        for length in range(2, len(prefix) + 1):
+            for name in names:
+                pairs.update(_pair(name, other) for other in owners.get(prefix[:length], ()) if other != name)
+    for listed in spans.values():
+        listed.sort()
+        open_spans: list[tuple[int, str]] = []  # a heap of (last, name) still open at ``first``
+        for first, last, name in listed:
+            while open_spans and open_spans[0][0] < first:
+                heapq.heappop(open_spans)
+            pairs.update(_pair(name, other) for _, other in open_spans if other != name)
+            heapq.heappush(open_spans, (last, name))
+    return sorted(pairs)
+
+
+def _pair(one: str, other: str) -> tuple[str, str]:
+    return (one, other) if one < other else (other, one)
 
 
 def _prefix_range_overlaps(prefixes: set[str], ranges: dict[int, tuple[list[int], list[int]]]) -> list[str]:

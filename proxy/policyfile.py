@@ -36,7 +36,7 @@ from pydantic import (
 
 from policies.base import Account, Mode, Policy, RuleConfig
 from policies.lists import POLICY_FILE
-from policies.numbering import EmergencyNumbers, NumberSet
+from policies.numbering import EmergencyNumbers, NumberSet, overlapping_pairs
 from policies.registry import available_policies
 
 from .flood import (
@@ -588,18 +588,16 @@ def _is_ip(host: str) -> bool:
 
 
 def _warn_overlaps(accounts: dict[str, Account], errors: _Errors, warnings: list[str]) -> None:
-    names = sorted(accounts)
-    for index, first in enumerate(names):
-        for second in names[index + 1 :]:
-            shared = accounts[first].numbers.overlaps(accounts[second].numbers)
-            if shared:
-                listed = ", ".join(shared[:3]) + (" ..." if len(shared) > 3 else "")
-                warnings.append(
-                    errors.where(
-                        ("accounts", second, "numbers"),
-                        f"accounts {first!r} and {second!r} both own {listed}",
-                    )
+    for first, second in overlapping_pairs({name: account.numbers for name, account in accounts.items()}):
+        shared = accounts[first].numbers.overlaps(accounts[second].numbers)
+        if shared:
+            listed = ", ".join(shared[:3]) + (" ..." if len(shared) > 3 else "")
+            warnings.append(
+                errors.where(
+                    ("accounts", second, "numbers"),
+                    f"accounts {first!r} and {second!r} both own {listed}",
                 )
+            )
 
 
 class _Errors:

@@ -13,7 +13,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policies.numbering import EmergencyNumbers, NumberSet, dialled_digits, is_anonymous, normalise
+from policies.numbering import (
+    EmergencyNumbers,
+    NumberSet,
+    dialled_digits,
+    is_anonymous,
+    normalise,
+    overlapping_pairs,
+)
 from proxy.sip import parse_uri
 
 DEFAULT_EMERGENCY = ["911", "112", "999", "000", "110", "119", "933", "988"]
@@ -328,6 +335,31 @@ def test_overlaps(first: list[str], second: list[str], shared: list[str]) -> Non
     one, other = NumberSet(first, "US"), NumberSet(second, "US")
     assert one.overlaps(other) == shared
     assert other.overlaps(one) == shared
+
+
+# Specs over one 555-01xx block, so that sets drawn at random often share numbers.
+_SPECS = st.one_of(
+    st.integers(100, 199).map(lambda n: f"+1415555{n:04d}"),
+    st.tuples(st.integers(100, 199), st.integers(0, 30)).map(
+        lambda r: f"+1415555{r[0]:04d}-+1415555{min(199, r[0] + r[1]):04d}"
+    ),
+    st.integers(10, 19).map(lambda n: f"+14155550{n}*"),
+    st.sampled_from(["+1415555*", "+141555501*", "+1415555019*", "+1415556*"]),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from("abcdef"), st.lists(_SPECS, max_size=4), max_size=6))
+def test_overlapping_pairs_finds_exactly_the_pairs_that_share_a_number(specs: dict[str, list[str]]) -> None:
+    sets = {name: NumberSet(listed, "US") for name, listed in specs.items()}
+    names = sorted(sets)
+    compared = [
+        (first, second)
+        for index, first in enumerate(names)
+        for second in names[index + 1 :]
+        if sets[first].overlaps(sets[second])
+    ]
+    assert overlapping_pairs(sets) == compared
 
 
 # -- emergency numbers ------------------------------------------------------------------------

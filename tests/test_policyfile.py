@@ -16,6 +16,7 @@ from policies.base import Mode
 from policies.call_rate import CallRateConfig, RateLimit
 from policies.caller_id import CallerIdConfig
 from policies.concurrency import ConcurrencyConfig
+from policies.numbering import NumberSet
 from proxy.cli import main
 from proxy.policyfile import CompiledPolicy, PolicyFileError, default_policy, load_policy
 from proxy.state.redis_url import NodesUrl, parse_nodes_url
@@ -589,6 +590,31 @@ def test_overlapping_numbers_warn(tmp_path: Path) -> None:
         f"{policy.path}:7: accounts.beta.numbers: accounts 'acme' and 'beta' both own "
         "+14155550150, +14155550190-+14155550199"
     ]
+
+
+def test_accounts_that_share_no_number_are_not_compared_pair_by_pair(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Comparing every pair of accounts took 17 minutes for 20,000 accounts (200 million
+    pairs), for sipguard check and for each reload, which holds the event loop meanwhile."""
+    compared: list[tuple[int, int]] = []
+    overlaps = NumberSet.overlaps
+    monkeypatch.setattr(
+        NumberSet,
+        "overlaps",
+        lambda one, other: compared.append((len(one), len(other))) or overlaps(one, other),
+    )
+    accounts = "".join(
+        f"  a{n:02d}:\n    sources: [10.0.{n}.0/24]\n    numbers: ['+1415555{n:02d}00-+1415555{n:02d}99']\n"
+        for n in range(60)
+    )
+    late = "  late:\n    sources: [10.1.0.0/24]\n    numbers: ['+14155550150', '+141555559*']\n"
+    policy = load(tmp_path, "accounts:\n" + accounts + late)
+    assert [warning.split(": ", 2)[2] for warning in policy.warnings] == [
+        "accounts 'a01' and 'late' both own +14155550150",
+        "accounts 'a59' and 'late' both own +14155555900-+14155555999",
+    ]
+    assert len(compared) == 2  # the two pairs that share numbers, not 61 * 60 / 2
 
 
 def test_an_account_no_call_can_match_warns(tmp_path: Path) -> None:
