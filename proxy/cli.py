@@ -309,12 +309,14 @@ def check_command(path: str) -> int:
         for line in rule.describe(config):  # what it loaded: list sizes
             print(f"      {line}")
     print(f"\naccounts ({len(policy.accounts)}):")
+    sources: dict[str, list[str]] = {}  # by account, in one walk: a file may hold 20,000 accounts
+    for network, owner in policy.networks:
+        sources.setdefault(owner, []).append(str(network))
+    defaults = {rule.name: config.model_dump(mode="json") for rule, config in policy.rules}
     for name, account in policy.accounts.items():
-        sources = [str(net) for net, owner in policy.networks if owner == name]
-        print(f"  {name}: region {account.region}; sources {', '.join(sources) or 'none'}; "
+        print(f"  {name}: region {account.region}; sources {', '.join(sources.get(name, [])) or 'none'}; "
               f"owns {account.numbers.describe()} ({len(account.numbers)} numbers)"
               f"{'; telemarketing' if account.telemarketing else ''}")  # fmt: skip
-        defaults = {rule.name: config.model_dump(mode="json") for rule, config in policy.rules}
         for rule, config in policy.account_rules.get(name, ()):
             default = defaults.get(rule.name, {})
             changed = {k: v for k, v in config.model_dump(mode="json").items() if default.get(k) != v}

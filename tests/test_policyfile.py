@@ -7,8 +7,11 @@ a rule off. Files are written to tmp_path and loaded as the proxy loads them.
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -718,6 +721,27 @@ def test_check_summarises_a_good_file(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "acme: region US; sources 2001:db8::/32, 192.0.2.0/24; owns" in out
     assert "office: region GB" in out
     assert "warnings" not in out
+
+
+class _CountedNetworks(tuple[Any, ...]):
+    walks = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        type(self).walks += 1
+        return super().__iter__()
+
+
+def test_check_walks_the_source_networks_once_not_once_per_account(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The summary looked up each account's sources in every network: 20,000 accounts took
+    400 million steps (about 25 s of a sipguard check) before printing anything."""
+    policy = load(tmp_path, GOOD)
+    counted = dataclasses.replace(policy, networks=_CountedNetworks(policy.networks))
+    monkeypatch.setattr("proxy.cli.load_policy", lambda path: counted)
+    assert main(["check", policy.path]) == 0
+    assert "acme: region US; sources 2001:db8::/32, 192.0.2.0/24; owns" in capsys.readouterr().out
+    assert _CountedNetworks.walks == 1
 
 
 def test_check_lists_warnings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
