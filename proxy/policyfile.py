@@ -338,6 +338,8 @@ class PolicyFileModel(_Strict):
 
 
 RuleSet = tuple[tuple[Policy[Any], RuleConfig], ...]
+# setting -> (the path it was written at, whether the setting's own keys are written under it)
+Written = dict[str, tuple[tuple[Any, ...], bool]]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -455,9 +457,17 @@ def compile_policy(data: Any, lines: dict[tuple[Any, ...], int], name: str) -> C
         effective: list[tuple[Policy[Any], RuleConfig]] = []
         for rule_name, (policy, base) in raw_rules.items():
             overrides = policy.account_overrides(limits, base)
-            settings = {**base, **overrides, **section.rules.get(rule_name, {})}
+            own = section.rules.get(rule_name, {})
+            settings = {**base, **overrides, **own}
+            # a bad limit is reported where it is written, not as the setting it maps onto
+            written = {
+                setting: ((*path, "limits", key), isinstance(value, dict))
+                for key, value in limits.items()
+                for setting in policy.account_overrides({key: value}, base)
+                if setting not in own
+            }
             config = _validate_rule(
-                policy, settings, (*path, "rules", rule_name), errors, model.mode_override
+                policy, settings, (*path, "rules", rule_name), errors, model.mode_override, written
             )
             if config is not None:
                 effective.append((policy, config))
@@ -514,11 +524,12 @@ def _validate_rule(
     path: tuple[Any, ...],
     errors: _Errors,
     mode_override: Mode | None,
+    written: Written | None = None,
 ) -> RuleConfig | None:
     try:
         config = policy.Config.model_validate(settings, context={POLICY_FILE: errors.name})  # list files
     except ValidationError as error:
-        errors.add_validation(error, path, policy.Config)
+        errors.add_validation(error, path, policy.Config, written)
         return None
     return config.model_copy(update={"mode": mode_override}) if mode_override else config
 
@@ -612,10 +623,21 @@ class _Errors:
     def add(self, path: tuple[Any, ...], message: str) -> None:
         self.lines.append(self.where(path, message))
 
-    def add_validation(self, error: ValidationError, prefix: tuple[Any, ...], model: type[BaseModel]) -> None:
+    def add_validation(
+        self,
+        error: ValidationError,
+        prefix: tuple[Any, ...],
+        model: type[BaseModel],
+        written: Written | None = None,
+    ) -> None:
+        """Each problem as ``file:line: path: message``; ``written`` maps settings that came
+        from elsewhere (an account's limits) to the path they were written at."""
         for problem in error.errors():
             location = tuple(part for part in problem["loc"] if not _is_union_tag(part))
             path = prefix + location
+            if written and location and location[0] in written:
+                where, nested = written[location[0]]
+                path = where + location[1:] if nested else where
             if problem["type"] == "extra_forbidden":
                 known = _known_keys(model, location[:-1])
                 hint = _suggest(str(location[-1]), known) if known else ""

@@ -235,6 +235,30 @@ def test_typos_in_account_rule_overrides(tmp_path: Path) -> None:
     ]
 
 
+def test_a_bad_account_limit_is_reported_where_it_is_written(tmp_path: Path) -> None:
+    """A limit is validated as the rule setting it maps onto; its errors used to name that
+    setting (accounts.acme.rules.call_rate.per_number...), a key not in the file, at the
+    account's line."""
+    text = """\
+    accounts:
+      acme:
+        sources: [192.0.2.0/24]
+        limits:
+          calls_per_minute_per_number: {per_minute: 5, burts: 3}
+          calls_per_minute: -5
+        rules:
+          call_rate: {per_source: {per_minute: 0}}
+    rules:
+      call_rate:
+    """
+    assert errors(tmp_path, text) == [
+        "5: accounts.acme.limits.calls_per_minute_per_number.burts: unknown key 'burts' "
+        "(did you mean 'burst'?)",
+        "6: accounts.acme.limits.calls_per_minute: Input should be greater than 0; found -5.0",
+        "8: accounts.acme.rules.call_rate.per_source.per_minute: Input should be greater than 0; found 0",
+    ]
+
+
 def test_a_known_rule_not_enabled_cannot_be_overridden(tmp_path: Path) -> None:
     text = """\
     accounts:
