@@ -43,6 +43,9 @@ def is_time_zone(name: str) -> bool:
     return True
 
 
+# Every configuration model: unknown keys are errors (a typo must not switch a rule off),
+# and YAML's .inf and .nan are not numbers a limit can be (60 / inf seconds between calls).
+SETTINGS = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # C0 and DEL, HTAB aside
 
 
@@ -53,7 +56,7 @@ class Mode(enum.StrEnum):
 
 
 class Reply(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SETTINGS
 
     code: int = Field(ge=400, le=699, description="SIP status code of the refusal")
     reason: str = Field(min_length=1, max_length=120)
@@ -71,7 +74,7 @@ class Reply(BaseModel):
 class RuleConfig(BaseModel):
     """Settings every rule has; each rule's Config adds its own, all with defaults."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SETTINGS
 
     mode: Mode = Mode.ENFORCE
     reply: Reply

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from proxy.state import HitRate
 
-from .base import ALLOW, CallContext, Policy, Reply, Require, RuleConfig, Verdict
+from .base import ALLOW, SETTINGS, CallContext, Policy, Reply, Require, RuleConfig, Verdict
 
 
 class RateLimit(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SETTINGS
 
     per_minute: float = Field(gt=0, description="sustained calls per minute")
     burst: int = Field(default=3, ge=1, description="calls allowed back to back")

@@ -28,17 +28,17 @@ from __future__ import annotations
 from functools import cached_property
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from proxy.state.history import HistorySettings, SubjectHistory
 
-from .base import ALLOW, CallContext, Deny, Policy, Reply, RuleConfig, Verdict, Warn
+from .base import ALLOW, SETTINGS, CallContext, Deny, Policy, Reply, RuleConfig, Verdict, Warn
 
 Scope = Literal["number", "account"]
 
 
 class _Signature(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SETTINGS
 
     warning: float | None = None
     critical: float | None = None

@@ -34,9 +34,9 @@ import phonenumbers
 from phonenumbers import COUNTRY_CODE_TO_REGION_CODE
 from phonenumbers.timezone import time_zones_for_number
 from phonenumbers.tzdata import TIMEZONE_DATA, TIMEZONE_LONGEST_PREFIX
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
-from .base import ALLOW, CallContext, Deny, Policy, Reply, RuleConfig, Verdict, is_time_zone
+from .base import ALLOW, SETTINGS, CallContext, Deny, Policy, Reply, RuleConfig, Verdict, is_time_zone
 from .lists import E164Text, NumberFileField
 
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")  # datetime.weekday() order
@@ -86,7 +86,7 @@ def _window_text(window: Window | None) -> str:
 class Days(BaseModel):
     """Windows for particular weekdays, over the rule's every-day ``start``/``end``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SETTINGS
 
     mon: str | None = None
     tue: str | None = None

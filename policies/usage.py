@@ -23,12 +23,23 @@ from functools import cached_property
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from proxy.sip.events import Keepalive
 from proxy.state import UseQuota
 
-from .base import ALLOW, CallContext, CallOutcome, Policy, Reply, Require, RuleConfig, Verdict, is_time_zone
+from .base import (
+    ALLOW,
+    SETTINGS,
+    CallContext,
+    CallOutcome,
+    Policy,
+    Reply,
+    Require,
+    RuleConfig,
+    Verdict,
+    is_time_zone,
+)
 
 PERIODS = ("day", "month")
 MARGIN = 3600.0  # a total outlives its period by this much (clock skew between instances)
@@ -40,7 +51,7 @@ PROBE_TIMEOUT = 10.0
 
 
 class QuotaLimits(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SETTINGS
 
     per_number: int | None = Field(default=None, ge=1, description="for each caller number")
     per_account: int | None = Field(default=None, ge=1, description="for the whole account")
@@ -53,7 +64,7 @@ class KeepaliveConfig(BaseModel):
     1), which one lost UDP burst or a busy PBX turns into a dropped call; three in a row
     means a party silent for a minute and a half."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SETTINGS
 
     interval: float = Field(default=30.0, ge=1, description="seconds between probes of each party")
     failed_limit: int = Field(

@@ -27,14 +27,13 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
     model_validator,
 )
 
-from policies.base import Account, Mode, Policy, RuleConfig
+from policies.base import SETTINGS, Account, Mode, Policy, RuleConfig
 from policies.lists import POLICY_FILE
 from policies.numbering import EmergencyNumbers, NumberSet, overlapping_pairs
 from policies.registry import available_policies
@@ -59,7 +58,7 @@ MERGE_TAG = YAML_TAG_PREFIX + "merge"  # the << key
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SETTINGS
 
 
 def _networks(value: list[str]) -> list[str]:

@@ -350,6 +350,28 @@ def test_a_reply_reason_with_control_characters_is_an_error(tmp_path: Path, reas
     )
 
 
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("rules:\n  call_rate: {per_number: .inf}\n", "2: rules.call_rate.per_number.per_minute"),
+        ("rules:\n  usage: {max_call_duration: .inf}\n", "2: rules.usage.max_call_duration"),
+        ("rules:\n  dialer: {bulk: {warning: .nan}}\n", "2: rules.dialer.bulk.warning"),
+        ("proxy:\n  ringing_timeout: .inf\n", "2: proxy.ringing_timeout"),
+        ("state:\n  timeout: .nan\n", "2: state.timeout"),
+        (
+            "accounts:\n  acme:\n    limits: {calls_per_minute: .inf}\n",
+            "3: accounts.acme.limits.calls_per_minute",
+        ),
+    ],
+)
+def test_infinity_and_nan_are_errors(tmp_path: Path, text: str, where: str) -> None:
+    """YAML reads .inf and .nan as floats: per_minute .inf loaded, then every INVITE the
+    rule judged raised ZeroDivisionError (60 / inf is 0 s between calls)."""
+    found = errors(tmp_path, text)
+    assert {error.split(": Input")[0] for error in found} == {where}
+    assert f"{where}: Input should be a finite number; found {text.split('.')[-1][:3]}" in found
+
+
 def test_the_file_must_be_a_mapping(tmp_path: Path) -> None:
     assert errors(tmp_path, "- rules\n") == [
         "1: the file must be a mapping of sections (proxy, accounts, rules ...)"
