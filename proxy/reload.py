@@ -47,6 +47,10 @@ class Reloader:
         self.engine = engine
         self.guard = guard
         self.path = path
+        # what the process runs whatever is reloaded: a reload compares with these, not with
+        # the file loaded last, whose proxy:, state: and admin: may never have been applied
+        started = engine.policy
+        self._restart_sections = (started.proxy, started.state, started.admin)
         self.succeeded = 0
         self.failed = 0
 
@@ -66,7 +70,7 @@ class Reloader:
             self.failed += 1
             log.error("policy.reload_failed", path=self.path, errors=error.errors, kept=running.path, by=by)
             return ReloadResult(ok=False, path=self.path, running=running.path, errors=error.errors)
-        restart_needed = (new.proxy, new.state, new.admin) != (running.proxy, running.state, running.admin)
+        restart_needed = (new.proxy, new.state, new.admin) != self._restart_sections
         if restart_needed:
             log.warning(
                 "policy.restart_needed", detail="proxy:, state: and admin: changes apply after a restart"

@@ -16,6 +16,7 @@ import logging
 import subprocess
 import tracemalloc
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -39,7 +40,8 @@ from proxy.admin import UNBAN_USAGE
 from proxy.admin_client import admin_call, explain_lines, status_lines
 from proxy.cli import main
 from proxy.engine import PolicyEngine
-from proxy.policyfile import PolicyFileError, compile_policy, load_policy
+from proxy.policyfile import FloodSection, PolicyFileError, compile_policy, load_policy
+from proxy.reload import Reloader
 from proxy.sip import Request, parse_message
 from proxy.sip.events import (
     Accept,
@@ -230,6 +232,28 @@ def test_top_callers_say_how_much_a_full_memory_covers() -> None:
     top = judge.engine.decisions.top_callers(now=30.0)
     assert top["window_seconds"] == 10.0  # the 10 remembered: 20..29, seen at 30
     assert (top["callers"][0]["calls"], top["callers"][0]["per_minute"]) == (10, 60.0)
+
+
+class FloodOnlyGuard:
+    """The proxy as a reload touches it: only its flood section is handed over."""
+
+    def reconfigure_flood(self, section: FloodSection) -> None:
+        self.flood = section
+
+
+def test_a_reload_says_a_restart_is_needed_until_the_running_sections_are_back(tmp_path: Path) -> None:
+    """proxy:, state: and admin: are what the process started with. A second reload used to
+    compare with the first reloaded file instead, and said no restart was needed while
+    sipguard still sent to the old upstream."""
+    path = tmp_path / "policy.yaml"
+    path.write_text("proxy: {upstream: udp:127.0.0.1:5070}\n", encoding="utf-8")
+    reloader = Reloader(PolicyEngine(load_policy(path)), FloodOnlyGuard(), str(path))  # type: ignore[arg-type]
+    path.write_text("proxy: {upstream: udp:127.0.0.1:5080}\n", encoding="utf-8")
+    assert reloader.reload().restart_needed
+    path.write_text("proxy: {upstream: udp:127.0.0.1:5080}\nrules: {caller_id: }\n", encoding="utf-8")
+    assert reloader.reload().restart_needed  # still running with 5070
+    path.write_text("proxy: {upstream: udp:127.0.0.1:5070}\nrules: {caller_id: }\n", encoding="utf-8")
+    assert not reloader.reload().restart_needed  # the file says what runs again
 
 
 @pytest.fixture
