@@ -157,6 +157,8 @@ class NumberSet:
             ranges.setdefault(len(low) - 1, []).append((int(low[1:]), int(high[1:])))
             return
         spec = _VISUAL_SEPARATORS.sub("", spec)
+        if "*" in spec[:-1]:  # phonenumbers would drop it and own the number without it
+            raise ValueError(f"{spec!r}: * may only end a prefix (+1415555*)")
         if spec.endswith("*"):
             prefix = spec[:-1]
             if not re.fullmatch(r"\+[0-9]+", prefix):

@@ -295,6 +295,10 @@ def test_only_exact_numbers_and_ranges_list_text_as_written() -> None:
         ("+1415x*", "must be + and digits, then *"),
         ("+19995550100-+19995550199", "number cannot exist"),
         ("+14155550100-+1415555019", "not a telephone number"),  # unequal lengths: not a range
+        # phonenumbers drops a * inside a number: +1415555*0100 used to own +14155550100 alone
+        ("+1415555*0100", "'+1415555*0100': * may only end a prefix (+1415555*)"),
+        ("+1415555**", "'+1415555**': * may only end a prefix (+1415555*)"),
+        ("*4155550100", "'*4155550100': * may only end a prefix (+1415555*)"),
     ],
 )
 def test_bad_number_specs(spec: str, message: str) -> None:
