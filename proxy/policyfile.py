@@ -428,6 +428,7 @@ def compile_policy(data: Any, lines: dict[tuple[Any, ...], int], name: str) -> C
     networks: list[tuple[IPNetwork, str]] = []
     from_domains: dict[str, str] = {}
     auth_usernames: dict[str, str] = {}
+    claimed: dict[tuple[str, str], str] = {}  # (sources | auth_usernames | from_domains, value) -> account
     for account_name, section in model.accounts.items():
         path = ("accounts", account_name)
         account_region = section.region.upper() if section.region else region
@@ -442,6 +443,17 @@ def compile_policy(data: Any, lines: dict[tuple[Any, ...], int], name: str) -> C
         networks += [(ipaddress.ip_network(text, strict=False), account_name) for text in section.sources]
         from_domains.update({domain.lower(): account_name for domain in section.from_domains})
         auth_usernames.update({user: account_name for user in section.auth_usernames})
+        for kind, claims, first_wins in (
+            ("sources", [str(ipaddress.ip_network(text, strict=False)) for text in section.sources], True),
+            ("auth_usernames", section.auth_usernames, False),
+            ("from_domains", [domain.lower() for domain in section.from_domains], False),
+        ):
+            for claim in claims:
+                owner = claimed.setdefault((kind, claim), account_name)
+                if owner != account_name:  # networks: most specific, then file order; names: last
+                    winner = owner if first_wins else account_name
+                    shared = f"{claim} is also account {owner!r}'s: its calls go to {winner!r} alone"
+                    warnings.append(errors.where((*path, kind), shared))
         if not (section.sources or section.from_domains or section.auth_usernames):
             unreachable = "has no sources, from_domains or auth_usernames: no call can match it"
             warnings.append(errors.where(path, f"account {account_name!r} {unreachable}"))

@@ -666,6 +666,29 @@ def test_accounts_that_share_no_number_are_not_compared_pair_by_pair(
     assert len(compared) == 2  # the two pairs that share numbers, not 61 * 60 / 2
 
 
+def test_a_source_username_or_domain_claimed_by_two_accounts_warns(tmp_path: Path) -> None:
+    """A copied account whose sources were not changed: one of the two never gets those
+    calls, and nothing used to say so."""
+    text = """\
+    accounts:
+      acme:
+        sources: [192.0.2.0/24]
+        auth_usernames: [trunk-1]
+        from_domains: [pbx.acme.example]
+      acme2:
+        sources: [192.0.2.7/24]
+        auth_usernames: [trunk-1]
+        from_domains: [PBX.acme.example]
+    """
+    policy = load(tmp_path, text)
+    assert [warning.removeprefix(f"{policy.path}:") for warning in policy.warnings] == [
+        "7: accounts.acme2.sources: 192.0.2.0/24 is also account 'acme''s: its calls go to 'acme' alone",
+        "8: accounts.acme2.auth_usernames: trunk-1 is also account 'acme''s: its calls go to 'acme2' alone",
+        "9: accounts.acme2.from_domains: pbx.acme.example is also account 'acme''s: its calls go to "
+        "'acme2' alone",
+    ]
+
+
 def test_an_account_no_call_can_match_warns(tmp_path: Path) -> None:
     policy = load(tmp_path, "accounts:\n  lost:\n    numbers: ['+14155550100']\n")
     assert policy.warnings == [
