@@ -379,8 +379,8 @@ class ProxyCore:
                 # response passes: ended now, a 2xx crossing it would go uncounted.
                 if method == "BYE" and call.state is CallState.CONFIRMED:
                     if from_customer:
-                        # ends when the PBX accepts it (2xx) or has no such call (481): a BYE
-                        # it refuses otherwise leaves the call up, and its slots taken
+                        # ends when the PBX accepts it (2xx): a BYE it refuses (481, 403...)
+                        # leaves the call up, so must not give the call's slots back
                         tx.call = call
                     else:  # the PBX has hung up, whatever the customer answers
                         self._end_call(call, EndReason.BYE, now, actions, by_caller=from_caller)
