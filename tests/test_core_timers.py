@@ -354,17 +354,6 @@ def test_an_in_dialog_request_to_an_unreachable_caller_gets_503() -> None:
     assert of_type(actions, Send)[0].destination == UPSTREAM
 
 
-def test_a_callers_bye_to_an_unreachable_pbx_leaves_the_call_up() -> None:
-    # the PBX has not accepted the BYE: whether the call is still up there is unknown
-    sim = Sim.make()
-    forwarded = sim.forward()
-    sim.answer(forwarded.data)
-    bye = only_send(sim.customer(in_dialog_from_customer("BYE")))
-    actions = sim.core.unreachable(bye.destination, sim.now)
-    assert kinds(actions) == ["Send", "Discarded"] and statuses(actions) == [503]
-    assert sim.core.calls.live == 1  # no CallEnded
-
-
 # -- bounds -------------------------------------------------------------------------------------------
 def second_call(n: int = 2) -> bytes:
     return invite(call_id=f"call-{n}@192.0.2.10", vias=(f"SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bKc{n}",))
