@@ -65,21 +65,6 @@ def test_a_bye_the_pbx_refuses_does_not_end_the_call() -> None:
     assert end.reason is EndReason.BYE and end.by_caller and (end.now, end.answered_at) == (90.0, 1.0)
 
 
-def test_a_bye_the_pbx_answers_481_ends_the_call_it_no_longer_has() -> None:
-    # The PBX restarted and lost its dialogs: with both tags right, 481 means no call is up
-    # there (§12.2.1.2), so its slots come back now rather than at the maximum lifetime.
-    # A stale CSeq's 500 leaves it up: the PBX still has the call.
-    sim = answered_call()
-    stale = only_send(sim.customer(in_dialog_from_customer("BYE", cseq=1, branch="z9hG4bKstale")))
-    assert kinds(sim.pbx(response(stale.data, 500, to_tag=None))) == ["Send"]
-    assert sim.core.calls.live == 1
-    bye = only_send(sim.customer(in_dialog_from_customer("BYE")))
-    actions = sim.pbx(response(bye.data, 481, to_tag=None))
-    assert kinds(actions) == ["CallEnded", "Send"]
-    [end] = of_type(actions, CallEnded)
-    assert end.reason is EndReason.BYE and sim.core.calls.live == 0
-
-
 # -- forked early dialogs and a second 2xx (RFC 3261 §13.2.2.4, RFC 6026) -----------------------------
 def test_a_second_2xx_from_another_fork_makes_no_call_and_its_bye_ends_nothing() -> None:
     sim = Sim.make()

@@ -287,7 +287,7 @@ class ProxyCore:
         ]
         for tx in stranded:
             tx.retransmit_at = None
-            if tx.call is not None and tx.attempt is not None:  # the INVITE of a call, not a BYE in it
+            if tx.call is not None and not tx.is_session_refresh:
                 self._end_call(tx.call, EndReason.REJECTED, now, actions, status=503)
             self._reply(tx, 503, "Next Hop Unreachable", now, actions, headers=(("Retry-After", "5"),))
         return actions
@@ -632,10 +632,7 @@ class ProxyCore:
         if call is None or not first_final:
             return
         if tx.method == "BYE":
-            # 2xx, or 481: the PBX has no such dialog, so no call is up to hold slots for
-            # (§12.2.1.2). It finds dialogs by both tags, so a BYE it refuses otherwise (a
-            # stale CSeq's 500, a 403) may leave the call up: it keeps its slots.
-            if status < 300 or status == 481:
+            if status < 300:
                 by_caller = response.from_.tag == call.info.from_tag
                 self._end_call(call, EndReason.BYE, now, actions, by_caller=by_caller)
             return
