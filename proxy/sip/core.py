@@ -375,14 +375,10 @@ class ProxyCore:
                 from_caller = request.from_.tag == call.info.from_tag
                 if call.dialog is not None:
                     call.dialog.saw_request(from_caller, request)
-                # A BYE on an early dialog (§15) ends the call when the INVITE's final
-                # response passes: ended now, a 2xx crossing it would go uncounted.
-                if method == "BYE" and call.state is CallState.CONFIRMED:
-                    if from_customer:
-                        # ends when the PBX accepts it (2xx): a BYE it refuses (481, 403...)
-                        # leaves the call up, so must not give the call's slots back
-                        tx.call = call
-                    else:  # the PBX has hung up, whatever the customer answers
+                if method == "BYE":
+                    # A BYE on an early dialog (§15) ends the call when the INVITE's final
+                    # response passes: ended now, a 2xx crossing it would go uncounted.
+                    if call.state is CallState.CONFIRMED:
                         self._end_call(call, EndReason.BYE, now, actions, by_caller=from_caller)
                 elif method in ("INVITE", "UPDATE"):
                     tx.call = call
@@ -631,11 +627,6 @@ class ProxyCore:
         self._complete(tx, now)
         if call is None or not first_final:
             return
-        if tx.method == "BYE":
-            if status < 300:
-                by_caller = response.from_.tag == call.info.from_tag
-                self._end_call(call, EndReason.BYE, now, actions, by_caller=by_caller)
-            return
         if tx.is_session_refresh:
             if status < 300 and call.state is CallState.CONFIRMED:  # not a call ended meanwhile
                 self._refresh_session(call, response, now)
@@ -659,7 +650,7 @@ class ProxyCore:
     def _give_up_at(self, tx: Transaction, now: float, timeout: float) -> float:
         """When a forwarded request times out: never after the early deadline of the call
         it starts, so that the call and its INVITE end together."""
-        if tx.call is not None and tx.attempt is not None:
+        if tx.call is not None and not tx.is_session_refresh:
             return min(now + timeout, tx.call.deadline)
         return now + timeout
 
