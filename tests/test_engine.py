@@ -92,15 +92,9 @@ def decide(engine: PolicyEngine, call: CallAttempt) -> Verdict:
     return verdict
 
 
-def end(
-    engine: PolicyEngine,
-    call: CallAttempt,
-    now: float | None = None,
-    *,
-    reason: EndReason = EndReason.BYE,
-    status: int | None = None,
-) -> None:
-    info = CallInfo(
+def call_info(call: CallAttempt) -> CallInfo:
+    """The call as the core reports it in CallAnswered and CallEnded."""
+    return CallInfo(
         call_id=call.request.call_id,
         from_tag=CALLER_TAG,
         attempt_id=call.attempt_id,
@@ -108,7 +102,21 @@ def end(
         from_customer=True,
         started_at=call.now,
     )
-    engine.call_ended(CallEnded(call=info, reason=reason, now=now or call.now + 60, status=status))
+
+
+def end(
+    engine: PolicyEngine,
+    call: CallAttempt,
+    now: float | None = None,
+    *,
+    reason: EndReason = EndReason.BYE,
+    status: int | None = None,
+    answered_at: float | None = None,
+) -> None:
+    ended = CallEnded(
+        call=call_info(call), reason=reason, now=now or call.now + 60, status=status, answered_at=answered_at
+    )
+    engine.call_ended(ended)
 
 
 def store_of(engine: PolicyEngine) -> MemoryStore:
@@ -344,18 +352,8 @@ def test_the_dialer_history_sees_a_challenged_call_once() -> None:
         assert decide(engine, first) == ACCEPT
         retry = challenged(engine, first)
         assert decide(engine, retry) == ACCEPT
-        info = CallInfo(
-            call_id=retry.request.call_id,
-            from_tag=CALLER_TAG,
-            attempt_id=retry.attempt_id,
-            source=retry.source,
-            from_customer=True,
-            started_at=retry.now,
-        )
-        engine.call_answered(CallAnswered(call=info, now=retry.now + 5))
-        engine.call_ended(
-            CallEnded(call=info, reason=EndReason.BYE, now=retry.now + 65, answered_at=retry.now + 5)
-        )
+        engine.call_answered(CallAnswered(call=call_info(retry), now=retry.now + 5))
+        end(engine, retry, retry.now + 65, answered_at=retry.now + 5)
     subject = engine.history.subject(f"num:{OWNED}", T0 + 300)
     assert subject is not None
     assert (len(subject.attempts), subject.ended, subject.answered, subject.run) == (3, 3, 3, 3)
