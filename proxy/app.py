@@ -24,11 +24,12 @@ from datetime import UTC, datetime
 
 import structlog
 
-from .flood import Ban, BanListFull, Banned, FloodEvent, FloodGuard, FloodSettings, Unbanned
+from .flood import Ban, BanListFull, Banned, EmergencyPassed, FloodEvent, FloodGuard, FloodSettings, Unbanned
 from .hooks import AcceptAll, DecisionHook
 from .policyfile import CompiledPolicy, FloodSection, unadvertised
 from .sip import COMPILED
 from .sip.core import CoreConfig, Listener, ProxyCore
+from .sip.errors import ParseError
 from .sip.events import (
     Action,
     Address,
@@ -43,6 +44,7 @@ from .sip.events import (
     Verdict,
 )
 from .sip.hosts import is_ip
+from .sip.message import Request, parse_message
 from .transport import Transports
 
 log = structlog.get_logger("sipguard")
@@ -61,7 +63,12 @@ GC_YOUNG_THRESHOLD = 20_000
 ENDED_BY_SIPGUARD = frozenset(
     {EndReason.MAX_DURATION, EndReason.KEEPALIVE_FAILED, EndReason.DECISION_TIMEOUT}
 )
-_FLOOD_COUNTERS = {Banned: "flood_bans", Unbanned: "flood_unbans", BanListFull: "flood_ban_list_full"}
+_FLOOD_COUNTERS = {
+    Banned: "flood_bans",
+    Unbanned: "flood_unbans",
+    BanListFull: "flood_ban_list_full",
+    EmergencyPassed: "flood_emergency_passed",
+}
 
 
 @dataclass(kw_only=True)
@@ -158,7 +165,7 @@ class SipGuard:
         self.ended_by_reason: Counter[EndReason] = Counter()
         self.bans_by_reason: Counter[str] = Counter()  # "rate" or "user-agent"
         self.attempt_rate = RateWindow(RATE_WINDOW_TICKS)  # call attempts per second
-        self.flood = FloodGuard(settings.flood)
+        self.flood = FloodGuard(settings.flood, self._places_emergency_call)
         self.wall_offset = 0.0  # loop.time() + wall_offset: the wall clock, set at start
         self._tick: asyncio.TimerHandle | None = None
         self._flood_lines = 0
@@ -185,6 +192,7 @@ class SipGuard:
                 max_call_lifetime=self.settings.max_call_lifetime,
                 early_timeout=self.settings.early_timeout,
                 decision_timeout=self.settings.decision_timeout + 1.0,
+                is_emergency=self.hook.is_emergency,
             )
         )
         for problem in unadvertised(bound, self.settings.advertise):  # e.g. --listen udp:0.0.0.0:5060
@@ -222,6 +230,20 @@ class SipGuard:
             log.exception("proxy.internal_error", source=str(source), size=len(data))
             return
         self._execute(actions)
+
+    def _places_emergency_call(self, data: bytes, host: str) -> bool:
+        """For the flood guard: does this message from a banned ``host`` place a new call
+        to an emergency number?"""
+        try:
+            message = parse_message(data, stream=False)
+            return (
+                isinstance(message, Request)
+                and message.method == "INVITE"
+                and message.to.tag is None
+                and self.hook.is_emergency(message, host)
+            )
+        except ParseError:
+            return False
 
     def unreachable(self, next_hop: Address) -> None:
         """The transports could not reach ``next_hop``: what waits on it fails now (503)."""
@@ -316,7 +338,8 @@ class SipGuard:
             self.counters[_FLOOD_COUNTERS[type(event)]] += 1
             if isinstance(event, Banned):
                 self.bans_by_reason[event.reason] += 1
-            if self._flood_lines >= FLOOD_LINES_PER_TICK and not always:
+            always_logged = always or isinstance(event, EmergencyPassed)  # a life-safety audit trail
+            if self._flood_lines >= FLOOD_LINES_PER_TICK and not always_logged:
                 self._flood_lines_suppressed += 1
                 continue
             self._flood_lines += 1
@@ -338,6 +361,10 @@ class SipGuard:
                 )
             elif isinstance(event, BanListFull):
                 log.error("flood.ban_list_full", host=event.host, size=event.size)
+            elif isinstance(event, EmergencyPassed):
+                log.warning(
+                    "flood.emergency_passed", host=event.host, call_id=event.call_id, calls=event.calls
+                )
 
     # -- the core's outputs -----------------------------------------------------------------
     def _execute(self, actions: list[Action]) -> None:

@@ -54,6 +54,7 @@ from .engine import PolicyEngine
 from .flood import FloodGuard
 from .policyfile import PolicyFileError, load_policy
 from .sip.events import Address, CallAnswered, CallAttempt, CallEnded, Verdict
+from .sip.message import Request
 
 POLICY = Path(__file__).resolve().with_name("demo_policy.yaml")
 SCENARIO_DIR = Path(__file__).resolve().parent.parent / "sipp-scenarios"
@@ -92,6 +93,9 @@ class JudgedCalls:
 
     def call_ended(self, event: CallEnded) -> None:
         self.engine.call_ended(event)
+
+    def is_emergency(self, request: Request, source_host: str) -> bool:
+        return self.engine.is_emergency(request, source_host)
 
     def _counts(self) -> tuple[Counter[tuple[str, int]], Counter[str]]:
         return self.engine.counters.rejections.copy(), self.engine.counters.verdicts.copy()

@@ -446,6 +446,16 @@ class PolicyEngine:
         )
 
     # -- helpers ------------------------------------------------------------------------------------
+    def is_emergency(self, request: Request, source_host: str) -> bool:
+        """Does this INVITE call an emergency number, as ``_plan`` would find? For the
+        core and the flood guard, which ask before refusing a call for their own reasons."""
+        policy = self.policy
+        try:
+            account = self._account_for(source_host, request)
+        except ParseError:  # e.g. a From that does not parse: the default region
+            account = None
+        return policy.emergency.matches(request.uri, account.region if account else policy.region)
+
     def _account_for(self, host: str, request: Request) -> Account | None:
         policy = self.policy
         if host in self._accounts_by_host:

@@ -22,6 +22,12 @@ Strategy
   soon stays out for the day, while a one-off offender is back after ``ban_seconds``.
 - Exempt: trusted peers, the upstream PBX and the ``exempt`` networks are never
   counted, checked or banned (a PBX's OPTIONS storm, a NATed office after an outage).
+- Emergency calls pass a ban: emergency numbers are never blocked, and a ban falls on
+  every phone behind the flooder's address (an office's NAT). A banned source's INVITE
+  whose request line may dial one (a short number, ``urn:service:sos``) is handed to
+  ``emergency_call``, the policy's full check; if it says yes, that call's messages (by
+  Call-ID: retransmissions, ACK, BYE) pass too. Bounded, because a flooder may dial 911
+  too: ``MAX_EMERGENCY_CALLS_PER_BAN`` calls a ban, ``EMERGENCY_CALL_MESSAGES`` each.
 
 Invariants: every table is bounded by ``max_sources`` (a flood of spoofed sources
 cannot grow memory: sources gone quiet are evicted first, then those owing least);
@@ -34,7 +40,8 @@ from __future__ import annotations
 import heapq
 import ipaddress
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from .sip.hosts import in_networks, normal_host
 
@@ -63,6 +70,21 @@ MAX_REMEMBERED_AGENTS = 4096  # distinct User-Agent values whose verdict is reme
 # A header line "User-Agent :" in any case (SIP defines no compact form for it). Spelt
 # with classes: re.IGNORECASE makes the same search twice as slow.
 _USER_AGENT_LINE = re.compile(rb"\n[Uu][Ss][Ee][Rr]-[Aa][Gg][Ee][Nn][Tt][ \t]*:([^\r\n]*)")
+# A request line that may dial an emergency number: an INVITE to a URI whose user part
+# is a short number (up to 7 digits, with separators, + and phone-context allowed: 911,
+# +1-911, 112;phone-context=+49), or to urn:service:sos (RFC 5031). A cheap screen: only
+# what passes it is parsed and checked against the policy's emergency numbers, so that a
+# banned source flooding INVITEs still costs little.
+_MAYBE_EMERGENCY = re.compile(
+    rb"INVITE (?:(?:[Ss][Ii][Pp][Ss]?|[Tt][Ee][Ll]):\+?(?:[-.()]*[0-9]){1,7}[-.()]*[@;? ]"
+    rb"|[Uu][Rr][Nn]:[Ss][Ee][Rr][Vv][Ii][Cc][Ee]:[Ss][Oo][Ss])"
+)
+# The Call-ID header (or its compact form i) and its value, in the header section
+_CALL_ID_LINE = re.compile(rb"\n(?:[Cc][Aa][Ll][Ll]-[Ii][Dd]|[Ii])[ \t]*:[ \t]*([^\r\n]*?)[ \t]*\r?\n")
+MAX_EMERGENCY_CALLS_PER_BAN = 16  # emergency calls a banned source may place during one ban
+EMERGENCY_CALL_MESSAGES = 200  # messages of each let through: retransmissions, ACK, BYE, refreshes
+# Does this message, from this banned host, place an emergency call? (the policy's check)
+EmergencyCheck = Callable[[bytes, str], bool]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -107,7 +129,16 @@ class BanListFull:
     size: int
 
 
-FloodEvent = Banned | Unbanned | BanListFull
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EmergencyPassed:
+    """A banned source placed an emergency call, and it was let through."""
+
+    host: str
+    call_id: str
+    calls: int  # emergency calls this source has placed during this ban, this one included
+
+
+FloodEvent = Banned | Unbanned | BanListFull | EmergencyPassed
 
 
 @dataclass(slots=True, kw_only=True)
@@ -120,7 +151,9 @@ class Ban:
     since: float
     until: float
     offences: int
-    dropped: int = 1  # the message that earned the ban is dropped too
+    dropped: int = 0
+    # Call-ID -> messages still let through, for the emergency calls placed while banned
+    emergency_calls: dict[bytes, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -140,8 +173,11 @@ class _Offences:
 class FloodGuard:
     """Per-source rate, scanner User-Agents and bans. Call ``admit`` for every message."""
 
-    def __init__(self, settings: FloodSettings | None = None) -> None:
+    def __init__(
+        self, settings: FloodSettings | None = None, emergency_call: EmergencyCheck | None = None
+    ) -> None:
         self.events: list[FloodEvent] = []
+        self._emergency_call = emergency_call
         self._bans: dict[str, Ban] = {}
         self._sources: dict[str, _Source] = {}
         self._offences: dict[str, _Offences] = {}
@@ -175,8 +211,7 @@ class FloodGuard:
         ban = self._bans.get(host)
         if ban is not None:
             if now < ban.until:
-                ban.dropped += 1
-                return False
+                return self._admit_banned(ban, data)
             self._lift(host, "expiry")
         source = self._sources.get(host)
         if source is None:
@@ -191,12 +226,33 @@ class FloodGuard:
         source.messages += 1
         signature = self._scanner_signature(data)
         if signature is not None:
-            return self._ban(host, source, now, "user-agent", signature)
+            return self._ban(host, source, now, "user-agent", signature, data)
         if arrival - now > self._tolerance:
             limit = f"over {self.settings.messages_per_second:g}/s, burst {self.settings.burst}"
-            return self._ban(host, source, now, "rate", limit)
+            return self._ban(host, source, now, "rate", limit, data)
         source.arrival = arrival
         return True
+
+    def _admit_banned(self, ban: Ban, data: bytes) -> bool:
+        """Drop a banned source's message, unless it places or belongs to an emergency call."""
+        if self._emergency_call is not None:
+            calls = ban.emergency_calls
+            if calls:
+                line = _CALL_ID_LINE.search(data)
+                if line is not None and calls.get(line.group(1), 0) > 0:
+                    calls[line.group(1)] -= 1
+                    return True
+            if len(calls) < MAX_EMERGENCY_CALLS_PER_BAN and _MAYBE_EMERGENCY.match(data):
+                line = _CALL_ID_LINE.search(data)
+                if line is not None and line.group(1) not in calls and self._emergency_call(data, ban.host):
+                    call_id = line.group(1)
+                    calls[call_id] = EMERGENCY_CALL_MESSAGES - 1
+                    self.events.append(
+                        EmergencyPassed(host=ban.host, call_id=call_id.decode("latin-1"), calls=len(calls))
+                    )
+                    return True
+        ban.dropped += 1
+        return False
 
     def _scanner_signature(self, data: bytes) -> str | None:
         line = _USER_AGENT_LINE.search(data)
@@ -278,7 +334,9 @@ class FloodGuard:
             for host in heapq.nsmallest(excess, sources, key=lambda host: sources[host].arrival):
                 del sources[host]
 
-    def _ban(self, host: str, source: _Source, now: float, reason: str, detail: str) -> bool:
+    def _ban(self, host: str, source: _Source, now: float, reason: str, detail: str, data: bytes) -> bool:
+        """Ban ``host``; then its message is treated as a banned source's (dropped, unless
+        an emergency call)."""
         settings = self.settings
         if len(self._bans) >= settings.max_sources:
             if not self._ban_list_full:
@@ -294,7 +352,7 @@ class FloodGuard:
         if len(self._offences) >= settings.max_sources:
             del self._offences[next(iter(self._offences))]
         self._offences[host] = _Offences(offences, seconds, until)  # (re)inserted last: evicted last
-        self._bans[host] = Ban(
+        ban = self._bans[host] = Ban(
             host=host, reason=reason, detail=detail, since=now, until=until, offences=offences
         )
         elapsed = max(now - source.since, self._interval)
@@ -305,7 +363,7 @@ class FloodGuard:
             )
         )  # fmt: skip
         del self._sources[host]  # after the ban it starts afresh
-        return False
+        return self._admit_banned(ban, data)
 
     def _lift(self, host: str, by: str) -> Ban:
         ban = self._bans.pop(host)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from .sip.events import Accept, CallAnswered, CallAttempt, CallEnded, Verdict
+from .sip.message import Request
 
 
 class DecisionHook(Protocol):
@@ -22,6 +23,12 @@ class DecisionHook(Protocol):
     def call_answered(self, event: CallAnswered) -> None: ...
 
     def call_ended(self, event: CallEnded) -> None: ...
+
+    def is_emergency(self, request: Request, source_host: str) -> bool:
+        """Does this initial INVITE call an emergency number? Asked, without judging, where
+        the proxy would refuse a call for its own reasons (a ban, shutting down, max_calls),
+        because emergency calls are never blocked."""
+        ...
 
 
 class AcceptAll:
@@ -40,3 +47,6 @@ class AcceptAll:
 
     def call_ended(self, event: CallEnded) -> None:
         pass
+
+    def is_emergency(self, request: Request, source_host: str) -> bool:
+        return False  # no policy, no emergency numbers

@@ -205,6 +205,11 @@ class SipguardCollector(Collector):
             labels=("reason",),
             samples={(reason,): n for reason, n in guard.bans_by_reason.items()},
         )
+        yield _counter(
+            "sipguard_flood_emergency_passed",
+            "Emergency calls placed by banned sources and let through (emergency numbers are never blocked).",
+            guard.counters["flood_emergency_passed"],
+        )
         yield _gauge(
             "sipguard_banned_sources",
             "Sources banned now.",

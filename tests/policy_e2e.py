@@ -143,20 +143,27 @@ class PolicyLab:
             self.pbx_port = free_udp_port(self.pbx_host)
         self.path = self.lab.workdir / "policy.yaml"
 
-    def write_policy(self, body: str) -> Path:
-        """The policy file: a ``proxy:`` section for this lab's ports, then ``body``."""
+    def write_policy(self, body: str, proxy_settings: str = "") -> Path:
+        """The policy file: a ``proxy:`` section for this lab's ports (plus
+        ``proxy_settings``, one ``key: value`` a line), then ``body``."""
         listen, upstream = f"udp:{LOOPBACK}:{self.proxy}", f"udp:{self.pbx_host}:{self.pbx_port}"
         section = f"proxy:\n  listen: [{listen}]\n  upstream: {upstream}\n"
+        section += "".join(f"  {line.strip()}\n" for line in proxy_settings.splitlines() if line.strip())
         self.path.write_text(section + textwrap.dedent(body).lstrip("\n"))
         return self.path
 
     def start(
-        self, body: str, *, pbx_scenario: str = "uas_pbx.xml", wall_clock: str | None = None
+        self,
+        body: str,
+        *,
+        pbx_scenario: str = "uas_pbx.xml",
+        wall_clock: str | None = None,
+        proxy_settings: str = "",
     ) -> PolicyGuard:
         """Write the policy, start the PBX and ``sipguard run --config`` (debug log: every
         judged INVITE gets a ``call.decision`` line), and wait until both are ready.
         ``wall_clock`` (ISO 8601) is passed as ``--wall-clock``, for calendar rules."""
-        self.write_policy(body)
+        self.write_policy(body, proxy_settings)
         self.pbx = Sipp(
             self.lab.workdir, "pbx", scenario=pbx_scenario, port=self.pbx_port, calls=self.pbx_calls,
             timeout=120, host=self.pbx_host,

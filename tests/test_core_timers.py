@@ -47,6 +47,7 @@ from proxy.sip.events import (
     Reject,
     Send,
 )
+from proxy.sip.message import Request
 
 
 def statuses(actions: list[Action]) -> list[int]:
@@ -380,6 +381,36 @@ def test_max_transactions_reached_answers_503_statelessly() -> None:
     assert kinds(actions) == ["Send", "Discarded"]
     assert statuses(actions) == [503]
     assert sim.core.transactions == 1
+
+
+def emergency_call(n: int) -> bytes:
+    return invite(
+        uri="sip:911@198.51.100.1",
+        call_id=f"sos-{n}@192.0.2.10",
+        vias=(f"SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bKsos{n}",),
+    )
+
+
+def dials_911(request: Request, source_host: str) -> bool:
+    return str(request.uri).startswith("sip:911@") and source_host == CUSTOMER.host
+
+
+@pytest.mark.parametrize("refusing", ["max_calls", "stopping"])
+def test_emergency_calls_pass_where_new_calls_are_refused(refusing: str) -> None:
+    """Past max_calls and while shutting down, an emergency call is still asked about and
+    forwarded (the policy layer's is_emergency says which calls are), while any other new
+    call gets 503."""
+    sim = Sim.make(max_calls=1, is_emergency=dials_911)
+    if refusing == "max_calls":
+        sim.answer(sim.forward().data)
+    else:
+        sim.core.stop_accepting()
+    assert statuses(sim.customer(second_call())) == [503]
+    [decide] = of_type(sim.customer(emergency_call(1)), Decide)
+    forwarded = only_send(sim.decide(decide.attempt.attempt_id, Accept()))
+    assert forwarded.destination == UPSTREAM
+    assert str(parse_request(forwarded.data).uri) == "sip:911@198.51.100.1"
+    assert statuses(sim.customer(second_call(3))) == [503]  # and the refusal goes on for the rest
 
 
 def test_stop_accepting_refuses_new_calls_but_lets_dialogs_finish() -> None:

@@ -290,6 +290,29 @@ def test_dialer_burst_gets_503_retry_after_then_service_resumes(policy_lab: Poli
 
 
 # -- 4. emergency calls -----------------------------------------------------------------------------
+def test_emergency_call_connects_past_the_proxys_own_call_limit(policy_lab: PolicyLab) -> None:
+    """proxy.max_calls: 1 and one call up: a normal call gets 503 Call Limit Reached, the
+    call to 911 connects (the core asks the policy whether a call it would refuse is an
+    emergency call)."""
+    guard = policy_lab.start(ONE_CALL_AT_A_TIME, proxy_settings="max_calls: 1")
+    mark = guard.mark()
+    holder = policy_lab.call("uac_caller.xml", ACME_NUMBER, hold_ms=4000)
+    guard.wait_for("call.decision", since=mark, caller_e164=ACME_NUMBER, verdict="accept")
+    refused = policy_lab.run("uac_refused.xml", ACME_NUMBER)  # refused before any rule is asked
+    emergency = policy_lab.run("uac_caller.xml", ACME_NUMBER, dialled="911")
+    holder_result = holder.wait()
+
+    log, pbx = policy_lab.finish()
+    assert_calls(holder_result, [200])
+    assert_calls(refused, [503])
+    (limit_reached,) = final_responses(refused, 503)
+    assert limit_reached.first_line == "SIP/2.0 503 Call Limit Reached", limit_reached.text
+    assert_calls(emergency, [200])
+    assert [entry["call_id"] for entry in log.named("call.emergency")] == [only_call_id(emergency)]
+    assert pbx_call_ids(pbx) == {only_call_id(holder_result), only_call_id(emergency)}
+    assert_guard_clean(log, ended_by_bye=2)
+
+
 def test_emergency_call_connects_over_every_limit_and_is_not_counted(policy_lab: PolicyLab) -> None:
     """A caller at its concurrency cap and over its call rate is refused a normal call, but
     its call to 911 connects; the emergency call takes no slot and no rate: a normal call

@@ -427,6 +427,22 @@ def test_emergency_calls_are_accepted_and_never_counted(uri: str, source: Addres
     assert sos[0]["call_id"] == "sos0@192.0.2.10"
     assert sos[0]["callee"] == uri
     assert sos[0]["source"] == source.host
+    # what the core and the flood guard ask before refusing a call for their own reasons
+    assert engine.is_emergency(attempt("ask", uri=uri, source=source, from_=from_).request, source.host)
+
+
+@pytest.mark.parametrize(
+    ("uri", "source"),
+    [
+        (f"sip:{CALLEE}@pbx.example.com", CUSTOMER),
+        ("sip:999@pbx.example.com", CUSTOMER),  # not in this policy's list
+        ("tel:+44999", CUSTOMER),  # nor in its national form
+        ("sip:sos@pbx.example.com", CUSTOMER),  # only urn:service:sos is the service URN
+    ],
+)
+def test_is_emergency_says_no_to_numbers_the_policy_does_not_list(uri: str, source: Address) -> None:
+    engine = engine_for(TIGHT, emergency_numbers=["911"])
+    assert not engine.is_emergency(attempt("ask", uri=uri, source=source).request, source.host)
 
 
 def test_an_emergency_number_as_caller_id_is_refused() -> None:

@@ -18,8 +18,11 @@ from test_policyfile import errors, load, write
 from proxy.cli import main
 from proxy.flood import (
     DEFAULT_SCANNER_USER_AGENTS,
+    EMERGENCY_CALL_MESSAGES,
+    MAX_EMERGENCY_CALLS_PER_BAN,
     BanListFull,
     Banned,
+    EmergencyPassed,
     FloodEvent,
     FloodGuard,
     FloodSettings,
@@ -216,6 +219,118 @@ def test_the_user_agent_list_is_configurable_and_case_blind() -> None:
     assert flood.admit("192.0.2.2", request("friendly-scanner"), 2.0) is True
 
 
+# -- emergency calls pass a ban -------------------------------------------------------------------------
+def sip_request(method: str, uri: str, call_id: str, *, to_tag: str | None = None) -> bytes:
+    lines = [
+        f"{method} {uri} SIP/2.0",
+        "Via: SIP/2.0/UDP 192.0.2.66:5060;branch=z9hG4bK-e1;rport",
+        "From: <sip:+14155550100@example.net>;tag=1",
+        "To: <sip:911@example.net>" + (f";tag={to_tag}" if to_tag else ""),
+        f"Call-ID: {call_id}",
+        f"CSeq: 1 {method}",
+        "Content-Length: 0",
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+class EmergencyCheck:
+    """Stands in for the policy's check (the app's parses and asks the engine): a
+    request line to 911 or urn:service:sos is an emergency call. Records what it was asked."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[bytes, str]] = []
+
+    def __call__(self, data: bytes, host: str) -> bool:
+        self.asked.append((data, host))
+        return data.startswith((b"INVITE sip:911@", b"INVITE tel:911", b"INVITE urn:service:sos"))
+
+
+def banned_guard() -> tuple[FloodGuard, EmergencyCheck]:
+    check = EmergencyCheck()
+    flood = FloodGuard(FloodSettings(messages_per_second=RATE, burst=BURST, ban_seconds=10.0), check)
+    send(flood, BURST + 1)
+    assert [type(event) for event in flood.take_events()] == [Banned]
+    return flood, check
+
+
+def test_a_banned_source_still_places_an_emergency_call_and_carries_it_through() -> None:
+    """Its INVITE, the INVITE's retransmission, the ACK and the BYE (same Call-ID) pass;
+    everything else it sends is still dropped."""
+    flood, check = banned_guard()
+    invite = sip_request("INVITE", "sip:911@example.net", "sos-1@192.0.2.66")
+    assert flood.admit(SCANNER, invite, 1.0) is True
+    assert flood.take_events() == [EmergencyPassed(host=SCANNER, call_id="sos-1@192.0.2.66", calls=1)]
+    assert flood.admit(SCANNER, invite, 1.5) is True  # its retransmission
+    for method in ("ACK", "BYE"):
+        assert flood.admit(SCANNER, sip_request(method, "sip:911@pbx", "sos-1@192.0.2.66", to_tag="t"), 2.0)
+    assert flood.admit(SCANNER, sip_request("INVITE", "sip:100@example.net", "scan-1@x"), 2.0) is False
+    assert flood.admit(SCANNER, sip_request("BYE", "sip:911@pbx", "other@x", to_tag="t"), 2.0) is False
+    assert flood.admit(SCANNER, PLAIN, 2.0) is False
+    assert len(check.asked) == 2  # the first INVITE to 911, and the INVITE to 100: nothing else
+    assert flood.bans[0].dropped == 1 + 3  # the banning message, then the three above
+    assert flood.take_events() == []
+
+
+@pytest.mark.parametrize(
+    "uri", ["tel:911", "sip:911@example.net;user=phone", "urn:service:sos", "sip:+1-911@example.net"]
+)
+def test_the_screen_hands_every_short_number_and_the_sos_urn_to_the_check(uri: str) -> None:
+    flood, check = banned_guard()
+    flood.admit(SCANNER, sip_request("INVITE", uri, "sos@x"), 1.0)
+    assert len(check.asked) == 1 and check.asked[0][1] == SCANNER
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        sip_request("INVITE", "sip:+14155550142@example.net", "long@x"),  # a full number: never emergency
+        sip_request("INVITE", "sip:alice@example.net", "name@x"),
+        sip_request("OPTIONS", "sip:911@example.net", "options@x"),
+        b"INVITE sip:911@example.net",  # no Call-ID: its later messages could not be told apart
+    ],
+)
+def test_what_cannot_be_an_emergency_call_is_dropped_unparsed(data: bytes) -> None:
+    flood, check = banned_guard()
+    assert flood.admit(SCANNER, data, 1.0) is False
+    assert check.asked == []
+
+
+def test_the_message_that_earns_the_ban_passes_if_it_is_an_emergency_call() -> None:
+    check = EmergencyCheck()
+    flood = FloodGuard(FloodSettings(messages_per_second=RATE, burst=BURST), check)
+    assert all(send(flood, BURST))
+    assert flood.admit(SCANNER, sip_request("INVITE", "tel:911", "sos@x"), 0.0) is True
+    assert [type(event) for event in flood.take_events()] == [Banned, EmergencyPassed]
+    assert flood.bans[0].dropped == 0
+
+
+def test_a_ban_lets_through_a_bounded_number_of_emergency_calls_and_messages() -> None:
+    """A flooder may dial 911 too: MAX_EMERGENCY_CALLS_PER_BAN calls a ban, each with
+    EMERGENCY_CALL_MESSAGES messages at most."""
+    flood, _ = banned_guard()
+    calls = [sip_request("INVITE", "tel:911", f"sos-{n}@x") for n in range(MAX_EMERGENCY_CALLS_PER_BAN + 1)]
+    admitted = [flood.admit(SCANNER, call, 1.0) for call in calls]
+    assert admitted == [True] * MAX_EMERGENCY_CALLS_PER_BAN + [False]
+    assert len(flood.take_events()) == MAX_EMERGENCY_CALLS_PER_BAN
+    retransmissions = [flood.admit(SCANNER, calls[0], 2.0) for _ in range(EMERGENCY_CALL_MESSAGES)]
+    assert retransmissions == [True] * (EMERGENCY_CALL_MESSAGES - 1) + [False]
+
+
+def test_without_an_emergency_check_a_ban_drops_every_emergency_call() -> None:
+    flood = guard()
+    send(flood, BURST + 1)
+    assert flood.admit(SCANNER, sip_request("INVITE", "tel:911", "sos@x"), 1.0) is False
+
+
+def test_the_next_ban_starts_with_no_emergency_calls_let_through() -> None:
+    flood, _ = banned_guard()
+    invite = sip_request("INVITE", "tel:911", "sos@x")
+    assert flood.admit(SCANNER, invite, 1.0) is True
+    flood.expire(10.0)
+    send(flood, BURST + 1, at=10.0)
+    assert flood.admit(SCANNER, sip_request("BYE", "sip:911@pbx", "sos@x", to_tag="t"), 11.0) is False
+
+
 # -- exempt ------------------------------------------------------------------------------------------
 def test_exempt_networks_are_never_banned() -> None:
     exempt = (ipaddress.ip_network("198.51.100.0/24"), ipaddress.ip_network("2001:db8:1::/48"))
@@ -309,6 +424,14 @@ def test_disabled_admits_everything() -> None:
 def test_any_bytes_are_admitted_or_dropped_never_an_error(data: bytes) -> None:
     flood = guard()
     assert flood.admit(SCANNER, data, 0.0) in (True, False)
+
+
+@given(st.sampled_from([b"INVITE tel:911 ", b"INVITE sip:112@h ", b"BYE sip:x "]), st.binary(max_size=500))
+def test_a_banned_source_sending_any_bytes_is_never_an_error(start: bytes, rest: bytes) -> None:
+    flood, _ = banned_guard()
+    data = start + rest
+    for _ in range(3):  # a new call, then the same call's messages
+        assert flood.admit(SCANNER, data, 1.0) in (True, False)
 
 
 # -- the policy file ---------------------------------------------------------------------------------

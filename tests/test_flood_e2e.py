@@ -20,7 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from policy_e2e import ACME, GLOBEX, PolicyLab, admin_address, assert_calls, cli, decisions
+from policy_e2e import (
+    ACME,
+    CALLEE,
+    GLOBEX,
+    PolicyLab,
+    admin_address,
+    assert_calls,
+    cli,
+    decisions,
+    only_call_id,
+)
 from sipp import LOOPBACK, GuardLog, Lab, checkout_env, installed_sipguard, wait_until
 
 from proxy.admin import UNBAN_USAGE
@@ -161,16 +171,20 @@ class SipClient:
 
     def options(self, user_agent: str | None = None) -> str:
         """Send one; returns its Call-ID."""
+        return self.send("OPTIONS", f"sip:{LOOPBACK}:{self.proxy}", user_agent)
+
+    def send(self, method: str, uri: str, user_agent: str | None = None) -> str:
+        """Send a request with no body (an INVITE offering no SDP); returns its Call-ID."""
         self.sent += 1
         call_id = f"{self.sent}@{self.host}"
         lines = [
-            f"OPTIONS sip:{LOOPBACK}:{self.proxy} SIP/2.0",
+            f"{method} {uri} SIP/2.0",
             f"Via: SIP/2.0/UDP {self.host}:{self.port};branch=z9hG4bK-{self.sent};rport",
             "Max-Forwards: 70",
             f"From: <sip:probe@{self.host}>;tag={self.sent}",
             f"To: <sip:{LOOPBACK}:{self.proxy}>",
             f"Call-ID: {call_id}",
-            "CSeq: 1 OPTIONS",
+            f"CSeq: 1 {method}",
             *([f"User-Agent: {user_agent}"] if user_agent else []),
             "Content-Length: 0",
         ]
@@ -204,6 +218,41 @@ def request(method: str, path: str, body: bytes = b"", *, token: str | None = TO
     auth = f"Authorization: Bearer {token}\r\n" if token else ""
     head = f"{method} {path} HTTP/1.1\r\nHost: sipguard\r\n{auth}Content-Length: {len(body)}\r\n\r\n"
     return head.encode() + body
+
+
+def test_a_banned_office_still_reaches_emergency_services(policy_lab: PolicyLab) -> None:
+    """A scanner behind acme's address (its User-Agent gives it away) gets that address
+    banned: acme's next normal INVITE is dropped unread, but its call to 911 from the same
+    address connects and hangs up through sipguard (INVITE, ACK, BYE all let through)."""
+    guard = policy_lab.start(f"""
+        accounts:
+          acme:
+            sources: [{ACME}/32]
+            numbers: ["{ACME_NUMBER}"]
+        rules:
+          caller_id: {{}}
+        """)
+    scanner_behind_nat = SipClient(ACME, policy_lab.proxy)
+    try:
+        scanner_behind_nat.options("friendly-scanner")
+        guard.wait_for("flood.banned", host=ACME)
+        dropped_call = scanner_behind_nat.send("INVITE", f"sip:{CALLEE}@{LOOPBACK}:{policy_lab.proxy}")
+        emergency = policy_lab.run("uac_caller.xml", ACME_NUMBER, dialled="911", hold_ms=200)
+    finally:
+        scanner_behind_nat.close()
+
+    log, pbx = policy_lab.finish()
+    assert_calls(emergency, [200])  # answered, and its BYE answered too
+    emergency_id = only_call_id(emergency)
+    (passed,) = log.named("flood.emergency_passed")
+    assert (passed["host"], passed["call_id"], passed["calls"]) == (ACME, emergency_id, 1)
+    assert [entry["call_id"] for entry in log.named("call.emergency")] == [emergency_id]
+    assert log.counter("flood_emergency_passed") == 1
+    assert log.counter("flood_dropped") == 2  # the banning OPTIONS and the normal INVITE
+    assert {m.headers("call-id")[0] for m in pbx.requests("received", "INVITE")} == {emergency_id}
+    assert dropped_call != emergency_id
+    assert [m.headers("call-id")[0] for m in pbx.requests("received", "BYE")] == [emergency_id]
+    assert_guard_clean(log)
 
 
 def test_admin_lists_bans_and_unbans_through_the_cli(

@@ -41,6 +41,7 @@ import hashlib
 import heapq
 import itertools
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .calls import Call, CallState, CallTable
@@ -110,6 +111,10 @@ class CoreConfig:
     early_timeout: float = 180.0  # RFC 3261 Timer C: > 3 minutes of ringing
     decision_timeout: float = TIMER_B
     aliases: frozenset[str] = field(default=frozenset())  # other names for us in Route / R-URI
+    # Is this customer's INVITE (and its source host) an emergency call? Such calls are let
+    # through while new calls are otherwise refused (shutting down, max_calls reached):
+    # emergency numbers are never blocked. max_transactions still bounds memory.
+    is_emergency: Callable[[Request, str], bool] | None = None
 
 
 class TxState(enum.Enum):
@@ -221,7 +226,8 @@ class ProxyCore:
         return {(*key, method): n for key, counts in tables.items() for method, n in counts.items()}
 
     def stop_accepting(self) -> None:
-        """Shutting down: new calls get 503, transactions in flight go on."""
+        """Shutting down: new calls get 503 (emergency calls excepted), transactions in
+        flight go on."""
         self.accepting = False
 
     def receive(self, data: bytes, source: Address, local: Address, now: float) -> list[Action]:
@@ -390,11 +396,13 @@ class ProxyCore:
     ) -> None:
         request = tx.request
         assert request is not None
+        refusal = None
         if not self.accepting:
-            self._reply(tx, 503, "Service Unavailable", now, actions, headers=(("Retry-After", "5"),))
-            return
-        if self.calls.live + len(self._deciding) >= self.config.max_calls:
-            self._reply(tx, 503, "Call Limit Reached", now, actions, headers=(("Retry-After", "5"),))
+            refusal = "Service Unavailable"
+        elif self.calls.live + len(self._deciding) >= self.config.max_calls:
+            refusal = "Call Limit Reached"
+        if refusal is not None and not (from_customer and self._emergency(request, tx.source)):
+            self._reply(tx, 503, refusal, now, actions, headers=(("Retry-After", "5"),))
             return
         # Unique per call attempt, not just per branch: a client that reuses a Via branch
         # for a new INVITE (after the old transaction is forgotten) must not make two calls
@@ -419,6 +427,10 @@ class ProxyCore:
         actions.append(
             Decide(attempt=CallAttempt(attempt_id=attempt_id, request=request, source=tx.source, now=now))
         )
+
+    def _emergency(self, request: Request, source: Address) -> bool:
+        is_emergency = self.config.is_emergency
+        return is_emergency is not None and is_emergency(request, source.host)
 
     def _on_retransmission(self, tx: Transaction, source: Address, actions: list[Action]) -> None:
         if tx.last_response is not None:
