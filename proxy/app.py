@@ -33,6 +33,7 @@ from .sip.errors import ParseError
 from .sip.events import (
     Action,
     Address,
+    ByeRefused,
     CallAnswered,
     CallAttempt,
     CallEnded,
@@ -403,6 +404,14 @@ class SipGuard:
                 else:  # per call: debug, or the log costs more CPU than the call
                     log.debug("call.ended", **ended)
                 self.hook.call_ended(action)
+            elif isinstance(action, ByeRefused):
+                self.counters["byes_refused"] += 1
+                log.info(
+                    "call.bye_refused",
+                    call_id=action.call.call_id,
+                    status=action.status,
+                    by="caller" if action.by_caller else "callee",
+                )
             elif isinstance(action, Discarded):
                 self.counters["discarded"] += 1
                 log.info(

@@ -11,8 +11,10 @@ engine's wall_offset makes calendar rules see the capture's own date and time):
 - A real PolicyEngine built from the policy judges each attempt, counting in its own
   in-memory store: a replay never touches the policy's Redis.
 - What the capture shows next drives the calls the replay let through, in a CallTable as
-  in the core: the first 2xx to the INVITE answers the call, a BYE ends it, a final
-  response of 300 or more fails it (487 after a CANCEL: cancelled). As live, a call still
+  in the core: the first 2xx to the INVITE answers the call, a BYE from the PBX side ends
+  it, a customer's BYE ends it when answered 2xx, 481 or 408 (or left unanswered for
+  TIMER_B, or still unanswered when the capture ends), a final response of 300 or more
+  fails it (487 after a CANCEL: cancelled). As live, a call still
   ringing after proxy.ringing_timeout, or up past proxy.max_call_lifetime or its rules'
   maximum duration, ends then; a call the capture never ends, ends with the capture.
 - A call the replay refuses never happened: nothing later in the capture is applied to it.
@@ -53,6 +55,7 @@ from .sip.events import (
     Verdict,
 )
 from .sip.hosts import in_networks, normal_host
+from .sip.timers import TIMER_B
 from .state import MemoryStore
 
 _POLICY_ERROR = Reject(status=500, reason="Policy Error")  # what the live proxy answers
@@ -194,6 +197,9 @@ class CallReplay:
         self._seen: dict[tuple[str, str, int], float] = {}  # INVITE copies recognised, by first sight
         self._open: dict[tuple[str, str, int], _Attempt] = {}
         self._timers: list[tuple[float, int, Call]] = []
+        # customers' BYEs awaiting the PBX's answer, in capture order: (Call-ID, CSeq) ->
+        # (the call, sent by its caller, when)
+        self._byes: dict[tuple[str, int], tuple[Call, bool, float]] = {}
         self._sequence = itertools.count()
         self._decision: dict[str, Any] | None = None
         self._pbx_messages = 0
@@ -218,10 +224,12 @@ class CallReplay:
                 if message.status_code >= 200 and message.cseq.method == "INVITE":
                     from_pbx = self._from_pbx_side(packet.source)
                     self._final_response(_attempt_key(message), message, from_pbx, now)
+                elif message.status_code >= 200 and message.cseq.method == "BYE":
+                    self._bye_answered(message, now)
             elif message.method == "INVITE" and message.to.tag is None:
                 self._invite(_attempt_key(message), packet, now)
             elif message.method == "BYE":
-                self._bye(message, now)
+                self._bye(message, self._from_pbx_side(packet.source), now)
             elif message.method == "CANCEL" and (attempt := self._open.get(_attempt_key(message))):
                 attempt.cancelled = True
         except ParseError:
@@ -233,6 +241,9 @@ class CallReplay:
         if end is not None and self._origin is not None:
             now = max(now, end - self._origin)
         self._expire(now)
+        for call, by_caller, _ in self._byes.values():  # their answers are not in the capture
+            self._end(call, EndReason.BYE, now, by_caller=by_caller)
+        self._byes.clear()
         for call in self.calls.calls():
             reason = EndReason.NO_ANSWER if call.state is CallState.EARLY else EndReason.MAX_LIFETIME
             self._end(call, reason, now)
@@ -337,11 +348,22 @@ class CallReplay:
                 self._end(call, EndReason.NO_ANSWER, now)
         self._record_outcome(attempt)
 
-    def _bye(self, request: Request, now: float) -> None:
+    def _bye(self, request: Request, from_pbx: bool, now: float) -> None:
         call = self.calls.find(request.call_id, (request.from_.tag, request.to.tag))
         # a BYE while ringing (an early dialog) ends the call when the INVITE's final response passes
-        if call is not None and call.state is CallState.CONFIRMED:
-            by_caller = request.from_.tag == call.info.from_tag
+        if call is None or call.state is not CallState.CONFIRMED:
+            return
+        by_caller = request.from_.tag == call.info.from_tag
+        if from_pbx:  # the PBX hung up: over as it passes, as live
+            self._end(call, EndReason.BYE, now, by_caller=by_caller)
+        else:  # the PBX's answer decides, as live (proxy/sip/core.py's CallRole.ENDS)
+            self._byes.setdefault((request.call_id, request.cseq.seq), (call, by_caller, now))
+
+    def _bye_answered(self, response: Response, now: float) -> None:
+        pending = self._byes.pop((response.call_id, response.cseq.seq), None)
+        status = response.status_code
+        if pending is not None and (status < 300 or status in (408, 481)):
+            call, by_caller, _ = pending
             self._end(call, EndReason.BYE, now, by_caller=by_caller)
 
     def _end(
@@ -362,7 +384,15 @@ class CallReplay:
         heapq.heappush(self._timers, (call.deadline, next(self._sequence), call))
 
     def _expire(self, now: float) -> None:
-        """End the calls whose deadline passed before ``now``, each at its deadline."""
+        """End the calls whose deadline passed before ``now``, each at its deadline, and
+        those whose customer's BYE has gone unanswered for TIMER_B (live: Timer F)."""
+        byes = self._byes
+        while byes:
+            key, (call, by_caller, sent_at) = next(iter(byes.items()))
+            if sent_at + TIMER_B > now:
+                break
+            del byes[key]
+            self._end(call, EndReason.BYE, sent_at + TIMER_B, by_caller=by_caller)
         while self._timers and self._timers[0][0] <= now:
             deadline, _, call = heapq.heappop(self._timers)
             if call.state is CallState.ENDED or call.deadline != deadline:

@@ -234,6 +234,15 @@ class Sim:
         assert isinstance(send, Send)
         return send
 
+    def hang_up(self, bye: bytes | None = None, status: int = 200) -> list[Action]:
+        """The caller sends BYE (by default ``in_dialog_from_customer("BYE")``) and the PBX
+        answers ``status``: the actions of both. A customer's BYE ends the call at the PBX's
+        answer, not as it passes."""
+        sent = self.customer(bye if bye is not None else in_dialog_from_customer("BYE"))
+        forwarded = [send for send in of_type(sent, Send) if send.destination == UPSTREAM]
+        assert len(forwarded) == 1, sent
+        return sent + self.pbx(response(forwarded[0].data, status))
+
 
 def in_dialog_from_customer(
     method: str, *, cseq: int = 2, branch: str = "z9hG4bKcust2", **kwargs: Any

@@ -43,6 +43,7 @@ from sipsim import (
 from proxy.sip.events import (
     Accept,
     Address,
+    ByeRefused,
     CallAnswered,
     CallEnded,
     Discarded,
@@ -281,34 +282,74 @@ def test_responses_are_relayed_with_our_via_popped() -> None:
     assert sim.pbx(pbx_ok) == [ok]
 
 
-@pytest.mark.parametrize("side", ["customer", "pbx"])
-def test_bye_ends_the_call_once_even_when_retransmitted(side: str) -> None:
+def test_the_pbxs_bye_ends_the_call_as_it_passes_once_even_when_retransmitted() -> None:
+    """The PBX hung up: the call is over as far as the PBX is concerned, whatever the
+    customer answers."""
     sim = Sim.make()
     send = sim.forward()
     sim.now = 1.0
     sim.answer(send.data)
     sim.now = 61.0
-    if side == "customer":
-        bye = in_dialog_from_customer("BYE")
-        actions = sim.customer(bye)
-        expected_destination = UPSTREAM
-    else:
-        bye = in_dialog_from_pbx("BYE")
-        actions = sim.pbx(bye)
-        expected_destination = CUSTOMER
+    bye = in_dialog_from_pbx("BYE")
+    actions = sim.pbx(bye)
     assert kinds(actions) == ["CallEnded", "Send"]
     ended, forwarded = actions
     assert isinstance(ended, CallEnded) and isinstance(forwarded, Send)
     assert ended.reason is EndReason.BYE and ended.now == 61.0 and ended.answered_at == 1.0
-    assert forwarded.destination == expected_destination
+    assert ended.by_caller is False and forwarded.destination == CUSTOMER
     assert sim.core.calls.live == 0
-    # retransmissions are relayed, never counted again
-    resend = sim.customer(bye) if side == "customer" else sim.pbx(bye)
-    assert resend == [forwarded]
-    ok = response(forwarded.data, 200)
-    relayed = only_send(sim.customer(ok) if side == "pbx" else sim.pbx(ok))
-    assert relayed.destination == (UPSTREAM if side == "pbx" else CUSTOMER)
+    assert sim.pbx(bye) == [forwarded]  # retransmissions are relayed, never counted again
+    assert only_send(sim.customer(response(forwarded.data, 500))).destination == UPSTREAM
     assert len(of_type(sim.log, CallEnded)) == 1
+
+
+def test_the_customers_bye_ends_the_call_when_the_pbx_accepts_it_once_even_when_retransmitted() -> None:
+    sim = Sim.make()
+    send = sim.forward()
+    sim.now = 1.0
+    sim.answer(send.data)
+    sim.now = 61.0
+    bye = in_dialog_from_customer("BYE")
+    forwarded = only_send(sim.customer(bye))
+    assert forwarded.destination == UPSTREAM and sim.core.calls.live == 1  # the PBX decides
+    sim.now = 61.5
+    assert sim.customer(bye) == [forwarded]  # relayed again, never counted
+    actions = sim.pbx(response(forwarded.data, 200))
+    assert kinds(actions) == ["CallEnded", "Send"]
+    ended, relayed = actions
+    assert isinstance(ended, CallEnded) and isinstance(relayed, Send)
+    assert ended.reason is EndReason.BYE and ended.now == 61.5 and ended.answered_at == 1.0
+    assert ended.by_caller is True and relayed.destination == CUSTOMER
+    assert sim.core.calls.live == 0
+    assert sim.customer(bye) == [relayed]  # a late retransmission gets the 200 again
+    assert len(of_type(sim.log, CallEnded)) == 1
+
+
+@pytest.mark.parametrize("status", [481, 408])
+def test_a_customers_bye_the_pbx_does_not_know_or_let_time_out_ends_the_call(status: int) -> None:
+    """481: the PBX has no such call; 408: the BYE went unanswered. Either way its sender
+    holds the dialog over (RFC 3261 §15.1.1), and so does sipguard."""
+    sim = Sim.make()
+    sim.answer(sim.forward().data)
+    actions = sim.hang_up(status=status)
+    assert [end.reason for end in of_type(actions, CallEnded)] == [EndReason.BYE]
+    assert sim.core.calls.live == 0
+
+
+@pytest.mark.parametrize("status", [500, 403, 401, 503])
+def test_a_customers_bye_the_pbx_refuses_leaves_the_call_up_and_counted(status: int) -> None:
+    """A BYE with a stale CSeq (500) or one the PBX will not take (403, a challenge) does
+    not end the call on the PBX: it goes on, and so does its slot, until a BYE the PBX
+    accepts. Else a crafted BYE would free a slot while the call talks on."""
+    sim = Sim.make()
+    sim.answer(sim.forward().data)
+    refused = sim.hang_up(in_dialog_from_customer("BYE", cseq=1), status=status)
+    assert of_type(refused, CallEnded) == [] and sim.core.calls.live == 1
+    [said] = of_type(refused, ByeRefused)  # for the log: why the call still counts
+    assert (said.status, said.by_caller, said.call.call_id) == (status, True, CALL_ID)
+    actions = sim.hang_up(in_dialog_from_customer("BYE", cseq=3, branch="z9hG4bKcust3"))
+    assert [end.reason for end in of_type(actions, CallEnded)] == [EndReason.BYE]
+    assert sim.core.calls.live == 0
 
 
 @pytest.mark.parametrize("method", ["INVITE", "UPDATE", "INFO"])
@@ -350,8 +391,8 @@ def test_a_bye_on_an_early_dialog_ends_the_call_with_the_invites_final_response(
     sim.pbx(response(send.data, 180))
     sim.customer(bye)
     sim.answer(send.data)
-    actions = sim.customer(in_dialog_from_customer("BYE", cseq=3, branch="z9hG4bKcust3"))
-    assert kinds(actions) == ["CallEnded", "Send"]
+    actions = sim.hang_up(in_dialog_from_customer("BYE", cseq=3, branch="z9hG4bKcust3"))
+    assert kinds(actions) == ["Send", "CallEnded", "Send"]
     assert of_type(actions, CallEnded)[0].reason is EndReason.BYE
 
 

@@ -41,8 +41,8 @@ def answered_call() -> Sim:
 # -- a BYE with another dialog's tag ----------------------------------------------------------------
 def test_a_bye_with_a_wrong_to_tag_does_not_end_the_call() -> None:
     # RFC 3261 §12.2.2: the PBX answers 481, and the call goes on. Ending it here would give
-    # its slot back to a customer still talking: a way round every concurrency cap. A BYE
-    # with both of the call's tags ends it as it passes, as Kamailio's dialog module does.
+    # its slot back to a customer still talking: a way round every concurrency cap. Only a
+    # BYE with both of the call's tags can end it, as in Kamailio's dialog module.
     sim = answered_call()
     bye = only_send(sim.customer(in_dialog_from_customer("BYE", to_tag="not-the-callee")))
     assert kinds(sim.pbx(response(bye.data, 481, to_tag=None))) == ["Send"]
@@ -69,7 +69,7 @@ def test_a_second_2xx_from_another_fork_makes_no_call_and_its_bye_ends_nothing()
     # which its own BYE ends
     sim.now = 30.0
     own_bye = in_dialog_from_customer("BYE", cseq=3, branch="z9hG4bKcust3", to_tag="fork-a")
-    [end] = of_type(sim.customer(own_bye), CallEnded)
+    [end] = of_type(sim.hang_up(own_bye), CallEnded)
     assert (end.reason, end.now, end.answered_at) == (EndReason.BYE, 30.0, 1.0)
 
 
@@ -107,7 +107,7 @@ def test_a_cancel_crossing_the_200_leaves_an_answered_call_that_ends_at_its_bye(
     sim.customer(in_dialog_from_customer("ACK", cseq=1, branch="z9hG4bKack1", contact=None))
     assert sim.core.calls.live == 1 and of_type(sim.log, CallEnded) == []
     sim.now = 2.0
-    [end] = of_type(sim.customer(in_dialog_from_customer("BYE")), CallEnded)
+    [end] = of_type(sim.hang_up(), CallEnded)
     assert (end.reason, end.answered_at, end.now) == (EndReason.BYE, 1.0, 2.0)
 
 

@@ -325,10 +325,7 @@ def test_a_call_hung_up_stops_its_probes_and_one_in_flight_counts_for_nothing(si
     answered_call(sim, Accept(keepalive=Keepalive(interval=30.0, failed_limit=1, timeout=10.0)))
     in_flight = probes(sim.run_until(35.0))
     sim.now = 36.0
-    if side == "customer":
-        actions = sim.customer(in_dialog_from_customer("BYE"))
-    else:
-        actions = sim.pbx(in_dialog_from_pbx("BYE"))
+    actions = sim.hang_up() if side == "customer" else sim.pbx(in_dialog_from_pbx("BYE"))
     assert [end.reason for end in of_type(actions, CallEnded)] == [EndReason.BYE]
     assert answer(sim, in_flight[UPSTREAM], 481) == []  # would have ended it (failed_limit 1)
     sim.run_until(10_000.0)  # and the caller's never answered: it times out, uncounted

@@ -355,6 +355,30 @@ def test_an_in_dialog_request_to_an_unreachable_caller_gets_503() -> None:
     assert of_type(actions, Send)[0].destination == UPSTREAM
 
 
+def test_a_customers_bye_to_an_unreachable_pbx_gets_503_and_ends_the_call() -> None:
+    sim = Sim.make()
+    sim.answer(sim.forward().data)
+    bye = only_send(sim.customer(in_dialog_from_customer("BYE")))
+    assert sim.core.calls.live == 1  # until the PBX answers it
+    actions = sim.core.unreachable(bye.destination, sim.now)
+    assert statuses(actions) == [503]
+    assert [(end.reason, end.by_caller) for end in ended(actions)] == [(EndReason.BYE, True)]
+    assert sim.core.calls.live == 0
+
+
+def test_a_customers_bye_nobody_answers_ends_the_call_when_it_times_out() -> None:
+    """RFC 3261 §15.1.1: a BYE that gets no answer at all (Timer F, 64*T1) ends the dialog
+    for its sender, so the call ends then, not at its maximum lifetime."""
+    sim = Sim.make()
+    sim.answer(sim.forward().data)
+    sim.now = 10.0
+    only_send(sim.customer(in_dialog_from_customer("BYE")))
+    assert ended(sim.run_until(41.9)) == [] and sim.core.pending == 1
+    [end] = ended(sim.run_until(42.0))
+    assert (end.reason, end.by_caller, end.now) == (EndReason.BYE, True, 42.0)
+    assert sim.core.calls.live == 0 and sim.core.pending == 0
+
+
 # -- bounds -------------------------------------------------------------------------------------------
 def second_call(n: int = 2) -> bytes:
     return invite(call_id=f"call-{n}@192.0.2.10", vias=(f"SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bKc{n}",))
@@ -370,7 +394,7 @@ def test_max_calls_reached_answers_503_without_asking() -> None:
     forwarded = only_send(sim.decide(decide.attempt.attempt_id, Accept()))
     sim.answer(forwarded.data)
     assert statuses(sim.customer(second_call(3))) == [503]  # and so does a live call
-    sim.customer(in_dialog_from_customer("BYE"))
+    sim.hang_up()
     assert kinds(sim.customer(second_call(4))) == ["Decide"]  # a freed slot is reused
 
 

@@ -289,6 +289,47 @@ def test_dialer_burst_gets_503_retry_after_then_service_resumes(policy_lab: Poli
     assert_guard_clean(log, ended_by_bye=5)
 
 
+def test_a_bye_the_pbx_refuses_keeps_the_slot_until_one_it_accepts(policy_lab: PolicyLab) -> None:
+    """The PBX answers the caller's first BYE 500 (as to a stale CSeq): the call is still up
+    there, so it keeps its slot, and a second call from the number gets 486. The second BYE,
+    answered 200, ends the call; the number connects again. (A BYE freeing the slot as it
+    passed would let a BYE crafted to be refused lift every concurrency cap.)"""
+    guard = policy_lab.start(
+        f"""
+        accounts:
+          acme:
+            sources: [{ACME}/32]
+            numbers: ["{ACME_NUMBER}"]
+        rules:
+          caller_id: {{}}
+          concurrency: {{per_number: 1, per_account: null}}
+        """,
+        pbx_scenario="uas_bye_refused.xml",
+    )
+    mark = guard.mark()
+    holder = policy_lab.call("uac_bye_refused.xml", ACME_NUMBER, hold_ms=200)
+    refused_bye = guard.wait_for("call.bye_refused", since=mark)
+    busy = policy_lab.run("uac_trunking.xml", ACME_NUMBER)
+    holder_result = holder.wait()
+    again = policy_lab.run("uac_bye_refused.xml", ACME_NUMBER)
+
+    log, pbx = policy_lab.finish()
+    assert_calls(holder_result, [200])
+    assert_calls(busy, [486])
+    assert_calls(again, [200])
+    holder_id = only_call_id(holder_result)
+    assert (refused_bye["call_id"], refused_bye["status"], refused_bye["by"]) == (holder_id, 500, "caller")
+    assert counters(decision_of(log, only_call_id(busy))) == {
+        f"concurrency: calls from {ACME_NUMBER}": (2, 1)
+    }
+    # refused while the holder's call was up on the PBX, between its two BYEs
+    assert index_of(log, "call.bye_refused", holder_id) < index_of(log, "call.decision", only_call_id(busy))
+    assert index_of(log, "call.decision", only_call_id(busy)) < index_of(log, "call.ended", holder_id)
+    assert log.counter("byes_refused") == 2
+    assert_pbx_clean(pbx, 2)
+    assert_guard_clean(log, ended_by_bye=2)
+
+
 # -- 4. emergency calls -----------------------------------------------------------------------------
 def test_emergency_call_connects_past_the_proxys_own_call_limit(policy_lab: PolicyLab) -> None:
     """proxy.max_calls: 1 and one call up: a normal call gets 503 Call Limit Reached, the

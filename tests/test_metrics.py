@@ -137,14 +137,12 @@ class Proxy:
         only_send(self.sim.customer(ack))
 
     def hang_up(self, n: int) -> None:
-        """The caller's BYE, forwarded; the PBX's 200 relayed back."""
-        actions = self.sim.customer(
+        """The caller's BYE, forwarded; the PBX's 200 relayed back, which ends the call."""
+        actions = self.sim.hang_up(
             in_dialog_from_customer("BYE", branch=f"z9hG4bKbye{n}", call_id=call_id(n))
         )
         (ended,) = of_type(actions, CallEnded)
         self.engine.call_ended(ended)
-        (bye,) = of_type(actions, Send)
-        only_send(self.sim.pbx(response(bye.data, 200)))
 
     def refused(self, n: int) -> int:
         """A spoofed call: refused by sipguard, which absorbs the caller's ACK. Its status."""

@@ -203,6 +203,7 @@ def four_calls(capture: Capture, customer: tuple[str, int]) -> None:
     capture.from_customer(T0 + 3, c, customer)
     capture.refused_by_sipguard(T0 + 3.001, response(c, 403, "Caller ID not permitted"), customer)
     capture.to_pbx(T0 + 5, bye("A"), customer)
+    capture.to_customer(T0 + 5.1, response(bye("A"), 200), customer)  # which ends A
     d = call_invite("D", OWNED, customer)
     capture.to_pbx(T0 + 6, d, customer)
     capture.to_customer(T0 + 6.2, response(d, 486), customer)
@@ -363,6 +364,37 @@ def test_an_answered_call_ends_at_the_rules_maximum_duration(tmp_path: Path) -> 
 
     assert verdicts(report) == {
         "long": ("accept", None), "at-60-s": ("reject", "concurrency"), "at-62-s": ("accept", None),
+    }  # fmt: skip
+
+
+def test_a_customers_bye_ends_the_call_when_the_pbx_accepts_it_or_leaves_it_unanswered(
+    tmp_path: Path,
+) -> None:
+    """As live: a BYE refused 500 (a stale CSeq) leaves the call up, so a call placed
+    meanwhile is refused; the next BYE, answered 200, ends it; a BYE never answered ends
+    the call TIMER_B (32 s) after it was sent."""
+    capture = Capture()
+    first = call_invite("first", OWNED)
+    capture.to_pbx(T0, first)
+    capture.to_customer(T0 + 1, response(first, 200))
+    capture.to_pbx(T0 + 10, bye("first", cseq=1))
+    capture.to_customer(T0 + 10.1, response(bye("first", cseq=1), 500))
+    capture.to_pbx(T0 + 11, call_invite("while-up", OWNED))
+    capture.to_pbx(T0 + 12, bye("first", cseq=3))
+    capture.to_customer(T0 + 12.1, response(bye("first", cseq=3), 200))
+    second = call_invite("second", OWNED)
+    capture.to_pbx(T0 + 13, second)
+    capture.to_customer(T0 + 14, response(second, 200))
+    capture.to_pbx(T0 + 20, bye("second"))  # never answered: over at 52 s
+    capture.to_pbx(T0 + 51, call_invite("at-51-s", OWNED))
+    capture.to_pbx(T0 + 53, call_invite("at-53-s", OWNED))
+    rules = {"concurrency": {"per_number": 1, "per_account": None}}
+
+    report = replayed(capture, tmp_path, policy(rules))
+
+    assert verdicts(report) == {
+        "first": ("accept", None), "while-up": ("reject", "concurrency"), "second": ("accept", None),
+        "at-51-s": ("reject", "concurrency"), "at-53-s": ("accept", None),
     }  # fmt: skip
 
 

@@ -16,6 +16,9 @@ Strategy (RFC 3261 §16, a transaction-stateful relay that never forks):
 - Requests from the customer side go to the upstream PBX, Request-URI unchanged.
   Requests from the upstream side follow Route / Request-URI. Responses follow the
   transaction back, or the Via (received, rport) once the transaction has gone.
+- A call ends when the PBX says so: at the PBX's BYE as it passes, at a customer's BYE
+  once the PBX accepts it (2xx, 481) or leaves it unanswered (``CallRole.ENDS``), at the
+  INVITE's failed final response, or at a timer (ringing, lifetime, session expiry).
 - Timers live in one heap: ``get_timer`` says when to call ``handle_timer(now)``.
 - A call accepted with a maximum duration keeps its dialog (dialogs.py); when the time
   is up sipguard sends BYE to both parties itself, absorbs their answers, and reports the
@@ -52,6 +55,7 @@ from .events import (
     Accept,
     Action,
     Address,
+    ByeRefused,
     CallAnswered,
     CallAttempt,
     CallEnded,
@@ -123,16 +127,28 @@ class TxState(enum.Enum):
     COMPLETED = "completed"  # final response relayed or written; kept to absorb retransmissions
 
 
+class CallRole(enum.Enum):
+    """What a transaction that carries a call (``Transaction.call``) does to it."""
+
+    STARTS = "starts"  # the initial INVITE: its final response answers or ends the call
+    REFRESHES = "refreshes"  # a re-INVITE or UPDATE: its 2xx refreshes the session
+    # A customer's BYE: the call ends when the PBX accepts it (2xx, or 481: it has no such
+    # call) or when the BYE goes unanswered (408, no answer, next hop unreachable), since
+    # its sender then holds the dialog over (§15.1.1). A BYE the PBX refuses otherwise (a
+    # stale CSeq's 500, a 403) leaves the call up and counted, as the PBX sees it.
+    ENDS = "ends"
+
+
 class Transaction:
     __slots__ = (
         "attempt",
+        "by_caller",
         "call",
         "cancelled",
         "destination",
         "expires_at",
         "forwarded",
         "has_response",
-        "is_session_refresh",
         "key",
         "last_response",
         "local",
@@ -142,6 +158,7 @@ class Transaction:
         "request",
         "retransmit_at",
         "retransmit_interval",
+        "role",
         "source",
         "state",
         "timer_at",
@@ -166,7 +183,8 @@ class Transaction:
         self.call: Call | None = None
         self.attempt: CallInfo | None = None
         self.cancelled = False
-        self.is_session_refresh = False
+        self.role = CallRole.STARTS
+        self.by_caller = False  # a BYE (CallRole.ENDS): sent by the caller, not the callee
         self.retransmit_at: float | None = None
         self.retransmit_interval = T1
         self.timer_at: float | None = None  # when its one heap entry fires (see _set_expiry)
@@ -293,8 +311,10 @@ class ProxyCore:
         ]
         for tx in stranded:
             tx.retransmit_at = None
-            if tx.call is not None and not tx.is_session_refresh:
+            if tx.call is not None and tx.role is CallRole.STARTS:
                 self._end_call(tx.call, EndReason.REJECTED, now, actions, status=503)
+            elif tx.call is not None and tx.role is CallRole.ENDS:
+                self._end_call(tx.call, EndReason.BYE, now, actions, by_caller=tx.by_caller)
             self._reply(tx, 503, "Next Hop Unreachable", now, actions, headers=(("Retry-After", "5"),))
         return actions
 
@@ -384,11 +404,12 @@ class ProxyCore:
                 if method == "BYE":
                     # A BYE on an early dialog (§15) ends the call when the INVITE's final
                     # response passes: ended now, a 2xx crossing it would go uncounted.
-                    if call.state is CallState.CONFIRMED:
+                    if call.state is CallState.CONFIRMED and from_customer:  # the PBX's answer decides
+                        tx.call, tx.role, tx.by_caller = call, CallRole.ENDS, from_caller
+                    elif call.state is CallState.CONFIRMED:  # the PBX hung up: over, as far as it knows
                         self._end_call(call, EndReason.BYE, now, actions, by_caller=from_caller)
                 elif method in ("INVITE", "UPDATE"):
-                    tx.call = call
-                    tx.is_session_refresh = True
+                    tx.call, tx.role = call, CallRole.REFRESHES
         self._forward(tx, now, actions, remove_headers=remove_headers)
 
     def _on_initial_invite(
@@ -639,7 +660,13 @@ class ProxyCore:
         self._complete(tx, now)
         if call is None or not first_final:
             return
-        if tx.is_session_refresh:
+        if tx.role is CallRole.ENDS:
+            if status < 300 or status in (408, 481):
+                self._end_call(call, EndReason.BYE, now, actions, by_caller=tx.by_caller)
+            elif call.state is CallState.CONFIRMED:
+                actions.append(ByeRefused(call=call.info, status=status, now=now, by_caller=tx.by_caller))
+            return
+        if tx.role is CallRole.REFRESHES:
             if status < 300 and call.state is CallState.CONFIRMED:  # not a call ended meanwhile
                 self._refresh_session(call, response, now)
                 if call.dialog is not None:  # the party answering may have moved too
@@ -662,7 +689,7 @@ class ProxyCore:
     def _give_up_at(self, tx: Transaction, now: float, timeout: float) -> float:
         """When a forwarded request times out: never after the early deadline of the call
         it starts, so that the call and its INVITE end together."""
-        if tx.call is not None and not tx.is_session_refresh:
+        if tx.call is not None and tx.role is CallRole.STARTS:
             return min(now + timeout, tx.call.deadline)
         return now + timeout
 
@@ -922,11 +949,13 @@ class ProxyCore:
             if tx.forwarded is not None and tx.destination is not None and tx.has_response:
                 cancel = build_cancel(parse_message(tx.forwarded))
                 self._send(actions, self.requests_out, "CANCEL", cancel, tx.destination, tx.out_local)
-            if tx.call is not None and not tx.is_session_refresh:
+            if tx.call is not None and tx.role is CallRole.STARTS:
                 # a re-INVITE nobody answered does not end the call: its UAC decides (§12.2.1.2)
                 self._end_call(tx.call, EndReason.NO_ANSWER, now, actions)
             self._reply(tx, 408, "Request Timeout", now, actions)
             return
+        if tx.state is TxState.FORWARDED and tx.call is not None and tx.role is CallRole.ENDS:
+            self._end_call(tx.call, EndReason.BYE, now, actions, by_caller=tx.by_caller)  # Timer F
         tx.retransmit_at = None  # Timer F: Timer E stops too
         tx.timer_at = None
         del self._server_tx[tx.key]

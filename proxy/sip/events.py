@@ -135,7 +135,18 @@ class Discarded:
     call_id: str | None = None
 
 
-Action = Send | Decide | CallAnswered | CallEnded | Discarded
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ByeRefused:
+    """The PBX refused a customer's BYE (neither 2xx nor 481/408): the call goes on, and
+    stays counted, until a BYE the PBX accepts or another end. For logs and counters."""
+
+    call: CallInfo
+    status: int
+    now: float
+    by_caller: bool
+
+
+Action = Send | Decide | CallAnswered | CallEnded | Discarded | ByeRefused
 
 
 # -- verdicts -------------------------------------------------------------------------------
