@@ -1,13 +1,13 @@
 """The policy engine: the proxy's DecisionHook, running the policy file's rules.
 
 Per initial INVITE from a customer: find the account (source network, then auth
-username, then From domain); let emergency calls through untouched and uncounted;
-build the CallContext (identities normalised once); ask each rule; run every state
-operation the rules require in one atomic store call; turn the answers into one
-verdict according to each rule's mode; log one line that explains it. A call the PBX
-challenges (401/407) and the caller sends again with credentials is one call: its retry
-is judged and takes its slots again, but is not counted again (rates, call quotas, the
-dialer's history).
+username, then From domain); let emergency calls through unjudged and uncounted (an
+asserted identity kept only if the account owns it); build the CallContext (identities
+normalised once); ask each rule; run every state operation the rules require in one
+atomic store call; turn the answers into one verdict according to each rule's mode;
+log one line that explains it. A call the PBX challenges (401/407) and the caller sends
+again with credentials is one call: its retry is judged and takes its slots again, but
+is not counted again (rates, call quotas, the dialer's history).
 
 Slots a call holds are remembered here by attempt id, exactly as they were taken, and
 given back when the core reports the call's end; a reload swaps the compiled policy
@@ -324,7 +324,7 @@ class PolicyEngine:
                 decision = self._remember(plan, "emergency", None, None, (), account=account)
                 self.decisions.forwarded(decision)
                 log.info("call.emergency", **decision.fields())
-                plan.final = ACCEPT
+                plan.final = self._emergency_verdict(request, region, account)
                 return plan
             identities = self._identities(request, region, account.numbers if account else None)
         except ParseError as error:
@@ -446,6 +446,36 @@ class PolicyEngine:
         )
 
     # -- helpers ------------------------------------------------------------------------------------
+    def _emergency_verdict(self, request: Request, region: str, account: Account | None) -> Accept:
+        """An emergency call passes unjudged, but the emergency service must not be handed
+        a callback number its caller does not own: a P-Asserted-Identity or Remote-Party-ID
+        naming only numbers the account owns is kept (the callback number), any other is
+        removed, and so is a forged X-Sipguard-Tag. Never a refusal: a header that does
+        not parse is removed too. caller_id's strip_untrusted_identity: false keeps all."""
+        rules = (
+            self.policy.account_rules.get(account.name, self.policy.rules) if account else self.policy.rules
+        )
+        for _, config in rules:
+            if isinstance(config, CallerIdConfig) and not config.strip_untrusted_identity:
+                return Accept(remove_headers=FORGEABLE_HEADERS)
+        owned = account.numbers if account else None
+        strip = list(FORGEABLE_HEADERS)
+        for header in UNTRUSTED_IDENTITY_HEADERS:
+            if not request.has(header):
+                continue
+            try:
+                identities = [
+                    self._identity(header, value, region, owned) for value in _name_addrs(request, header)
+                ]
+            except ParseError:
+                identities = []
+            if not identities or not all(
+                owned is not None and identity.e164 is not None and owned.lists(identity.e164)
+                for identity in identities
+            ):
+                strip.append(header)
+        return Accept(remove_headers=tuple(strip))
+
     def is_emergency(self, request: Request, source_host: str) -> bool:
         """Does this INVITE call an emergency number, as ``_plan`` would find? For the
         core and the flood guard, which ask before refusing a call for their own reasons."""

@@ -133,10 +133,12 @@ def decisions(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 # Every accepted customer call loses the identity headers it asserted (RFC 3325), whichever
-# rules run; emergency calls and a policy with no rules pass untouched.
+# rules run; a policy with no rules passes calls untouched; emergency calls lose only a
+# forged tag, and an asserted identity the account does not own.
 STRIPPED = Accept(remove_headers=STRIP)
 ACCEPT = STRIPPED
 UNTOUCHED = Accept()
+EMERGENCY = Accept(remove_headers=("x-sipguard-tag",))
 
 
 # -- modes --------------------------------------------------------------------------------------
@@ -416,8 +418,8 @@ def test_emergency_calls_are_accepted_and_never_counted(uri: str, source: Addres
     with capture_logs() as logs:
         for index in range(3):
             call = attempt(f"sos{index}", uri=uri, source=source, from_=from_, now=T0 + index)
-            assert decide(engine, call) == UNTOUCHED
-            assert asyncio.run(engine.decide(call)) == UNTOUCHED
+            assert decide(engine, call) == EMERGENCY
+            assert asyncio.run(engine.decide(call)) == EMERGENCY
             end(engine, call)
     assert (store.slots, store.buckets, engine.held) == (slots, buckets, live)
     assert engine.counters.verdicts["emergency"] == 6
@@ -443,6 +445,40 @@ def test_emergency_calls_are_accepted_and_never_counted(uri: str, source: Addres
 def test_is_emergency_says_no_to_numbers_the_policy_does_not_list(uri: str, source: Address) -> None:
     engine = engine_for(TIGHT, emergency_numbers=["911"])
     assert not engine.is_emergency(attempt("ask", uri=uri, source=source).request, source.host)
+
+
+@pytest.mark.parametrize(
+    ("headers", "removed"),
+    [
+        ((("P-Asserted-Identity", f"<sip:{OWNED}@customer.example>"),), ()),  # its callback number
+        ((("P-Asserted-Identity", f"<sip:{NOT_OWNED}@customer.example>"),), ("p-asserted-identity",)),
+        (
+            (
+                ("P-Asserted-Identity", f"<sip:{OWNED}@customer.example>, <tel:{NOT_OWNED}>"),
+                ("Remote-Party-ID", f"<sip:{OWNED}@customer.example>;party=calling"),
+            ),
+            ("p-asserted-identity",),
+        ),
+        ((("Remote-Party-ID", "<sip:+14155559999@c>;party=calling"),), ("remote-party-id",)),
+        ((("P-Asserted-Identity", "<<<not a uri"),), ("p-asserted-identity",)),  # never a 400
+        ((("X-Sipguard-Tag", "caller_id; forged"),), ()),
+    ],
+)
+def test_an_emergency_call_keeps_only_an_asserted_identity_its_account_owns(
+    headers: tuple[tuple[str, str], ...], removed: tuple[str, ...]
+) -> None:
+    """The emergency service must not get a spoofed callback number: an asserted number
+    the account does not own is removed; an owned one is the callback number, and stays."""
+    engine = engine_for(TIGHT)
+    verdict = decide(engine, attempt("sos", uri="sip:911@pbx.example.com", headers=headers))
+    assert verdict == Accept(remove_headers=("x-sipguard-tag", *removed))
+    assert engine.counters.verdicts["emergency"] == 1
+
+
+def test_strip_untrusted_identity_false_keeps_an_emergency_calls_assertions_too() -> None:
+    engine = engine_for({"caller_id": {"strip_untrusted_identity": False}})
+    headers = (("P-Asserted-Identity", f"<sip:{NOT_OWNED}@customer.example>"),)
+    assert decide(engine, attempt("sos", uri="sip:911@pbx.example.com", headers=headers)) == EMERGENCY
 
 
 def test_an_emergency_number_as_caller_id_is_refused() -> None:
