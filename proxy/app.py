@@ -194,6 +194,7 @@ class SipGuard:
                 early_timeout=self.settings.early_timeout,
                 decision_timeout=self.settings.decision_timeout + 1.0,
                 is_emergency=self.hook.is_emergency,
+                untrusted_headers=self.hook.untrusted_headers,
             )
         )
         for problem in unadvertised(bound, self.settings.advertise):  # e.g. --listen udp:0.0.0.0:5060

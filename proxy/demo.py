@@ -94,6 +94,9 @@ class JudgedCalls:
     def call_ended(self, event: CallEnded) -> None:
         self.engine.call_ended(event)
 
+    def untrusted_headers(self, request: Request, source_host: str) -> tuple[str, ...]:
+        return self.engine.untrusted_headers(request, source_host)
+
     def is_emergency(self, request: Request, source_host: str) -> bool:
         return self.engine.is_emergency(request, source_host)
 

@@ -452,12 +452,8 @@ class PolicyEngine:
         naming only numbers the account owns is kept (the callback number), any other is
         removed, and so is a forged X-Sipguard-Tag. Never a refusal: a header that does
         not parse is removed too. caller_id's strip_untrusted_identity: false keeps all."""
-        rules = (
-            self.policy.account_rules.get(account.name, self.policy.rules) if account else self.policy.rules
-        )
-        for _, config in rules:
-            if isinstance(config, CallerIdConfig) and not config.strip_untrusted_identity:
-                return Accept(remove_headers=FORGEABLE_HEADERS)
+        if self._passes_asserted_identity(account):
+            return Accept(remove_headers=FORGEABLE_HEADERS)
         owned = account.numbers if account else None
         strip = list(FORGEABLE_HEADERS)
         for header in UNTRUSTED_IDENTITY_HEADERS:
@@ -475,6 +471,29 @@ class PolicyEngine:
             ):
                 strip.append(header)
         return Accept(remove_headers=tuple(strip))
+
+    def untrusted_headers(self, request: Request, source_host: str) -> tuple[str, ...]:
+        """For the core: the headers to remove from a customer's request outside the calls
+        judged here (REGISTER, MESSAGE, REFER..., requests in calls placed to the customer):
+        the identity it asserts, as from its INVITEs; nothing with no rules (a plain proxy)."""
+        if not self.policy.rules:
+            return ()
+        try:
+            account = self._account_for(source_host, request)
+        except ParseError:
+            account = None
+        if self._passes_asserted_identity(account):
+            return FORGEABLE_HEADERS
+        return UNTRUSTED_IDENTITY_HEADERS + FORGEABLE_HEADERS
+
+    def _passes_asserted_identity(self, account: Account | None) -> bool:
+        """caller_id's strip_untrusted_identity: false, for this account: the operator chose
+        to pass its assertions on."""
+        policy = self.policy
+        rules = policy.account_rules.get(account.name, policy.rules) if account else policy.rules
+        return any(
+            isinstance(config, CallerIdConfig) and not config.strip_untrusted_identity for _, config in rules
+        )
 
     def is_emergency(self, request: Request, source_host: str) -> bool:
         """Does this INVITE call an emergency number, as ``_plan`` would find? For the

@@ -24,6 +24,11 @@ class DecisionHook(Protocol):
 
     def call_ended(self, event: CallEnded) -> None: ...
 
+    def untrusted_headers(self, request: Request, source_host: str) -> tuple[str, ...]:
+        """The headers to remove from a customer's request outside the calls judged here:
+        the identity it asserts (RFC 3325), as from its INVITEs."""
+        ...
+
     def is_emergency(self, request: Request, source_host: str) -> bool:
         """Does this initial INVITE call an emergency number? Asked, without judging, where
         the proxy would refuse a call for its own reasons (a ban, shutting down, max_calls),
@@ -47,6 +52,9 @@ class AcceptAll:
 
     def call_ended(self, event: CallEnded) -> None:
         pass
+
+    def untrusted_headers(self, request: Request, source_host: str) -> tuple[str, ...]:
+        return ()
 
     def is_emergency(self, request: Request, source_host: str) -> bool:
         return False  # no policy, no emergency numbers

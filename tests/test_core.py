@@ -51,6 +51,7 @@ from proxy.sip.events import (
     Reject,
     Send,
 )
+from proxy.sip.message import Request
 
 RFC4475 = Path(__file__).parent / "corpus" / "rfc4475"
 OUR_VIA = re.compile(rb"^Via: SIP/2\.0/UDP 127\.0\.0\.1:5060;branch=(z9hG4bK[-\w]+)$")
@@ -370,6 +371,42 @@ def test_the_callers_later_requests_lose_the_headers_its_invite_lost(method: str
     assert forwarded.values("p-asserted-identity") == forwarded.values("remote-party-id") == []
     from_pbx = parse_request(only_send(sim.pbx(in_dialog_from_pbx(method, headers=asserted))).data)
     assert from_pbx.values("p-asserted-identity") == ["<tel:+14155559999>"]
+
+
+ASSERTED = (("P-Asserted-Identity", "<tel:+14155559999>"), ("Remote-Party-ID", "<sip:+14155559999@c>"))
+
+
+def untrusted_from_customers(request: Request, source_host: str) -> tuple[str, ...]:
+    """Stands in for the engine's answer (``CoreConfig.untrusted_headers``)."""
+    assert source_host == CUSTOMER.host  # never asked about the PBX's requests
+    return ("p-asserted-identity", "remote-party-id")
+
+
+@pytest.mark.parametrize("method", ["MESSAGE", "REFER", "SUBSCRIBE", "REGISTER"])
+def test_a_customers_requests_outside_its_calls_lose_the_identity_it_asserts(method: str) -> None:
+    """RFC 3325 holds beyond INVITEs: a MESSAGE or REFER asserting a number the customer
+    does not own would be believed by the PBX. The PBX side's requests pass as they are."""
+    sim = Sim.make(untrusted_headers=untrusted_from_customers)
+    sent = parse_request(only_send(sim.customer(request(method, headers=ASSERTED, contact=None))).data)
+    assert sent.values("p-asserted-identity") == sent.values("remote-party-id") == []
+    pbx_vias = ("SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKpbxmsg",)
+    from_pbx = parse_request(only_send(sim.pbx(request(method, vias=pbx_vias, headers=ASSERTED))).data)
+    assert from_pbx.values("p-asserted-identity") == ["<tel:+14155559999>"]
+
+
+def test_a_customer_called_by_the_pbx_asserts_nothing_mid_call_either() -> None:
+    sim = Sim.make(untrusted_headers=untrusted_from_customers)
+    towards_customer = invite(
+        uri=CALLER_CONTACT, vias=("SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKpbxinv",), contact=CALLEE_CONTACT
+    )
+    forwarded = only_send(sim.pbx(towards_customer))
+    sim.customer(response(forwarded.data, 200, contact=CALLER_CONTACT))
+    # the customer is the callee: its re-INVITE has its own tag as From tag
+    reinvite = in_dialog_from_customer(
+        "INVITE", from_tag=CALLEE_TAG, to_tag=CALLER_TAG, headers=(("Route", OUR_RR), *ASSERTED)
+    )
+    sent = parse_request(only_send(sim.customer(reinvite)).data)
+    assert sent.values("p-asserted-identity") == sent.values("remote-party-id") == []
 
 
 def test_a_bye_on_an_early_dialog_ends_the_call_with_the_invites_final_response() -> None:

@@ -169,6 +169,25 @@ def test_customer_asserted_identity_is_stripped(policy_lab: PolicyLab) -> None:
     assert_guard_clean(log, ended_by_bye=1)
 
 
+def test_a_customers_message_loses_the_identity_it_asserts(policy_lab: PolicyLab) -> None:
+    """RFC 3325 beyond INVITEs: a MESSAGE (or REFER, SUBSCRIBE...) from a customer reaches
+    the PBX without the P-Asserted-Identity and Remote-Party-ID it carried, which the PBX
+    would otherwise believe."""
+    policy_lab.start(TWO_ACCOUNTS, pbx_scenario="uas_message.xml")
+
+    sender = policy_lab.run("uac_message.xml", ACME_NUMBER, source=ACME)
+
+    _, pbx = policy_lab.finish()
+    assert sender.returncode == 0 and (sender.successful, sender.failed) == (1, 0), sender.summary()
+    sent = sender.requests("sent", "MESSAGE")[0]
+    assert sent.headers("p-asserted-identity") == [f"<sip:{ACME_NUMBER}@{ACME};user=phone>"]
+    received = pbx.requests("received", "MESSAGE")[0]
+    assert received.headers("call-id") == sent.headers("call-id")
+    assert received.headers("p-asserted-identity") == received.headers("remote-party-id") == []
+    assert received.headers("from") == sent.headers("from")
+    assert pbx.stats["FailedCall(C)"] == pbx.stats["FailedRegexpShouldntMatch(C)"] == "0", pbx.summary()
+
+
 # -- 2. trunking: simultaneous calls per number -----------------------------------------------------
 def test_per_number_cap_third_call_busy_until_a_bye(policy_lab: PolicyLab) -> None:
     """acme may hold 2 calls per number (its ``limits:`` shorthand over a rule default of

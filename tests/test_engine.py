@@ -481,6 +481,16 @@ def test_strip_untrusted_identity_false_keeps_an_emergency_calls_assertions_too(
     assert decide(engine, attempt("sos", uri="sip:911@pbx.example.com", headers=headers)) == EMERGENCY
 
 
+def test_untrusted_headers_outside_judged_calls_follow_the_caller_id_setting() -> None:
+    """What the core removes from a customer's MESSAGE, REFER...: the same as from its
+    INVITEs; nothing when no rule runs (a plain proxy)."""
+    request = attempt("m", headers=(("P-Asserted-Identity", f"<tel:{NOT_OWNED}>"),)).request
+    assert engine_for({"caller_id": {}}).untrusted_headers(request, CUSTOMER.host) == STRIP
+    passing = engine_for({"caller_id": {"strip_untrusted_identity": False}})
+    assert passing.untrusted_headers(request, CUSTOMER.host) == ("x-sipguard-tag",)
+    assert engine_for({}).untrusted_headers(request, CUSTOMER.host) == ()
+
+
 def test_an_emergency_number_as_caller_id_is_refused() -> None:
     engine = engine_for({"caller_id": {}})
     verdict = decide(engine, attempt("a", from_="<sip:911@customer.example>"))

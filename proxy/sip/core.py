@@ -119,6 +119,11 @@ class CoreConfig:
     # through while new calls are otherwise refused (shutting down, max_calls reached):
     # emergency numbers are never blocked. max_transactions still bounds memory.
     is_emergency: Callable[[Request, str], bool] | None = None
+    # The headers to remove from a customer's request outside the calls the policy judged
+    # (REGISTER, MESSAGE, REFER..., and requests in calls placed to the customer): identity
+    # a customer asserts is not believed beyond sipguard (RFC 3325). Judged calls carry
+    # their own list, from the verdict. None: remove nothing.
+    untrusted_headers: Callable[[Request, str], tuple[str, ...]] | None = None
 
 
 class TxState(enum.Enum):
@@ -392,24 +397,25 @@ class ProxyCore:
         if method == "INVITE" and to_tag is None:
             self._on_initial_invite(tx, from_customer, now, actions)
             return
+        call = self.calls.find(request.call_id, (request.from_.tag, to_tag)) if to_tag is not None else None
         remove_headers: tuple[str, ...] = ()
-        if to_tag is not None:
-            call = self.calls.find(request.call_id, (request.from_.tag, to_tag))
-            if call is not None:
-                if from_customer:  # identity a judged caller asserts mid-call is not believed either
-                    remove_headers = call.remove_headers
-                from_caller = request.from_.tag == call.info.from_tag
-                if call.dialog is not None:
-                    call.dialog.saw_request(from_caller, request)
-                if method == "BYE":
-                    # A BYE on an early dialog (§15) ends the call when the INVITE's final
-                    # response passes: ended now, a 2xx crossing it would go uncounted.
-                    if call.state is CallState.CONFIRMED and from_customer:  # the PBX's answer decides
-                        tx.call, tx.role, tx.by_caller = call, CallRole.ENDS, from_caller
-                    elif call.state is CallState.CONFIRMED:  # the PBX hung up: over, as far as it knows
-                        self._end_call(call, EndReason.BYE, now, actions, by_caller=from_caller)
-                elif method in ("INVITE", "UPDATE"):
-                    tx.call, tx.role = call, CallRole.REFRESHES
+        if from_customer and call is not None and call.info.from_customer:
+            remove_headers = call.remove_headers  # what its caller asserts mid-call is not believed either
+        elif from_customer and self.config.untrusted_headers is not None:
+            remove_headers = self.config.untrusted_headers(request, source.host)
+        if call is not None:
+            from_caller = request.from_.tag == call.info.from_tag
+            if call.dialog is not None:
+                call.dialog.saw_request(from_caller, request)
+            if method == "BYE":
+                # A BYE on an early dialog (§15) ends the call when the INVITE's final
+                # response passes: ended now, a 2xx crossing it would go uncounted.
+                if call.state is CallState.CONFIRMED and from_customer:  # the PBX's answer decides
+                    tx.call, tx.role, tx.by_caller = call, CallRole.ENDS, from_caller
+                elif call.state is CallState.CONFIRMED:  # the PBX hung up: over, as far as it knows
+                    self._end_call(call, EndReason.BYE, now, actions, by_caller=from_caller)
+            elif method in ("INVITE", "UPDATE"):
+                tx.call, tx.role = call, CallRole.REFRESHES
         self._forward(tx, now, actions, remove_headers=remove_headers)
 
     def _on_initial_invite(
