@@ -166,7 +166,7 @@ class SipGuard:
         self.ended_by_reason: Counter[EndReason] = Counter()
         self.bans_by_reason: Counter[str] = Counter()  # "rate" or "user-agent"
         self.attempt_rate = RateWindow(RATE_WINDOW_TICKS)  # call attempts per second
-        self.flood = FloodGuard(settings.flood, self._places_emergency_call)
+        self.flood = FloodGuard(settings.flood, self._places_emergency_call, self.hook.emergency_calls)
         self.wall_offset = 0.0  # loop.time() + wall_offset: the wall clock, set at start
         self._tick: asyncio.TimerHandle | None = None
         self._flood_lines = 0

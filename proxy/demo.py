@@ -73,6 +73,7 @@ class JudgedCalls:
 
     def __init__(self, engine: PolicyEngine) -> None:
         self.engine = engine
+        self.emergency_calls = engine.emergency_calls
         self.by_call_id: dict[str, str] = {}
 
     def decide_now(self, attempt: CallAttempt) -> Verdict | None:

@@ -135,6 +135,9 @@ class PolicyEngine:
         self.history = CallHistory(_history_settings(policy))
         self.store: StateStore = store or MemoryStore(slot_lease=policy.local_slot_lease)
         self.held: dict[str, tuple[str, ...]] = {}
+        # Call-ID -> attempt id of each emergency call up now (for the flood guard: a ban
+        # must not cut one short); bounded by the live calls, each of which ends once
+        self.emergency_calls: dict[str, str] = {}
         self.counters = PolicyCounters()
         self.decisions = DecisionMemory(policy.admin.recent_calls)  # for sipguard explain and status
         self._accounts_by_host: dict[str, Account | None] = {}
@@ -220,6 +223,8 @@ class PolicyEngine:
         else:
             self.history.call_ended(attempt_id, event.now, event.by_caller)
         self._retries.discard(attempt_id)
+        if self.emergency_calls.get(event.call.call_id) == attempt_id:
+            del self.emergency_calls[event.call.call_id]
         self.decisions.ended(event)
         live = self.live.pop(event.call.attempt_id, None)
         if live is not None:
@@ -324,6 +329,7 @@ class PolicyEngine:
                 decision = self._remember(plan, "emergency", None, None, (), account=account)
                 self.decisions.forwarded(decision)
                 log.info("call.emergency", **decision.fields())
+                self.emergency_calls[request.call_id] = attempt.attempt_id
                 plan.final = self._emergency_verdict(request, region, account)
                 return plan
             identities = self._identities(request, region, account.numbers if account else None)

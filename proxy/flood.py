@@ -26,8 +26,10 @@ Strategy
   every phone behind the flooder's address (an office's NAT). A banned source's INVITE
   whose request line may dial one (a short number, ``urn:service:sos``) is handed to
   ``emergency_call``, the policy's full check; if it says yes, that call's messages (by
-  Call-ID: retransmissions, ACK, BYE) pass too. Bounded, because a flooder may dial 911
-  too: ``MAX_EMERGENCY_CALLS_PER_BAN`` calls a ban, ``EMERGENCY_CALL_MESSAGES`` each.
+  Call-ID: retransmissions, ACK, BYE) pass too, as do those of an emergency call already
+  up when the ban began (``live_emergency_calls``: its re-INVITEs and BYE). Bounded,
+  because a flooder may dial 911 too: ``MAX_EMERGENCY_CALLS_PER_BAN`` calls a ban,
+  ``EMERGENCY_CALL_MESSAGES`` each.
 
 Invariants: every table is bounded by ``max_sources`` (a flood of spoofed sources
 cannot grow memory: sources gone quiet are evicted first, then those owing least);
@@ -40,7 +42,7 @@ from __future__ import annotations
 import heapq
 import ipaddress
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from .sip.hosts import in_networks, normal_host
@@ -174,10 +176,14 @@ class FloodGuard:
     """Per-source rate, scanner User-Agents and bans. Call ``admit`` for every message."""
 
     def __init__(
-        self, settings: FloodSettings | None = None, emergency_call: EmergencyCheck | None = None
+        self,
+        settings: FloodSettings | None = None,
+        emergency_call: EmergencyCheck | None = None,
+        live_emergency_calls: Collection[str] = (),
     ) -> None:
         self.events: list[FloodEvent] = []
         self._emergency_call = emergency_call
+        self._live_emergency_calls = live_emergency_calls  # Call-IDs, kept up to date by the policy
         self._bans: dict[str, Ban] = {}
         self._sources: dict[str, _Source] = {}
         self._offences: dict[str, _Offences] = {}
@@ -234,25 +240,31 @@ class FloodGuard:
         return True
 
     def _admit_banned(self, ban: Ban, data: bytes) -> bool:
-        """Drop a banned source's message, unless it places or belongs to an emergency call."""
-        if self._emergency_call is not None:
-            calls = ban.emergency_calls
-            if calls:
-                line = _CALL_ID_LINE.search(data)
-                if line is not None and calls.get(line.group(1), 0) > 0:
-                    calls[line.group(1)] -= 1
-                    return True
-            if len(calls) < MAX_EMERGENCY_CALLS_PER_BAN and _MAYBE_EMERGENCY.match(data):
-                line = _CALL_ID_LINE.search(data)
-                if line is not None and line.group(1) not in calls and self._emergency_call(data, ban.host):
-                    call_id = line.group(1)
+        """Drop a banned source's message, unless it places or belongs to an emergency call.
+        The Call-ID is looked for only when an emergency call could be concerned, so that
+        a banned flood costs a truth test or two a message."""
+        calls, live = ban.emergency_calls, self._live_emergency_calls
+        maybe_new = self._emergency_call is not None and _MAYBE_EMERGENCY.match(data) is not None
+        admitted = False
+        if calls or live or maybe_new:
+            line = _CALL_ID_LINE.search(data)
+            call_id = line.group(1) if line is not None else b""
+            left = calls.get(call_id)
+            if left is not None:  # an emergency call let through already: its budget
+                admitted = left > 0
+                calls[call_id] = max(0, left - 1)
+            elif call_id and len(calls) < MAX_EMERGENCY_CALLS_PER_BAN:
+                admitted = call_id.decode("latin-1") in live or (
+                    maybe_new and self._emergency_call is not None and self._emergency_call(data, ban.host)
+                )
+                if admitted:
                     calls[call_id] = EMERGENCY_CALL_MESSAGES - 1
                     self.events.append(
                         EmergencyPassed(host=ban.host, call_id=call_id.decode("latin-1"), calls=len(calls))
                     )
-                    return True
-        ban.dropped += 1
-        return False
+        if not admitted:
+            ban.dropped += 1
+        return admitted
 
     def _scanner_signature(self, data: bytes) -> str | None:
         line = _USER_AGENT_LINE.search(data)

@@ -9,6 +9,7 @@ task per INVITE costs more than the whole SIP path, so the fast path matters.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Protocol
 
 from .sip.events import Accept, CallAnswered, CallAttempt, CallEnded, Verdict
@@ -16,6 +17,11 @@ from .sip.message import Request
 
 
 class DecisionHook(Protocol):
+    @property
+    def emergency_calls(self) -> Collection[str]:
+        """The Call-IDs of the emergency calls up now: their messages pass a flood ban too."""
+        ...
+
     def decide_now(self, attempt: CallAttempt) -> Verdict | None: ...
 
     async def decide(self, attempt: CallAttempt) -> Verdict: ...
@@ -40,6 +46,7 @@ class AcceptAll:
     """No policies: sipguard is a plain proxy."""
 
     _ACCEPT = Accept()
+    emergency_calls: Collection[str] = frozenset()
 
     def decide_now(self, attempt: CallAttempt) -> Verdict | None:
         return self._ACCEPT

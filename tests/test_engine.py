@@ -475,6 +475,17 @@ def test_an_emergency_call_keeps_only_an_asserted_identity_its_account_owns(
     assert engine.counters.verdicts["emergency"] == 1
 
 
+def test_the_engine_lists_the_emergency_calls_up_now() -> None:
+    """For the flood guard: a ban must not cut an emergency call short."""
+    engine = engine_for(TIGHT)
+    sos = attempt("sos", uri="sip:911@pbx.example.com")
+    decide(engine, sos)
+    decide(engine, attempt("a"))  # a normal call is not listed
+    assert list(engine.emergency_calls) == ["sos@192.0.2.10"]
+    end(engine, sos)
+    assert engine.emergency_calls == {}
+
+
 def test_strip_untrusted_identity_false_keeps_an_emergency_calls_assertions_too() -> None:
     engine = engine_for({"caller_id": {"strip_untrusted_identity": False}})
     headers = (("P-Asserted-Identity", f"<sip:{NOT_OWNED}@customer.example>"),)

@@ -316,6 +316,21 @@ def test_a_ban_lets_through_a_bounded_number_of_emergency_calls_and_messages() -
     assert retransmissions == [True] * (EMERGENCY_CALL_MESSAGES - 1) + [False]
 
 
+def test_an_emergency_call_up_when_the_ban_began_keeps_going() -> None:
+    """Its re-INVITEs and BYE pass (the policy lists the emergency calls up now), nothing
+    else of the banned source's does."""
+    live = {"up-already@x"}
+    flood = FloodGuard(FloodSettings(messages_per_second=RATE, burst=BURST), EmergencyCheck(), live)
+    send(flood, BURST + 1)
+    flood.take_events()
+    bye = sip_request("BYE", "sip:911@pbx", "up-already@x", to_tag="t")
+    assert flood.admit(SCANNER, bye, 1.0) is True
+    assert flood.take_events() == [EmergencyPassed(host=SCANNER, call_id="up-already@x", calls=1)]
+    assert flood.admit(SCANNER, bye, 1.5) is True  # a retransmission
+    assert flood.admit(SCANNER, sip_request("BYE", "sip:100@pbx", "other@x", to_tag="t"), 2.0) is False
+    assert flood.take_events() == []
+
+
 def test_without_an_emergency_check_a_ban_drops_every_emergency_call() -> None:
     flood = guard()
     send(flood, BURST + 1)

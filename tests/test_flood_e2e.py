@@ -222,8 +222,10 @@ def request(method: str, path: str, body: bytes = b"", *, token: str | None = TO
 
 def test_a_banned_office_still_reaches_emergency_services(policy_lab: PolicyLab) -> None:
     """A scanner behind acme's address (its User-Agent gives it away) gets that address
-    banned: acme's next normal INVITE is dropped unread, but its call to 911 from the same
-    address connects and hangs up through sipguard (INVITE, ACK, BYE all let through)."""
+    banned while one of acme's phones is on a call to 911: acme's next normal INVITE is
+    dropped unread, but a new call to 911 from the same address connects and hangs up
+    through sipguard (INVITE, ACK, BYE all let through), and so does the call that was up
+    when the ban began (its BYE passes)."""
     guard = policy_lab.start(f"""
         accounts:
           acme:
@@ -232,6 +234,9 @@ def test_a_banned_office_still_reaches_emergency_services(policy_lab: PolicyLab)
         rules:
           caller_id: {{}}
         """)
+    mark = guard.mark()
+    already_up = policy_lab.call("uac_caller.xml", ACME_NUMBER, dialled="911", hold_ms=3000)
+    guard.wait_for("call.emergency", since=mark)
     scanner_behind_nat = SipClient(ACME, policy_lab.proxy)
     try:
         scanner_behind_nat.options("friendly-scanner")
@@ -240,18 +245,24 @@ def test_a_banned_office_still_reaches_emergency_services(policy_lab: PolicyLab)
         emergency = policy_lab.run("uac_caller.xml", ACME_NUMBER, dialled="911", hold_ms=200)
     finally:
         scanner_behind_nat.close()
+    already_up_result = already_up.wait()
 
     log, pbx = policy_lab.finish()
     assert_calls(emergency, [200])  # answered, and its BYE answered too
-    emergency_id = only_call_id(emergency)
-    (passed,) = log.named("flood.emergency_passed")
-    assert (passed["host"], passed["call_id"], passed["calls"]) == (ACME, emergency_id, 1)
-    assert [entry["call_id"] for entry in log.named("call.emergency")] == [emergency_id]
-    assert log.counter("flood_emergency_passed") == 1
+    assert_calls(already_up_result, [200])
+    emergency_id, already_up_id = only_call_id(emergency), only_call_id(already_up_result)
+    passed = log.named("flood.emergency_passed")
+    assert {entry["call_id"] for entry in passed} == {emergency_id, already_up_id}
+    assert [(entry["host"], entry["calls"]) for entry in passed] == [(ACME, 1), (ACME, 2)]
+    assert [entry["call_id"] for entry in log.named("call.emergency")] == [already_up_id, emergency_id]
+    assert log.counter("flood_emergency_passed") == 2
     assert log.counter("flood_dropped") == 2  # the banning OPTIONS and the normal INVITE
-    assert {m.headers("call-id")[0] for m in pbx.requests("received", "INVITE")} == {emergency_id}
-    assert dropped_call != emergency_id
-    assert [m.headers("call-id")[0] for m in pbx.requests("received", "BYE")] == [emergency_id]
+    assert {m.headers("call-id")[0] for m in pbx.requests("received", "INVITE")} == {
+        emergency_id,
+        already_up_id,
+    }
+    assert dropped_call not in (emergency_id, already_up_id)
+    assert {m.headers("call-id")[0] for m in pbx.requests("received", "BYE")} == {emergency_id, already_up_id}
     assert_guard_clean(log)
 
 
