@@ -133,7 +133,8 @@ class BanListFull:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EmergencyPassed:
-    """A banned source placed an emergency call, and it was let through."""
+    """A banned source's emergency call was let through: one placed during the ban, or
+    one up when the ban began. Once per call and ban."""
 
     host: str
     call_id: str
@@ -154,7 +155,7 @@ class Ban:
     until: float
     offences: int
     dropped: int = 0
-    # Call-ID -> messages still let through, for the emergency calls placed while banned
+    # Call-ID -> messages still let through, for each emergency call let through this ban
     emergency_calls: dict[bytes, int] = field(default_factory=dict)
 
 
@@ -242,7 +243,7 @@ class FloodGuard:
     def _admit_banned(self, ban: Ban, data: bytes) -> bool:
         """Drop a banned source's message, unless it places or belongs to an emergency call.
         The Call-ID is looked for only when an emergency call could be concerned, so that
-        a banned flood costs a truth test or two a message."""
+        a banned flood costs an anchored match and a truth test or two a message."""
         calls, live = ban.emergency_calls, self._live_emergency_calls
         maybe_new = self._emergency_call is not None and _MAYBE_EMERGENCY.match(data) is not None
         admitted = False

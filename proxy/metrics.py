@@ -207,7 +207,7 @@ class SipguardCollector(Collector):
         )
         yield _counter(
             "sipguard_flood_emergency_passed",
-            "Emergency calls placed by banned sources and let through (emergency numbers are never blocked).",
+            "Emergency calls of banned sources let through (emergency numbers are never blocked).",
             guard.counters["flood_emergency_passed"],
         )
         yield _gauge(
