@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from policies.base import Mode
 from policies.call_rate import CallRateConfig, RateLimit
@@ -58,6 +59,16 @@ rules:
   call_rate:
     per_number: {per_minute: 10, burst: 4}
 """
+
+
+@pytest.fixture(autouse=True, params=["libyaml", "pure-python"])
+def yaml_parser(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs with libyaml's parser and with PyYAML's own (used where PyYAML is
+    built without libyaml): the same files must load the same, with the same errors."""
+    if request.param == "libyaml" and not yaml.__with_libyaml__:
+        pytest.skip("PyYAML is built without libyaml")
+    monkeypatch.setattr("proxy.policyfile.LIBYAML", request.param == "libyaml")
+    return str(request.param)
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -427,6 +438,27 @@ def test_a_value_nested_thousands_deep_is_an_error(tmp_path: Path) -> None:
     [error] = errors(tmp_path, "proxy: {}\nrules: " + "[\n" * 5000 + "]" * 5000 + "\n")
     line, message = error.split(": ", 1)
     assert (int(line) > 2, message) == (True, "not valid YAML: nested too deeply")  # where it got too deep
+
+
+def test_a_control_character_is_an_error_naming_its_line(tmp_path: Path) -> None:
+    """PyYAML's parser raised it as a traceback; libyaml's named line 1 and "<unicode string>"."""
+    assert errors(tmp_path, 'proxy:\n  server_header: "Acme\x07"\n') == [
+        "2: not valid YAML: character U+0007 in column 23: control characters are not allowed"
+    ]
+
+
+def test_a_syntax_error_names_the_same_line_with_either_parser(tmp_path: Path) -> None:
+    """libyaml words some problems differently from PyYAML; the line is the same."""
+    text = "accounts:\n  acme:\n    sources: [192.0.2.0/24\n  beta: {}\nrules: {}\n"
+    [error] = errors(tmp_path, text)
+    assert error.startswith("4: not valid YAML: ")
+
+
+def test_a_value_nested_a_hundred_thousand_deep_is_an_error_not_a_crash(tmp_path: Path) -> None:
+    """libyaml's own composer (yaml.CSafeLoader) recurses in C: this killed the process
+    with SIGSEGV, and a SIGHUP reload of such a file would have taken the proxy down."""
+    [error] = errors(tmp_path, "rules: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    assert error == "1: not valid YAML: nested too deeply"
 
 
 def test_bytes_that_are_not_utf8_name_their_line(tmp_path: Path) -> None:
@@ -805,6 +837,7 @@ def test_check_walks_the_source_networks_once_not_once_per_account(
 ) -> None:
     """The summary looked up each account's sources in every network: 20,000 accounts took
     400 million steps (about 25 s of a sipguard check) before printing anything."""
+    monkeypatch.setattr(_CountedNetworks, "walks", 0)  # counted afresh for each YAML parser
     policy = load(tmp_path, GOOD)
     counted = dataclasses.replace(policy, networks=_CountedNetworks(policy.networks))
     monkeypatch.setattr("proxy.cli.load_policy", lambda path: counted)
