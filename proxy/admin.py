@@ -228,7 +228,7 @@ class AdminServer:
         """``POST /reload``: as SIGHUP; 200 applied, 422 refused (the running policy stays)."""
         if self.reloader is None:
             raise HttpError(503, "this sipguard has no policy file to reload")
-        result = self.reloader.reload(by="operator")
+        result = await self.reloader.reload(by="operator")
         return HttpResponse(200 if result.ok else 422, result.as_json())
 
     def _release(self, number: object, account: object) -> HttpResponse:

@@ -213,7 +213,7 @@ async def _serve(
 
     guard = SipGuard(settings, engine)
     reloader = Reloader(engine, guard, path)
-    guard.on_reload = reloader.reload  # SIGHUP
+    guard.on_reload = reloader.on_signal  # SIGHUP
     guard.handle_signals()
     try:
         await guard.start()

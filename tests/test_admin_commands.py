@@ -11,9 +11,12 @@ reload of a good and of a broken file, and the token.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
 import logging
 import subprocess
+import threading
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,8 +43,8 @@ from proxy.admin import UNBAN_USAGE
 from proxy.admin_client import admin_call, explain_lines, status_lines
 from proxy.cli import main
 from proxy.engine import PolicyEngine
-from proxy.policyfile import FloodSection, PolicyFileError, compile_policy, load_policy
-from proxy.reload import Reloader
+from proxy.policyfile import CompiledPolicy, FloodSection, PolicyFileError, compile_policy, load_policy
+from proxy.reload import Reloader, ReloadResult
 from proxy.sip import Request, parse_message
 from proxy.sip.events import (
     Accept,
@@ -249,11 +252,101 @@ def test_a_reload_says_a_restart_is_needed_until_the_running_sections_are_back(t
     path.write_text("proxy: {upstream: udp:127.0.0.1:5070}\n", encoding="utf-8")
     reloader = Reloader(PolicyEngine(load_policy(path)), FloodOnlyGuard(), str(path))  # type: ignore[arg-type]
     path.write_text("proxy: {upstream: udp:127.0.0.1:5080}\n", encoding="utf-8")
-    assert reloader.reload().restart_needed
+    assert asyncio.run(reloader.reload()).restart_needed
     path.write_text("proxy: {upstream: udp:127.0.0.1:5080}\nrules: {caller_id: }\n", encoding="utf-8")
-    assert reloader.reload().restart_needed  # still running with 5070
+    assert asyncio.run(reloader.reload()).restart_needed  # still running with 5070
     path.write_text("proxy: {upstream: udp:127.0.0.1:5070}\nrules: {caller_id: }\n", encoding="utf-8")
-    assert not reloader.reload().restart_needed  # the file says what runs again
+    assert not asyncio.run(reloader.reload()).restart_needed  # the file says what runs again
+
+
+ACME_OWNS = "accounts:\n  acme:\n    sources: [192.0.2.0/24]\n    numbers: ['{}']\nrules:\n  caller_id:\n"
+
+
+def judged(engine: PolicyEngine, name: str, caller: str) -> Verdict | None:
+    request = parse_message(invite(from_=f"<sip:{caller}@customer.example>", call_id=name))
+    assert isinstance(request, Request)
+    return engine.decide_now(CallAttempt(attempt_id=name, request=request, source=ACME_SOURCE, now=1.0))
+
+
+def test_calls_are_judged_while_a_reload_compiles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reload of 20,000 accounts compiled on the event loop for ~12 s, and every call
+    through the proxy waited. The compile runs in a worker thread now: here it cannot
+    finish until the loop has judged a call meanwhile (by the policy still in force)."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(ACME_OWNS.format(ACME_NUMBER), encoding="utf-8")
+    engine = PolicyEngine(load_policy(path))
+    reloader = Reloader(engine, FloodOnlyGuard(), str(path))  # type: ignore[arg-type]
+    path.write_text(ACME_OWNS.format(ACME_OTHER), encoding="utf-8")  # ACME_NUMBER is acme's no more
+    compiling, judged_meanwhile = threading.Event(), threading.Event()
+
+    def load_after_a_call_is_judged(name: str) -> CompiledPolicy:
+        compiling.set()
+        # a guard against hanging forever, not the synchronisation: the loop sets the event
+        if not judged_meanwhile.wait(timeout=20):
+            raise AssertionError("no call was judged while the policy compiled: the loop was held")
+        return load_policy(name)
+
+    monkeypatch.setattr("proxy.reload.load_policy", load_after_a_call_is_judged)
+
+    async def reload_and_judge() -> tuple[Verdict | None, ReloadResult]:
+        reload = asyncio.create_task(reloader.reload())
+        await asyncio.to_thread(compiling.wait)
+        meanwhile = judged(engine, "meanwhile", ACME_NUMBER)
+        judged_meanwhile.set()
+        return meanwhile, await reload
+
+    meanwhile, result = asyncio.run(reload_and_judge())
+    assert isinstance(meanwhile, Accept)  # judged during the compile, by the running policy
+    assert result.ok
+    assert isinstance(judged(engine, "after", ACME_NUMBER), Reject)  # the reloaded policy
+
+
+class SlowExecutor(concurrent.futures.ThreadPoolExecutor):
+    """The loop's default executor, as if every compile took long: a job runs when it is
+    handed over (the file is read then), its result is handed back when the test says."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=1)
+        self.held: list[tuple[concurrent.futures.Future[Any], Any]] = []
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self.held.append((future, fn(*args, **kwargs)))
+        return future
+
+    def finish_newest(self) -> None:
+        future, result = self.held.pop()
+        future.set_result(result)
+
+
+def test_a_reload_asked_while_one_compiles_is_applied_after_it(tmp_path: Path) -> None:
+    """Two SIGHUPs, the file edited in between, and the first compile slower than the
+    second: had both compiled at once, the first, older file would be swapped in last and
+    stay in force. The second reload waits for the first, then reads the file again."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(ACME_OWNS.format("+14155550199"), encoding="utf-8")
+    engine = PolicyEngine(load_policy(path))
+    reloader = Reloader(engine, FloodOnlyGuard(), str(path))  # type: ignore[arg-type]
+
+    async def two_reloads() -> list[ReloadResult]:
+        executor = SlowExecutor()
+        asyncio.get_running_loop().set_default_executor(executor)
+        path.write_text(ACME_OWNS.format(ACME_NUMBER), encoding="utf-8")
+        first = asyncio.create_task(reloader.reload())
+        await asyncio.sleep(0)  # the first reload runs until it waits for its compile
+        assert len(executor.held) == 1
+        path.write_text(ACME_OWNS.format(ACME_OTHER), encoding="utf-8")
+        second = asyncio.create_task(reloader.reload())
+        await asyncio.sleep(0)  # the second runs until it waits: for the first, or for its own compile
+        while not (first.done() and second.done()):
+            if executor.held:
+                executor.finish_newest()  # the worst order: the latest compile first
+            await asyncio.sleep(0)
+        return [first.result(), second.result()]
+
+    assert [result.ok for result in asyncio.run(two_reloads())] == [True, True]
+    numbers = engine.policy.accounts["acme"].numbers
+    assert (ACME_OTHER in numbers, ACME_NUMBER in numbers) == (True, False)  # the file as edited last
 
 
 @pytest.fixture
