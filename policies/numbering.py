@@ -330,11 +330,67 @@ class EmergencyNumbers:
         national = _national_number(digits, region)
         return national is not None and national in self.numbers
 
+    def owned_by(self, owned: NumberSet) -> list[tuple[str, str, str]]:
+        """The numbers in ``owned`` that ``matches`` takes for emergency calls, as (E.164
+        number, the entry of ``owned`` that holds it, the emergency number it dials). For a
+        load-time warning: a few probes a set; the numbers' E.164 forms are found once."""
+        return _emergency_forms(self.numbers).owned_by(owned)
+
 
 @lru_cache(maxsize=16384)
 def _national_number(digits: str, region: str) -> str | None:
+    return _national_significant(digits, region)
+
+
+def _national_significant(digits: str, region: str) -> str | None:
     try:
         number = phonenumbers.parse(digits, None if digits.startswith("+") else region.upper())
     except phonenumbers.NumberParseException:
         return None
     return phonenumbers.national_significant_number(number)  # keeps leading zeros: +61 000
+
+
+class _EmergencyForms:
+    """Every E.164 number ``EmergencyNumbers.matches`` takes for one of ``numbers``: the
+    number itself after a + (dialled +911 is 911 as dialled), and +CC then the number for
+    each country code CC whose national number it is (+1911, +44911, +61000 ...)."""
+
+    def __init__(self, numbers: frozenset[str]) -> None:
+        codes = phonenumbers.COUNTRY_CODE_TO_REGION_CODE
+        self.dials: dict[str, str] = {}  # E.164 -> the emergency number it dials
+        for number in sorted(numbers):
+            self.dials.setdefault("+" + number, number)
+            for code in codes:
+                e164 = f"+{code}{number}"
+                if _national_significant(e164, "ZZ") == number:  # uncached: 215 codes a number
+                    self.dials.setdefault(e164, number)
+        # a prefix holds the forms that start with it; not one that is a whole country code
+        # (+1*, +44*): it claims every number of a country, emergency numbers by the way
+        self._by_prefix: dict[str, str] = {}
+        for e164 in sorted(self.dials, key=len):
+            for end in range(2, len(e164) + 1):
+                if int(e164[1:end]) not in codes:
+                    self._by_prefix.setdefault(e164[:end], e164)
+        self._by_digits: dict[int, list[int]] = {}
+        for e164 in self.dials:
+            self._by_digits.setdefault(len(e164) - 1, []).append(int(e164[1:]))
+        for values in self._by_digits.values():
+            values.sort()
+
+    def owned_by(self, owned: NumberSet) -> list[tuple[str, str, str]]:
+        found = [(e164, e164) for e164 in sorted(owned.exact & self.dials.keys())]
+        found += [(self._by_prefix[p], f"{p}*") for p in sorted(owned.prefixes) if p in self._by_prefix]
+        for digits, (starts, ends) in owned.ranges.items():
+            values = self._by_digits.get(digits)
+            if values is None:
+                continue
+            for start, end in zip(starts, ends, strict=True):
+                at = bisect.bisect_left(values, start)
+                if at < len(values) and values[at] <= end:
+                    found.append((f"+{values[at]}", f"+{start}-+{end}"))
+        return [(e164, entry, self.dials[e164]) for e164, entry in found]
+
+
+@lru_cache(maxsize=8)
+def _emergency_forms(numbers: frozenset[str]) -> _EmergencyForms:
+    return _EmergencyForms(numbers)

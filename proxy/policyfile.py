@@ -18,7 +18,7 @@ import difflib
 import ipaddress
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -54,6 +54,7 @@ from .sip.events import Address, parse_address
 from .state.redis_url import NODES_SCHEMES, REDIS_SCHEMES, parse_nodes_url
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 SECRET_KEYS = frozenset({"token"})
 DEFAULT_EMERGENCY_NUMBERS = ["911", "112", "999", "000", "110", "119", "933", "988"]
 YAML_TAG_PREFIX = "tag:yaml.org,2002:"  # written !! in a file
@@ -388,8 +389,9 @@ class PolicyFileError(Exception):
 
 
 def default_policy() -> CompiledPolicy:
-    """The policy when no file is given: no accounts, no rules — a plain proxy."""
-    return compile_policy({}, {}, "<defaults>")
+    """The policy when no file is given: no accounts, no rules — a plain proxy, as asked
+    (a file with no rules is warned about: it may have been cut short)."""
+    return replace(compile_policy({}, {}, "<defaults>"), warnings=[])
 
 
 def load_policy(path: str | Path) -> CompiledPolicy:
@@ -443,11 +445,13 @@ def compile_policy(data: Any, lines: dict[tuple[Any, ...], int], name: str) -> C
         accounts[account_name] = Account(
             name=account_name, numbers=numbers, region=account_region, telemarketing=section.telemarketing
         )
-        networks += [(ipaddress.ip_network(text, strict=False), account_name) for text in section.sources]
+        sources = [ipaddress.ip_interface(text) for text in section.sources]
+        warnings += _host_bits(sources, section.sources, (*path, "sources"), errors)
+        networks += [(source.network, account_name) for source in sources]
         from_domains.update({domain.lower(): account_name for domain in section.from_domains})
         auth_usernames.update({user: account_name for user in section.auth_usernames})
         for kind, claims, first_wins in (
-            ("sources", [str(ipaddress.ip_network(text, strict=False)) for text in section.sources], True),
+            ("sources", [str(source.network) for source in sources], True),
             ("auth_usernames", section.auth_usernames, False),
             ("from_domains", [domain.lower() for domain in section.from_domains], False),
         ):
@@ -487,7 +491,16 @@ def compile_policy(data: Any, lines: dict[tuple[Any, ...], int], name: str) -> C
                 effective.append((policy, config))
         account_rules[account_name] = tuple(effective)
     _warn_overlaps(accounts, errors, warnings)
+    emergency = EmergencyNumbers(model.emergency_numbers)
+    warnings += _emergency_warnings(model, emergency, accounts, errors)
     warnings += _proxy_warnings(model.proxy, errors)
+    for where, texts in (
+        (("proxy", "trusted_peers"), model.proxy.trusted_peers),
+        (("flood", "exempt"), model.flood.exempt),
+    ):
+        warnings += _host_bits([ipaddress.ip_interface(text) for text in texts], texts, where, errors)
+    if not model.rules:  # a file cut short before rules: (by an editor, a copy) reloads without them
+        warnings.append(errors.where(("rules",), "no rules: every call is forwarded unjudged"))
     if errors.lines:
         raise PolicyFileError(errors.lines)
     networks.sort(key=lambda item: item[0].prefixlen, reverse=True)
@@ -499,7 +512,7 @@ def compile_policy(data: Any, lines: dict[tuple[Any, ...], int], name: str) -> C
         flood=model.flood,
         admin=model.admin,
         region=region,
-        emergency=EmergencyNumbers(model.emergency_numbers),
+        emergency=emergency,
         rules=tuple(rules),
         accounts=accounts,
         account_rules=account_rules,
@@ -585,6 +598,41 @@ def _proxy_warnings(section: ProxySection, errors: _Errors) -> list[str]:
         )
         warnings.append(errors.where(("proxy", "upstream"), unrecognised))
     return warnings
+
+
+def _host_bits(
+    interfaces: list[IPInterface], texts: list[str], path: tuple[Any, ...], errors: _Errors
+) -> list[str]:
+    """``192.0.2.7/24`` is read as the network 192.0.2.0/24, which may not be what was meant."""
+    return [
+        errors.where(
+            (*path, index),
+            f"{text} has host bits set: it means {interface.network} (the host alone is {interface.ip})",
+        )
+        for index, (interface, text) in enumerate(zip(interfaces, texts, strict=True))
+        if interface.ip != interface.network.network_address
+    ]
+
+
+def _emergency_warnings(
+    model: PolicyFileModel, emergency: EmergencyNumbers, accounts: dict[str, Account], errors: _Errors
+) -> list[str]:
+    """No emergency numbers at all, and accounts that own one: calls to it bypass every rule."""
+    if not model.emergency_numbers:
+        nothing = (
+            "empty: no dialled number is an emergency call (urn:service:sos still is), so calls to "
+            "911 or 112 are judged, counted and refused like any other"
+        )
+        return [errors.where(("emergency_numbers",), nothing)]
+    return [
+        errors.where(
+            ("accounts", name, "numbers"),
+            f"account {name!r} owns {number}{'' if entry == number else f' (in {entry})'}, which dials "
+            f"emergency number {dialled}: calls to it bypass every rule",
+        )
+        for name, account in accounts.items()
+        for number, entry, dialled in emergency.owned_by(account.numbers)
+    ]
 
 
 def unadvertised(listen: list[Address], advertise: str | None) -> list[str]:

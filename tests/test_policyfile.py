@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from policies import numbering
 from policies.base import Mode
 from policies.call_rate import CallRateConfig, RateLimit
 from policies.caller_id import CallerIdConfig
@@ -23,6 +24,7 @@ from policies.concurrency import ConcurrencyConfig
 from policies.numbering import NumberSet
 from proxy.cli import main
 from proxy.policyfile import CompiledPolicy, PolicyFileError, default_policy, load_policy
+from proxy.sip import parse_uri
 from proxy.state.redis_url import NodesUrl, parse_nodes_url
 
 REPO = Path(__file__).resolve().parent.parent
@@ -133,10 +135,12 @@ def test_a_valid_file_compiles(tmp_path: Path) -> None:
     assert [config.mode for _, config in policy.rules] == [Mode.ENFORCE] * 3
 
 
-def test_an_empty_file_is_the_default_policy(tmp_path: Path) -> None:
+def test_an_empty_file_is_the_default_policy_with_a_warning(tmp_path: Path) -> None:
     policy = load(tmp_path, "# nothing yet\n")
-    assert (policy.rules, policy.accounts, policy.warnings) == ((), {}, [])
+    assert (policy.rules, policy.accounts) == ((), {})
+    assert policy.warnings == [f"{policy.path}:1: rules: no rules: every call is forwarded unjudged"]
     assert policy.proxy == default_policy().proxy
+    assert default_policy().warnings == []  # no file at all: a plain proxy, as asked
 
 
 def test_mode_override_reaches_account_rules(tmp_path: Path) -> None:
@@ -665,6 +669,8 @@ def test_overlapping_numbers_warn(tmp_path: Path) -> None:
             numbers:
               - "+14155550150"
               - "+1415555019*"
+        rules:
+          caller_id:
         """,
     )
     assert policy.warnings == [
@@ -690,7 +696,7 @@ def test_accounts_that_share_no_number_are_not_compared_pair_by_pair(
         for n in range(60)
     )
     late = "  late:\n    sources: [10.1.0.0/24]\n    numbers: ['+14155550150', '+141555559*']\n"
-    policy = load(tmp_path, "accounts:\n" + accounts + late)
+    policy = load(tmp_path, "accounts:\n" + accounts + late + "rules: {caller_id: }\n")
     assert [warning.split(": ", 2)[2] for warning in policy.warnings] == [
         "accounts 'a01' and 'late' both own +14155550150",
         "accounts 'a59' and 'late' both own +14155555900-+14155555999",
@@ -711,9 +717,12 @@ def test_a_source_username_or_domain_claimed_by_two_accounts_warns(tmp_path: Pat
         sources: [192.0.2.7/24]
         auth_usernames: [trunk-1]
         from_domains: [PBX.acme.example]
+    rules: {caller_id: }
     """
     policy = load(tmp_path, text)
     assert [warning.removeprefix(f"{policy.path}:") for warning in policy.warnings] == [
+        "7: accounts.acme2.sources.0: 192.0.2.7/24 has host bits set: it means 192.0.2.0/24 (the host "
+        "alone is 192.0.2.7)",
         "7: accounts.acme2.sources: 192.0.2.0/24 is also account 'acme''s: its calls go to 'acme' alone",
         "8: accounts.acme2.auth_usernames: trunk-1 is also account 'acme''s: its calls go to 'acme2' alone",
         "9: accounts.acme2.from_domains: pbx.acme.example is also account 'acme''s: its calls go to "
@@ -722,7 +731,7 @@ def test_a_source_username_or_domain_claimed_by_two_accounts_warns(tmp_path: Pat
 
 
 def test_an_account_no_call_can_match_warns(tmp_path: Path) -> None:
-    policy = load(tmp_path, "accounts:\n  lost:\n    numbers: ['+14155550100']\n")
+    policy = load(tmp_path, "accounts:\n  lost:\n    numbers: ['+14155550100']\nrules: {caller_id: }\n")
     assert policy.warnings == [
         f"{policy.path}:2: accounts.lost: account 'lost' has no sources, from_domains or auth_usernames: "
         "no call can match it"
@@ -741,6 +750,113 @@ def test_a_rule_with_no_limit_warns(tmp_path: Path, rule: str, body: str) -> Non
     [warning] = policy.warnings
     assert warning.startswith(f"{policy.path}:3: rules.{rule}: {rule} has no limit set")
     assert warning.endswith("it never fires")
+
+
+def test_a_file_with_its_rules_cut_off_warns(tmp_path: Path) -> None:
+    """A file truncated (or emptied) before its rules loads: SIGHUP applied it and every
+    call went through unjudged, with nothing said."""
+    text = "accounts:\n  acme:\n    sources: [192.0.2.0/24]\n    numbers: ['+14155550100']\n"
+    assert load(tmp_path, text).warnings == [
+        f"{tmp_path / 'policy.yaml'}:1: rules: no rules: every call is forwarded unjudged"
+    ]
+    assert load(tmp_path, text + "rules: {}\n").warnings == [
+        f"{tmp_path / 'policy.yaml'}:5: rules: no rules: every call is forwarded unjudged"
+    ]
+    assert load(tmp_path, text + "rules: {caller_id: }\n").warnings == []
+
+
+def test_no_emergency_numbers_warns(tmp_path: Path) -> None:
+    policy = load(tmp_path, "rules: {caller_id: }\nemergency_numbers: []\n")
+    assert policy.warnings == [
+        f"{policy.path}:2: emergency_numbers: empty: no dialled number is an emergency call "
+        "(urn:service:sos still is), so calls to 911 or 112 are judged, counted and refused like any other"
+    ]
+
+
+def test_an_account_owning_an_emergency_number_warns(tmp_path: Path) -> None:
+    """A call to a number EmergencyNumbers takes for 911 (+1911: its national number is 911)
+    bypasses every rule, whichever account owns it. A prefix that is a whole country code
+    (+1*, +44*) claims every number there and is not warned about."""
+    text = """\
+    emergency_numbers: [911, 999, "18002738255"]
+    accounts:
+      short:
+        sources: [192.0.2.0/24]
+        numbers: ["+14155550100", "+1911*"]
+      crisis:
+        sources: [192.0.2.0/25]
+        region: GB
+        numbers:
+          - "+18002738200-+18002738299"
+          - "+4499*"
+      wholesale:
+        sources: [198.51.100.0/24]
+        numbers: ["+1*", "+44*", "+14155550100-+14155550199"]
+    rules: {caller_id: }
+    """
+    policy = load(tmp_path, text)
+    owned = [w.removeprefix(f"{policy.path}:") for w in policy.warnings if "emergency number" in w]
+    assert owned == [
+        "5: accounts.short.numbers: account 'short' owns +1911 (in +1911*), which dials emergency number "
+        "911: calls to it bypass every rule",
+        "9: accounts.crisis.numbers: account 'crisis' owns +44999 (in +4499*), which dials emergency "
+        "number 999: calls to it bypass every rule",
+        "9: accounts.crisis.numbers: account 'crisis' owns +18002738255 (in +18002738200-+18002738299), "
+        "which dials emergency number 18002738255: calls to it bypass every rule",
+    ]
+    # what the warning says is what the engine does: a call to each is an emergency call
+    for number in ("+1911", "+44999", "+18002738255"):
+        assert policy.emergency.matches(parse_uri(f"tel:{number}"), "US"), number
+
+
+def test_accounts_owning_emergency_numbers_are_found_once_per_list_not_per_account(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Which E.164 numbers dial an emergency number takes ~1,700 phonenumbers parses for the
+    default list: done once per list (and reload), never once per account of 20,000."""
+    parses: list[str] = []
+    national = numbering._national_significant
+    monkeypatch.setattr(
+        numbering, "_national_significant", lambda *args: parses.append(args[0]) or national(*args)
+    )
+    numbering._emergency_forms.cache_clear()
+    accounts = "".join(
+        f"  a{n:02d}:\n    sources: [10.0.{n}.0/24]\n    numbers: ['+1415555{n:02d}00-+1415555{n:02d}99']\n"
+        for n in range(60)
+    )
+    text = "emergency_numbers: [911, 112]\naccounts:\n" + accounts + "rules: {caller_id: }\n"
+    assert load(tmp_path, text).warnings == []
+    once = len(parses)
+    assert 0 < once <= 2 * 250  # each number after each country code (~215 of them)
+    load(tmp_path, text)
+    assert len(parses) == once  # a reload with the same list parses none again
+
+
+@pytest.mark.parametrize(
+    ("section", "key"), [("proxy", "trusted_peers"), ("flood", "exempt"), ("accounts.acme", "sources")]
+)
+def test_a_network_with_host_bits_set_warns(tmp_path: Path, section: str, key: str) -> None:
+    """ipaddress reads 192.0.2.7/24 as 192.0.2.0/24 (strict=False): the whole network where
+    the host alone may have been meant."""
+    indent = "    " if "." in section else "  "
+    head = "accounts:\n  acme:\n" if "." in section else f"{section}:\n"
+    text = (
+        head + f"{indent}{key}:\n"
+        f"{indent}  - 192.0.2.0/24\n"
+        f"{indent}  - 10.0.0.10\n"
+        f"{indent}  - 198.51.100.7/24\n"
+        f"{indent}  - 2001:db8::5/64\n"
+        "rules: {caller_id: }\n"
+    )
+    policy = load(tmp_path, text)
+    first = 2 if "." not in section else 3
+    path = f"{section}.{key}"
+    assert [w.removeprefix(f"{policy.path}:") for w in policy.warnings] == [
+        f"{first + 3}: {path}.2: 198.51.100.7/24 has host bits set: it means 198.51.100.0/24 "
+        "(the host alone is 198.51.100.7)",
+        f"{first + 4}: {path}.3: 2001:db8::5/64 has host bits set: it means 2001:db8::/64 "
+        "(the host alone is 2001:db8::5)",
+    ]
 
 
 def test_a_limit_no_enabled_rule_reads_warns(tmp_path: Path) -> None:
@@ -772,7 +888,7 @@ def test_a_wildcard_listen_without_advertise_warns(
     tmp_path: Path, listen: str, advertise: str | None, warned: list[str]
 ) -> None:
     advertised = f"\n  advertise: {advertise}" if advertise else ""
-    policy = load(tmp_path, f"proxy:\n  listen: {listen}{advertised}\n")
+    policy = load(tmp_path, f"proxy:\n  listen: {listen}{advertised}\nrules: {{caller_id: }}\n")
     assert policy.warnings == [
         f"{policy.path}:2: proxy.listen: {address} is a wildcard address: set proxy.advertise to the "
         "address peers reach this instance at (it goes into Via and Record-Route, where in-dialog "
@@ -790,7 +906,7 @@ def test_a_wildcard_listen_without_advertise_warns(
     ],
 )
 def test_a_host_name_upstream_without_trusted_peers_warns(tmp_path: Path, proxy: str, warned: bool) -> None:
-    policy = load(tmp_path, f"proxy: {proxy}\n")
+    policy = load(tmp_path, f"proxy: {proxy}\nrules: {{caller_id: }}\n")
     expected = (
         f"{policy.path}:1: proxy.upstream: pbx.example.net is a host name: requests from the PBX are told "
         "apart by their source address, so list its addresses in proxy.trusted_peers, or its calls are "
