@@ -187,6 +187,11 @@ def reload_command(admin: str, token: str | None, *, as_json: bool = False) -> i
         print(f"{answer['path']}: reloaded; new calls are judged by it, calls up keep their slots")
         if answer["restart_needed"]:
             print("note: proxy:, state: or admin: changed: those apply after a restart")
+        warnings = answer.get("warnings") or []  # (a sipguard older than its client sends none)
+        if warnings:
+            print(f"warnings ({len(warnings)}):")
+            for warning in warnings:
+                print(f"  {warning}")
     else:
         print(f"sipguard: {answer['path']} refused; {answer['running']} stays in force:", file=sys.stderr)
         for error in answer["errors"]:

@@ -36,6 +36,7 @@ class ReloadResult:
     running: str  # the policy file in force afterwards
     errors: list[str] = field(default_factory=list)  # why it was refused
     restart_needed: bool = False  # proxy:, state: or admin: changed: they apply after a restart
+    warnings: list[str] = field(default_factory=list)  # the applied file's, as sipguard check gives them
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -44,6 +45,7 @@ class ReloadResult:
             "running": self.running,
             "errors": self.errors,
             "restart_needed": self.restart_needed,
+            "warnings": self.warnings,
         }
 
 
@@ -100,4 +102,8 @@ class Reloader:
         self.succeeded += 1
         rules = [rule.name for rule, _ in new.rules]
         log.info("policy.reloaded", path=self.path, accounts=len(new.accounts), rules=rules, by=by)
-        return ReloadResult(ok=True, path=self.path, running=new.path, restart_needed=restart_needed)
+        for warning in new.warnings:  # a file cut short, say: it applies, and says what it lacks
+            log.warning("policy.warning", detail=warning)
+        return ReloadResult(
+            ok=True, path=self.path, running=new.path, restart_needed=restart_needed, warnings=new.warnings
+        )

@@ -301,6 +301,30 @@ def test_calls_are_judged_while_a_reload_compiles(tmp_path: Path, monkeypatch: p
     assert isinstance(judged(engine, "after", ACME_NUMBER), Reject)  # the reloaded policy
 
 
+def test_a_reload_gives_the_files_warnings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file cut short before its rules: SIGHUP applied it and said nothing, while every
+    call went through unjudged. The warnings sipguard check gives are logged, answered to
+    POST /reload, and printed by sipguard reload."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(ACME_OWNS.format(ACME_NUMBER), encoding="utf-8")
+    reloader = Reloader(PolicyEngine(load_policy(path)), FloodOnlyGuard(), str(path))  # type: ignore[arg-type]
+    path.write_text(ACME_OWNS.format(ACME_NUMBER).partition("rules:")[0], encoding="utf-8")
+    with capture_logs() as logs:
+        result = asyncio.run(reloader.reload())
+    cut_short = f"{path}:1: rules: no rules: every call is forwarded unjudged"
+    assert (result.ok, result.warnings, result.as_json()["warnings"]) == (True, [cut_short], [cut_short])
+    assert [line["detail"] for line in logs if line["event"] == "policy.warning"] == [cut_short]
+    monkeypatch.setattr("proxy.admin_client._ask", lambda *args: (200, result.as_json()))  # POST /reload
+    assert cli(capsys, "reload") == (
+        0,
+        f"{path}: reloaded; new calls are judged by it, calls up keep their slots\n"
+        f"warnings (1):\n  {cut_short}\n",
+        "",
+    )
+
+
 class SlowExecutor(concurrent.futures.ThreadPoolExecutor):
     """The loop's default executor, as if every compile took long: a job runs when it is
     handed over (the file is read then), its result is handed back when the test says."""
@@ -676,6 +700,7 @@ def test_reload_applies_a_good_file_and_refuses_a_broken_one_keeping_the_policy_
         "running": str(path),
         "errors": [error],
         "restart_needed": False,
+        "warnings": [],
     }
     assert_calls(policy_lab.run("uac_dialer.xml", ACME_NUMBER), [503])  # the reloaded limit still bites
     assert_calls(policy_lab.run("uac_dialer.xml", ACME_OTHER), [200])
