@@ -59,6 +59,22 @@ def test_fail_open_counts_on_this_instance_alone() -> None:
     assert engine.counters.store_unavailable == 3
 
 
+def test_a_cluster_none_of_whose_nodes_answers_is_unavailable() -> None:
+    """RedisCluster raises RedisClusterException (not a RedisError) when no startup node
+    answers: it is the store being away like any other, so the fail modes apply and the
+    breaker counts it, rather than a policy error (500) on every call."""
+    rules = {"concurrency": {**TIGHT["concurrency"], "fail_mode": "closed"}}
+    url = f"redis+cluster://127.0.0.1:{closed_port()}"
+    engine = PolicyEngine(policy(rules), RedisStore(url, timeout=0.5, clock=None, breaker_failures=2))
+    verdict = decide(engine, attempt("a"))
+    assert isinstance(verdict, Reject) and verdict.status == 503
+    store = engine.store
+    assert isinstance(store, RedisStore) and store.errors_total == 1
+    open_engine = PolicyEngine(policy(TIGHT), store)  # fail_mode: open, the same (failing) store
+    assert isinstance(decide(open_engine, attempt("b")), Accept)
+    assert store.breaker == "open"
+
+
 def test_emergency_calls_never_touch_the_store() -> None:
     rules = {"concurrency": {**TIGHT["concurrency"], "fail_mode": "closed"}}
     engine = engine_on(f"redis://127.0.0.1:{closed_port()}/0", rules)

@@ -42,7 +42,7 @@ import redis.asyncio as redis_asyncio
 import structlog
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from .ops import Operation, OpResult, TakeSlot, UseQuota
 from .redis_url import NODES_SCHEMES, parse_nodes_url
@@ -416,7 +416,9 @@ class RedisStore:
         started = time.perf_counter()
         try:
             result = await asyncio.wait_for(request(), self.timeout)
-        except (RedisError, OSError, TimeoutError) as error:
+        # RedisClusterException is not a RedisError: RedisCluster raises it when no
+        # startup node answers, or the slots are not covered
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as error:
             self.stats.errors += 1
             self.errors_total += 1
             self._failures += 1
