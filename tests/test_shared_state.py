@@ -13,12 +13,13 @@ import re
 import socket
 from typing import Any
 
+import pytest
 from redis_server import RedisCluster, RedisSentinel, RedisServer
 from test_engine import OWNED, attempt, end, policy
 
 from proxy.engine import PolicyEngine
 from proxy.sip.events import Accept, CallAttempt, Reject, Verdict
-from proxy.state import TakeSlot
+from proxy.state import TakeSlot, redis_store
 from proxy.state.redis_store import RedisStore, StoreUnavailableError
 
 TIGHT = {"concurrency": {"per_number": 1, "per_account": None}}
@@ -150,6 +151,49 @@ def test_renewal_puts_back_live_slots_redis_lost_never_released_ones(redis_serve
         return bool(overtook), result.count - 1
 
     assert asyncio.run(scenario()) == (False, 1)  # only "live" holds a slot
+
+
+def test_renewal_goes_in_bounded_batches_and_skips_calls_released_meanwhile(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An instance holding many slots renews them RENEW_BATCH at a time (one script call
+    with every slot outlasted the timeout from ~10^5 slots on: the renewal then always
+    failed and every slot lapsed). A call released between two batches is not put back
+    by a later one."""
+    redis_server.command("FLUSHALL")
+    monkeypatch.setattr(redis_store, "RENEW_BATCH", 3, raising=False)
+    account = TakeSlot(key="conc:acct:acme", limit=100, rule="concurrency", label="calls")
+    members = [f"call-{n}" for n in range(8)]
+
+    async def scenario() -> tuple[list[int], int]:
+        store = RedisStore(redis_server.url, timeout=0.5, clock=None)
+        for index, member in enumerate(members):
+            number = TakeSlot(key=f"conc:num:+1415555010{index}", limit=2, rule="concurrency", label="c")
+            await store.check_and_take(member, [account, number], 1_000.0)
+        redis_server.command("FLUSHALL")  # lost: the renewal puts back every live call's slots
+        sizes: list[int] = []
+        releases: list[asyncio.Future[None]] = []
+        renew_script = store._renew
+
+        async def counted(*, keys: list[str], args: list[Any]) -> Any:
+            sizes.append(len(args) - 2 - len(keys))  # the members named
+            if len(sizes) == 1:  # while the first batch is on its way, call-7 ends
+                ending = store.release("call-7", [account.key, "conc:num:+14155550107"], 1_001.0)
+                releases.append(asyncio.ensure_future(ending))
+            return await renew_script(keys=keys, args=args)
+
+        store._renew = counted
+        await store.renew_now(1_001.0)
+        await asyncio.gather(*releases)
+        probe = TakeSlot(key=account.key, limit=1_000, enforced=False)
+        [result] = await store.check_and_take("probe", [probe], 1_002.0, blocked=True)
+        await store.close()
+        return sizes, result.count - 1
+
+    sizes, held = asyncio.run(scenario())
+    assert max(sizes) <= 3 and sum(sizes) == 2 * len(members) - 2  # call-7's two slots skipped
+    assert held == len(members) - 1
+    assert int(redis_server.command("EXISTS", "sg:{sg}:conc:num:+14155550107")[1:]) == 0
 
 
 def test_circuit_breaker_opens_then_lets_one_probe_through() -> None:
