@@ -142,7 +142,9 @@ class PolicyEngine:
         self.decisions = DecisionMemory(policy.admin.recent_calls)  # for sipguard explain and status
         self._accounts_by_host: dict[str, Account | None] = {}
         self._background: set[asyncio.Future[None]] = set()
-        # where calls are counted while a shared store is unreachable (fail_mode: open)
+        # where calls are counted while a shared store is unreachable (fail_mode: open); it
+        # holds the slots of every live call of this instance, the shared store's mirrored,
+        # so that the limits count them all while it is away
         self.local: MemoryStore = (
             self.store
             if isinstance(self.store, MemoryStore)
@@ -185,7 +187,11 @@ class PolicyEngine:
             )
         except StoreUnavailableError as error:
             return self._degraded(plan, str(error))
-        return self._finish(plan, results)
+        verdict = self._finish(plan, results)
+        slot_keys = self.held.get(attempt.attempt_id)
+        if slot_keys and self.local is not self.store:  # mirrored, for when the store is away
+            self.local.hold(attempt.attempt_id, slot_keys, attempt.now)
+        return verdict
 
     def _degraded(self, plan: _Plan, error: str) -> Verdict:
         """The shared store is away: rules that fail closed refuse the call; the others
@@ -231,11 +237,12 @@ class PolicyEngine:
             self._tell_rules(live, event)
         keys = self.held.pop(event.call.attempt_id, None)
         if keys:
-            store: StateStore = self.store
-            if event.call.attempt_id in self.held_locally:  # taken while the shared store was away
-                self.held_locally.discard(event.call.attempt_id)
-                store = self.local
-            self._in_background(store.release(event.call.attempt_id, keys, event.now))
+            if self.local is not self.store:  # counted there (the shared store was away), or mirrored
+                self.local.release(attempt_id, keys, event.now)
+            if attempt_id in self.held_locally:
+                self.held_locally.discard(attempt_id)
+            else:
+                self._in_background(self.store.release(attempt_id, keys, event.now))
 
     def _challenged_once(self, event: CallEnded) -> bool:
         """A call the rules counted, refused by the PBX asking for credentials. Only the

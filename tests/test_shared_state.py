@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
+from pathlib import Path
 from typing import Any
 
 import pytest
-from redis_server import RedisCluster, RedisSentinel, RedisServer
+from redis_server import RedisCluster, RedisSentinel, RedisServer, start_redis
 from test_engine import OWNED, attempt, end, policy
 
 from proxy.engine import PolicyEngine
@@ -58,6 +59,31 @@ def test_fail_open_counts_on_this_instance_alone() -> None:
     end(engine, first)  # released in the local store, where it was taken
     assert isinstance(decide(engine, attempt("c")), Accept)
     assert engine.counters.store_unavailable == 3
+
+
+def test_fail_open_counts_this_instances_calls_that_redis_admitted(tmp_path: Path) -> None:
+    """While Redis is away, the local count starts from this instance's live calls, those
+    Redis admitted included: per_number: 1 with one call up refuses a second one, so the
+    limits hold per instance as documented (before, the local store knew only calls made
+    during the outage, and the number got a second live call here)."""
+    server = start_redis(tmp_path)
+
+    async def scenario() -> list[Verdict]:
+        engine = engine_on(server.url, TIGHT)
+        first = attempt("a")
+        verdicts = [await engine.decide(first)]  # admitted by Redis
+        server.stop()
+        verdicts.append(await engine.decide(attempt("b")))  # counted locally: "a" is still up
+        end(engine, first)
+        await asyncio.gather(*engine._background)
+        verdicts.append(await engine.decide(attempt("c")))  # "a" ended: the slot is free here too
+        assert engine.counters.store_unavailable == 2
+        await engine.store.close()  # type: ignore[attr-defined]
+        return verdicts
+
+    first, second, third = asyncio.run(scenario())
+    assert isinstance(first, Accept) and isinstance(third, Accept)
+    assert isinstance(second, Reject) and second.status == 486
 
 
 def test_a_cluster_none_of_whose_nodes_answers_is_unavailable() -> None:

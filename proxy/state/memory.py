@@ -90,6 +90,15 @@ class MemoryStore:
         total, expires_at = self.quotas.get(key, (0, now))
         return total if expires_at > now else 0
 
+    def hold(self, member: str, slot_keys: Sequence[str], now: float) -> None:
+        """Count the member in each key's slots, whatever the limits (a call another store
+        admitted, mirrored here; ``release`` gives them back)."""
+        for key in slot_keys:
+            slots = self.slots.get(key)
+            if slots is None:
+                slots = self.slots[key] = _Slots()
+            slots.take(member, now + self.slot_lease)
+
     def release(self, member: str, slot_keys: Sequence[str], now: float) -> None:
         for key in slot_keys:
             slots = self.slots.get(key)
