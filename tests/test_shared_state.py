@@ -222,6 +222,34 @@ def test_renewal_goes_in_bounded_batches_and_skips_calls_released_meanwhile(
     assert int(redis_server.command("EXISTS", "sg:{sg}:conc:num:+14155550107")[1:]) == 0
 
 
+def test_a_take_that_timed_out_after_redis_ran_it_leaves_no_slot(redis_server: RedisServer) -> None:
+    """The script ran in Redis, but its answer came after ``timeout``: the call was
+    counted locally (or refused), so the slots the script took are given back, not left
+    taken (never renewed) for a whole lease."""
+    redis_server.command("FLUSHALL")
+    slot = TakeSlot(key="conc:num:+14155550100", limit=2, rule="concurrency", label="calls")
+
+    async def scenario() -> int:
+        store = RedisStore(redis_server.url, timeout=0.3, clock=None)
+        run_script = store._check_and_take
+
+        async def answered_late(**arguments: Any) -> Any:
+            await run_script(**arguments)  # done in Redis ...
+            await asyncio.Event().wait()  # ... but the answer never comes in time
+
+        store._check_and_take = answered_late
+        with pytest.raises(StoreUnavailableError):
+            await store.check_and_take("late", [slot], 1_000.0)
+        await store.close()  # waits for what the store still had to send
+        store = RedisStore(redis_server.url, timeout=2.0, clock=None)
+        probe = TakeSlot(key=slot.key, limit=1_000, enforced=False)
+        [result] = await store.check_and_take("probe", [probe], 1_001.0, blocked=True)
+        await store.close()
+        return result.count - 1
+
+    assert asyncio.run(scenario()) == 0
+
+
 def test_circuit_breaker_opens_then_lets_one_probe_through() -> None:
     """Three failures open the breaker: calls then fail at once, without touching the
     network; once the reset time has passed, exactly one call probes while the others

@@ -24,7 +24,8 @@ Strategy:
 - Failure: a call that times out or errors raises StoreUnavailableError after at most
   ``timeout``; after ``breaker_failures`` in a row the breaker opens and calls fail at
   once for ``breaker_reset`` seconds, then one probe is let through. The engine turns
-  StoreUnavailableError into each rule's fail mode. Nothing here blocks the event loop.
+  StoreUnavailableError into each rule's fail mode; slots a timed-out check-and-take
+  may have taken all the same are released. Nothing here blocks the event loop.
 - Metrics: every round trip that answers is timed into a LatencyHistogram, every one that
   fails is counted (``errors_total``); ``ping`` lets /readyz probe through the breaker.
 """
@@ -293,6 +294,7 @@ class RedisStore:
         self._renewer: asyncio.Task[None] | None = None
         self._renewal_idle = asyncio.Event()  # cleared while a renewal is in flight
         self._renewal_idle.set()
+        self._undoing: set[asyncio.Future[None]] = set()  # releases of timed-out takes
         self.stats = StoreStats()  # since the last state.stats line
         self.latency = LatencyHistogram()  # since start, as errors_total
         self.errors_total = 0
@@ -317,7 +319,16 @@ class RedisStore:
             else:
                 args += ["R", 60_000.0 / op.per_minute, op.burst, int(op.enforced), int(op.count_if_blocked)]
         keys = [_key(op.key) for op in operations]
-        raw = await self._call(lambda: self._check_and_take(keys=keys, args=args))
+        try:
+            raw = await self._call(lambda: self._check_and_take(keys=keys, args=args))
+        except StoreUnavailableError as error:
+            # A timeout does not stop the script: Redis may have run it, taking slots for a
+            # call the engine now counts locally or refuses. Give them back (idempotent),
+            # or they would stay taken, never renewed, for a whole lease.
+            slot_keys = [op.key for op in operations if isinstance(op, TakeSlot)]
+            if isinstance(error.__cause__, TimeoutError) and slot_keys and not blocked:
+                self._undo(member, slot_keys)
+            raise
         results = []
         for index in range(len(operations)):
             allowed, count, limit, retry_ms = raw[index * 4 : index * 4 + 4]
@@ -359,6 +370,11 @@ class RedisStore:
         return self._release_remote(member, list(slot_keys))
 
     # -- internals ---------------------------------------------------------------------------------
+    def _undo(self, member: str, slot_keys: list[str]) -> None:
+        task = asyncio.ensure_future(self._release_remote(member, slot_keys))
+        self._undoing.add(task)
+        task.add_done_callback(self._undoing.discard)
+
     async def _release_remote(self, member: str, slot_keys: list[str]) -> None:
         # a renewal in flight may still name this member: let it land first, or it
         # would put the slot back after this removes it
@@ -474,6 +490,7 @@ class RedisStore:
 
     async def close(self) -> None:
         self.log_stats()
+        await asyncio.gather(*self._undoing)  # each bounded by ``timeout``
         if self._renewer is not None:
             self._renewer.cancel()
         pool = getattr(self.client, "connection_pool", None)
