@@ -51,7 +51,7 @@ from .flood import (
 )
 from .sip.abnf import HOSTNAME_OR_IPV4
 from .sip.events import Address, parse_address
-from .state.redis_url import NODES_SCHEMES, REDIS_SCHEMES, parse_nodes_url
+from .state.redis_url import NODES_SCHEMES, REDIS_SCHEMES, check_single_url, parse_nodes_url
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -209,6 +209,8 @@ class StateSection(_Strict):
             raise ValueError(f"expected memory or a Redis URL ({', '.join(REDIS_SCHEMES)}...)")
         if value.startswith(NODES_SCHEMES):
             parse_nodes_url(value)  # its ValueError says what is wrong
+        elif value != "memory":
+            check_single_url(value)  # so does its
         return value
 
 

@@ -1031,6 +1031,43 @@ def test_state_takes_sentinel_and_cluster_urls(tmp_path: Path, url: str, parsed:
 @pytest.mark.parametrize(
     ("url", "error"),
     [
+        ("redis://10.0.0.5:abc/0", "Port could not be cast to integer value as 'abc'"),
+        ("redis://10.0.0.5:99999/0", "Port out of range 0-65535"),
+        ("redis://[2001:db8::7:6379/0", "Invalid IPv6 URL"),
+        ("redis://10.0.0.5:6379/zero", "database 'zero' is not a number"),
+        ("redis://10.0.0.5:6379/0?db=zero", "Invalid value for 'db' in connection URL."),
+        ("redis://10.0.0.5:6379/0?socket_timeout=soon", "Invalid value for 'socket_timeout'"),
+        ("redis://10.0.0.5:6379/0?sockettimeout=1", "redis-py does not take this URL: "),
+        ("redis://10.0.0.5:6379/0?ssl_cert_reqs=none", "redis-py does not take this URL: "),
+        ("rediss://10.0.0.5:6380/0?ssl_cert_reqs=maybe", "redis-py does not take this URL: "),
+        ("unix://", "no socket path"),
+    ],
+)
+def test_malformed_single_server_urls_are_refused(tmp_path: Path, url: str, error: str) -> None:
+    """Checked as redis-py will read them: before, ``sipguard check`` said OK and then
+    ``run`` stopped with a traceback (a bad port), quietly used database 0 (``/zero``),
+    or failed every call with 500 (an option redis-py does not take)."""
+    [line] = errors(tmp_path, f"state: {url}\n")
+    assert line.startswith(f"1: state.url: Value error, {error}"), line
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:p%40ss@10.0.0.5:6379/2",
+        "redis://sipguard:secret@redis.example.net:6379",
+        "redis://[2001:db8::7]:6379/0",
+        "rediss://10.0.0.5:6380/0?ssl_cert_reqs=required&ssl_ca_certs=/etc/ssl/redis-ca.pem",
+        "unix:///run/redis/redis.sock?db=1",
+    ],
+)
+def test_single_server_urls_are_taken(tmp_path: Path, url: str) -> None:
+    assert load(tmp_path, f"state: '{url}'\n").state.url == url
+
+
+@pytest.mark.parametrize(
+    ("url", "error"),
+    [
         ("redis+sentinel://10.0.0.5:26379", "no service name"),
         ("redis+sentinel://10.0.0.5:26379/", "no service name"),
         ("redis+sentinel://10.0.0.5:26379/sipguard/zero", "database 'zero' is not a number"),

@@ -13,6 +13,10 @@ importing redis (the policy file validates them before any store exists):
 
 A port is required; an IPv6 host goes in brackets (``[::1]:26379``); a password with
 ``@ : / ,`` in it is percent-encoded. No query string.
+
+The one-server URLs are checked by ``check_single_url`` as redis-py will read them
+(its options in the query string included), by building the connection it would open
+without opening it; only that check imports redis.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Literal
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 SINGLE_SCHEMES = ("redis://", "rediss://", "unix://")  # redis-py's from_url
 SENTINEL_SCHEME = "redis+sentinel://"
@@ -81,3 +85,25 @@ def parse_nodes_url(url: str) -> NodesUrl:
     if db and not re.fullmatch("[0-9]+", db):
         raise ValueError(f"database {db!r} is not a number: expected {form}")
     return NodesUrl(kind, tuple(nodes), service, int(db or 0), username, password)
+
+
+def check_single_url(url: str) -> None:
+    """Check a ``redis://``, ``rediss://`` or ``unix://`` URL; ValueError says what is
+    wrong with it (rather than a traceback at start, or an error on every call)."""
+    split = urlsplit(url)  # ValueError: Invalid IPv6 URL
+    if split.scheme == "unix":
+        if not split.path:
+            raise ValueError("no socket path: expected unix:///PATH[?db=DB]")
+    else:
+        db = unquote(split.path).strip("/")
+        if db and not db.isdigit():  # redis-py would use database 0
+            raise ValueError(f"database {db!r} is not a number: expected {split.scheme}://HOST:PORT[/DB]")
+    from redis.asyncio import BlockingConnectionPool
+    from redis.exceptions import RedisError
+
+    try:
+        BlockingConnectionPool.from_url(url).make_connection()  # type: ignore[no-untyped-call]
+    except ValueError:  # a port, or an option's value: redis-py's message says which
+        raise
+    except (TypeError, RedisError) as error:  # an option redis-py does not take, a bad TLS one
+        raise ValueError(f"redis-py does not take this URL: {error}") from None
