@@ -250,6 +250,32 @@ def test_a_take_that_timed_out_after_redis_ran_it_leaves_no_slot(redis_server: R
     assert asyncio.run(scenario()) == 0
 
 
+def test_an_instance_with_a_shorter_lease_does_not_expire_the_others_slots(
+    redis_server: RedisServer,
+) -> None:
+    """Two instances during a rolling change of state.lease (600 s, then 60 s) share a
+    key: the one with the short lease taking or renewing a slot there must not set the
+    key's TTL below the other's leases, or the key (with the other's live calls in it)
+    would vanish long before those leases end, and before that instance renews them."""
+    redis_server.command("FLUSHALL")
+    slot = TakeSlot(key="conc:acct:acme", limit=100, rule="concurrency", label="calls")
+    key = "sg:{sg}:conc:acct:acme"
+
+    async def scenario() -> list[int]:
+        old = RedisStore(redis_server.url, slot_lease=600.0, timeout=2.0, clock=None)
+        new = RedisStore(redis_server.url, slot_lease=60.0, timeout=2.0, clock=None)
+        await old.check_and_take("old-call", [slot], 1_000.0)
+        await new.check_and_take("new-call", [slot], 1_000.0)
+        ttls = [int(redis_server.command("PTTL", key)[1:])]
+        await new.renew_now(1_001.0)
+        ttls.append(int(redis_server.command("PTTL", key)[1:]))
+        for store in (old, new):
+            await store.close()
+        return ttls
+
+    assert all(ttl > 590_000 for ttl in asyncio.run(scenario()))
+
+
 def test_circuit_breaker_opens_then_lets_one_probe_through() -> None:
     """Three failures open the breaker: calls then fail at once, without touching the
     network; once the reset time has passed, exactly one call probes while the others

@@ -63,6 +63,11 @@ local member = ARGV[2]
 local blocked = ARGV[3] == '1'
 local lease = tonumber(ARGV[4])
 local allowed, count, limit, retry = {}, {}, {}, {}
+-- a slot key lives as long as its longest lease: an instance with a shorter lease (a
+-- rolling change of state.lease) must not cut the others' short
+local function outlive(key, ms)
+  if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
+end
 for i = 1, #KEYS do
   local at = 4 + (i - 1) * 5
   if ARGV[at + 1] == 'S' then
@@ -101,7 +106,7 @@ for i = 1, #KEYS do
   if ARGV[at + 1] == 'S' then
     if not blocked then
       redis.call('ZADD', KEYS[i], now + lease, member)
-      redis.call('PEXPIRE', KEYS[i], lease)
+      outlive(KEYS[i], lease)
     end
   elseif ARGV[at + 1] == 'Q' then
     if not blocked and ARGV[at + 3] ~= '0' then
@@ -152,7 +157,7 @@ for i = 1, #KEYS do
   for j = 1, n do
     restored = restored + redis.call('ZADD', KEYS[i], now + lease, ARGV[at]); at = at + 1
   end
-  redis.call('PEXPIRE', KEYS[i], lease)
+  if redis.call('PTTL', KEYS[i]) < lease then redis.call('PEXPIRE', KEYS[i], lease) end
 end
 return restored
 """
