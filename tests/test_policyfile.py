@@ -1051,6 +1051,14 @@ def test_malformed_single_server_urls_are_refused(tmp_path: Path, url: str, erro
     assert line.startswith(f"1: state.url: Value error, {error}"), line
 
 
+@pytest.mark.parametrize("url", ["redis://:s3cret@10.0.0.5:abc/0", "rediss://sipguard:s3cret@h:6380/0?bad=1"])
+def test_an_error_about_a_url_never_shows_its_password(tmp_path: Path, url: str) -> None:
+    """Errors reach logs (a refused reload) and terminals: the shared store's password
+    is shown as ***."""
+    [line] = errors(tmp_path, f"state: {url}\n")
+    assert "s3cret" not in line and ":***@" in line, line
+
+
 @pytest.mark.parametrize(
     "url",
     [
