@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from redis_server import RedisCluster, RedisSentinel, RedisServer, start_redis
+from structlog.testing import capture_logs
 from test_engine import OWNED, attempt, end, policy
 
 from proxy.engine import PolicyEngine
@@ -177,6 +179,37 @@ def test_renewal_puts_back_live_slots_redis_lost_never_released_ones(redis_serve
         return bool(overtook), result.count - 1
 
     assert asyncio.run(scenario()) == (False, 1)  # only "live" holds a slot
+
+
+def test_a_renewal_that_raises_does_not_end_the_renewals(redis_server: RedisServer) -> None:
+    """A renewal that raises something else than StoreUnavailableError (a bug, a
+    library's surprise) is logged with its traceback, and the next renewal still comes:
+    before, the renewing task died silently and every slot lapsed one lease later."""
+    slot = TakeSlot(key="conc:num:+14155550100", limit=10, rule="concurrency", label="calls")
+
+    async def scenario() -> tuple[int, list[dict[str, Any]]]:
+        store = RedisStore(redis_server.url, slot_lease=0.3, timeout=0.5)  # renews every 0.1 s
+        attempts, renewed_after_the_error = 0, asyncio.Event()
+
+        async def broken_once(**arguments: Any) -> Any:
+            nonlocal attempts
+            attempts += 1
+            if attempts == 1:
+                raise RuntimeError("a surprise")
+            renewed_after_the_error.set()
+            return 0
+
+        store._renew = broken_once
+        with capture_logs() as logs:
+            await store.check_and_take("live", [slot], time.time())  # starts the renewals
+            await asyncio.wait_for(renewed_after_the_error.wait(), timeout=10)
+        await store.close()
+        return attempts, logs
+
+    attempts, logs = asyncio.run(scenario())
+    assert attempts >= 2
+    failed = [entry for entry in logs if entry["event"] == "state.renew_failed"]
+    assert failed[0]["error"] == "a surprise" and failed[0]["log_level"] == "error"
 
 
 def test_renewal_goes_in_bounded_batches_and_skips_calls_released_meanwhile(

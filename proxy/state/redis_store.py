@@ -431,6 +431,8 @@ class RedisStore:
                 await self.renew_now()
             except StoreUnavailableError as error:
                 log.warning("state.renew_failed", error=str(error))
+            except Exception as error:  # a bug must not end the renewals: every slot would lapse
+                log.exception("state.renew_failed", error=_describe(error))
 
     async def ping(self) -> None:
         """One PING through the circuit breaker; StoreUnavailableError if it fails. /readyz
