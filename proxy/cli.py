@@ -230,9 +230,7 @@ async def _serve(
     await guard.run_until_stopped()
     if admin is not None:
         await admin.close()
-    close = getattr(engine.store, "close", None)
-    if close is not None:  # a shared store's connections and lease renewal
-        await close()
+    await engine.close()
     return 0
 
 

@@ -309,6 +309,15 @@ class PolicyEngine:
         store = self.local if attempt_id in self.held_locally else self.store
         self._in_background(store.record(usage, now))
 
+    async def close(self) -> None:
+        """Stopping: let the store writes no call waits for finish (the releases of calls
+        that just ended, talk time; each bounded by the store's timeout), then close a
+        shared store. Else those slots would stay taken in Redis for a whole lease."""
+        await asyncio.gather(*self._background, return_exceptions=True)
+        close = getattr(self.store, "close", None)
+        if close is not None:  # a shared store's connections and lease renewal
+            await close()
+
     def _in_background(self, pending: Awaitable[None] | None) -> None:
         """A remote store's write that no call waits for (a release, talk time)."""
         if pending is not None:

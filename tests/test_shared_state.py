@@ -181,6 +181,41 @@ def test_renewal_puts_back_live_slots_redis_lost_never_released_ones(redis_serve
     assert asyncio.run(scenario()) == (False, 1)  # only "live" holds a slot
 
 
+def test_stopping_gives_back_the_slots_of_calls_that_just_ended(redis_server: RedisServer) -> None:
+    """A call that ends as the instance stops: its release (in the background, no call
+    waits for it) lands in Redis before the store closes, instead of its slot staying
+    taken for a whole lease (cli closed the store without waiting for it)."""
+    redis_server.command("FLUSHALL")
+
+    async def scenario() -> tuple[bool, int]:
+        engine = engine_on(redis_server.url, TIGHT)
+        call = attempt("a")
+        assert engine.decide_now(call) is None
+        assert isinstance(await engine.decide(call), Accept)
+        [key] = engine.held[call.attempt_id]
+        store = engine.store
+        assert isinstance(store, RedisStore)
+        release_script, may_land = store._release, asyncio.Event()
+
+        async def held_up(**arguments: Any) -> Any:  # a release slow on its way to Redis
+            await may_land.wait()
+            return await release_script(**arguments)
+
+        store._release = held_up
+        end(engine, call)
+        closing = asyncio.ensure_future(engine.close())
+        closed_first, _ = await asyncio.wait({closing}, timeout=0.3)
+        may_land.set()
+        await closing
+        reader = RedisStore(redis_server.url, timeout=0.5, clock=None)
+        probe = TakeSlot(key=key, limit=1_000, enforced=False)
+        [result] = await reader.check_and_take("probe", [probe], call.now + 61, blocked=True)
+        await reader.close()
+        return bool(closed_first), result.count
+
+    assert asyncio.run(scenario()) == (False, 1)  # close waited; then only the probe holds a slot
+
+
 def test_a_renewal_that_raises_does_not_end_the_renewals(redis_server: RedisServer) -> None:
     """A renewal that raises something else than StoreUnavailableError (a bug, a
     library's surprise) is logged with its traceback, and the next renewal still comes:
