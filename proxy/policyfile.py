@@ -194,7 +194,9 @@ class StateSection(_Strict):
         "or redis+cluster://HOST:PORT[,HOST:PORT...]",
     )
     lease: float = Field(default=60.0, gt=0, description="seconds a dead instance's slots stay taken")
-    timeout: float = Field(default=0.25, gt=0, description="seconds to wait for Redis per INVITE")
+    # at most 2 s: sipguard gives up on a verdict after 5 s (503 Policy Decision Timeout),
+    # and a longer wait would reach that first, whatever the rules' fail_mode says
+    timeout: float = Field(default=0.25, gt=0, le=2.0, description="seconds to wait for Redis per INVITE")
 
     @model_validator(mode="before")
     @classmethod

@@ -1000,6 +1000,14 @@ def test_state_takes_memory_or_a_redis_url(tmp_path: Path) -> None:
     assert (state.url, state.lease, state.timeout) == ("redis://127.0.0.1:6379/0", 30.0, 0.25)
 
 
+def test_a_redis_timeout_past_the_decision_timeouts_reach_is_refused(tmp_path: Path) -> None:
+    """A verdict is given up after 5 s (503 Policy Decision Timeout): a Redis wait that
+    long would make every rule's fail_mode moot."""
+    [line] = errors(tmp_path, "state: {url: 'redis://127.0.0.1:6379/0', timeout: 5}\n")
+    assert line.startswith("1: state.timeout: Input should be less than or equal to 2"), line
+    assert load(tmp_path, "state: {url: 'redis://127.0.0.1:6379/0', timeout: 2}\n").state.timeout == 2.0
+
+
 @pytest.mark.parametrize(
     ("url", "parsed"),
     [
