@@ -40,7 +40,7 @@ from sipsim import invite
 from structlog.testing import capture_logs
 
 from proxy.admin import UNBAN_USAGE
-from proxy.admin_client import admin_call, explain_lines, status_lines
+from proxy.admin_client import RELOAD_TIMEOUT, admin_call, explain_lines, status_lines
 from proxy.cli import main
 from proxy.engine import PolicyEngine
 from proxy.policyfile import CompiledPolicy, FloodSection, PolicyFileError, compile_policy, load_policy
@@ -316,13 +316,23 @@ def test_a_reload_gives_the_files_warnings(
     cut_short = f"{path}:1: rules: no rules: every call is forwarded unjudged"
     assert (result.ok, result.warnings, result.as_json()["warnings"]) == (True, [cut_short], [cut_short])
     assert [line["detail"] for line in logs if line["event"] == "policy.warning"] == [cut_short]
-    monkeypatch.setattr("proxy.admin_client._ask", lambda *args: (200, result.as_json()))  # POST /reload
+    asked: list[tuple[Any, ...]] = []
+
+    def answer(*args: Any, timeout: float) -> tuple[int, Any]:  # POST /reload
+        asked.append((*args, timeout))
+        return 200, result.as_json()
+
+    monkeypatch.setattr("proxy.admin_client._ask", answer)
     assert cli(capsys, "reload") == (
         0,
         f"{path}: reloaded; new calls are judged by it, calls up keep their slots\n"
         f"warnings (1):\n  {cut_short}\n",
         "",
     )
+    # a reload answers once compiled (seconds for a big file): its own, longer wait
+    assert [(method, path, timeout) for _, _, method, path, timeout in asked] == [
+        ("POST", "/reload", RELOAD_TIMEOUT)
+    ]
 
 
 class SlowExecutor(concurrent.futures.ThreadPoolExecutor):
