@@ -48,7 +48,7 @@ from .policyfile import CompiledPolicy
 from .sip import NameAddr, ParseError, Request
 from .sip.events import Accept, CallAnswered, CallAttempt, CallEnded, EndReason, Keepalive, Reject, Verdict
 from .state import HitRate, MemoryStore, Operation, OpResult, StateStore, TakeSlot, UseQuota
-from .state.history import CallHistory, HistorySettings, LiveRecord
+from .state.history import CallHistory, LiveRecord
 from .state.redis_store import StoreUnavailableError
 
 log = structlog.get_logger("sipguard.policy")
@@ -132,7 +132,7 @@ class PolicyEngine:
         # set by the adapter that owns the clocks (and shifted by tests and what-if replays).
         self.wall_offset = wall_offset
         self.live: dict[str, _LiveCall] = {}  # by attempt id, for the rules' outcome hooks
-        self.history = CallHistory(_history_settings(policy))
+        self.history = CallHistory(policy.history)
         self.store: StateStore = store or MemoryStore(slot_lease=policy.local_slot_lease)
         self.held: dict[str, tuple[str, ...]] = {}
         # Call-ID -> attempt id of each emergency call up now (for the flood guard: a ban
@@ -162,7 +162,7 @@ class PolicyEngine:
         """Apply a reloaded policy to new INVITEs; held slots and counters stay."""
         self.policy = policy
         self._accounts_by_host.clear()
-        self.history.configure(_history_settings(policy))
+        self.history.configure(policy.history)
 
     # -- DecisionHook -------------------------------------------------------------------------
     def decide_now(self, attempt: CallAttempt) -> Verdict | None:
@@ -635,14 +635,6 @@ def _owned(operations: tuple[Operation, ...], rule: Policy[Any], config: RuleCon
 def _counts_calls(operation: Operation) -> bool:
     """A rate hit or a quota of calls: what a call adds once, unlike a slot it holds."""
     return isinstance(operation, HitRate) or (isinstance(operation, UseQuota) and operation.amount > 0)
-
-
-def _history_settings(policy: CompiledPolicy) -> HistorySettings:
-    """How the history measures calls: as the first rule reading it says (one per file)."""
-    for rule, config in policy.rules:
-        if rule.uses_history:
-            return rule.history_settings(config)
-    return HistorySettings()
 
 
 def _subjects(context: CallContext) -> tuple[str, ...]:

@@ -51,6 +51,7 @@ from .flood import (
 )
 from .sip.abnf import HOSTNAME_OR_IPV4
 from .sip.events import Address, parse_address
+from .state.history import HistorySettings
 from .state.redis_url import NODES_SCHEMES, REDIS_SCHEMES, check_single_url, parse_nodes_url
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -368,6 +369,7 @@ class CompiledPolicy:
     from_domains: dict[str, str]
     auth_usernames: dict[str, str]
     warnings: list[str] = field(default_factory=list)
+    history: HistorySettings = field(default_factory=HistorySettings)  # how the call history measures
 
     @property
     def local_slot_lease(self) -> float:
@@ -524,7 +526,25 @@ def compile_policy(data: Any, lines: dict[tuple[Any, ...], int], name: str) -> C
         from_domains=from_domains,
         auth_usernames=auth_usernames,
         warnings=warnings,
+        history=_history_settings(tuple(rules), account_rules),
     )
+
+
+def _history_settings(rules: RuleSet, account_rules: dict[str, RuleSet]) -> HistorySettings:
+    """How the call history measures calls: as the first rule reading it says (one per
+    file), keeping as many pacing gaps as any account's rules need (an account may ask
+    for more samples than the file-wide rule: with fewer kept, its signature could never
+    trip). Here, in the thread that compiles the file: it reads every account's rules."""
+    for rule, config in rules:
+        if rule.uses_history:
+            settings = rule.history_settings(config)
+            samples = settings.pacing_samples
+            for own_rules in account_rules.values():
+                for other, own in own_rules:
+                    if other is rule:
+                        samples = max(samples, rule.history_settings(own).pacing_samples)
+            return replace(settings, pacing_samples=samples)
+    return HistorySettings()
 
 
 def _compile_rules(

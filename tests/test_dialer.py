@@ -223,6 +223,19 @@ def test_a_person_redialling_quickly_but_irregularly_is_clean() -> None:
     assert all(clean(verdict) for verdict in person.verdicts)
 
 
+def test_an_account_asking_for_more_pacing_samples_than_the_file_wide_rule_still_trips() -> None:
+    """The history keeps as many gaps as any account's min_calls needs: kept to the
+    file-wide rule's 20, an account's min_calls of 30 could never be reached."""
+    accounts = {**ACCOUNTS, "acme": {**ACCOUNTS["acme"], "rules": {"dialer": {"pacing": {"min_calls": 30}}}}}
+    engine = engine_for(only("pacing", max_gap=3.0, warning=0.25, critical=0.1, min_calls=10), accounts)
+    dialer = Phone(engine, DIALER)
+    rng = random.Random(5)
+    for number in range(31):
+        dialer.call(callee(number * 7), talk=45, gap=1.0 + rng.uniform(-0.05, 0.05))
+    assert all(clean(verdict) for verdict in dialer.verdicts[:30]), "29 gaps: below the account's min_calls"
+    assert dialer.verdicts[30] == REFUSED
+
+
 # -- scopes, modes, the penalty box ---------------------------------------------------------------------
 def test_an_account_wide_critical_boxes_every_number_of_the_account() -> None:
     engine = engine_for(only("answer_seizure", warning=None, critical=0.1, min_calls=6, scopes=["account"]))
