@@ -299,7 +299,7 @@ class PolicyEngine:
     def _penalise(self, verdict: Deny, rule: str, now: float, call_id: str) -> None:
         until = now + verdict.penalty_seconds
         for key in verdict.penalise:
-            self.history.penalise(key, until, rule, verdict.detail)
+            self.history.penalise(key, until, rule, verdict.detail, now=now)
         self.counters.penalised[rule] += len(verdict.penalise)
         log.warning("penalty.boxed", rule=rule, subjects=list(verdict.penalise),
                     seconds=verdict.penalty_seconds, reason=verdict.detail, call_id=call_id)  # fmt: skip

@@ -308,6 +308,21 @@ def test_history_is_bounded_by_subjects() -> None:
     assert len(history) <= 100
 
 
+def test_the_penalty_box_is_bounded_too() -> None:
+    """A penalty is looked at again only when its subject calls: a dialer that moves to a
+    new number after each box leaves one behind each time. Past the bound, the penalties
+    that are over go; in a flood of live ones, those ending soonest."""
+    history = CallHistory(HistorySettings(max_subjects=100))
+    for index in range(1000):  # one number boxed every 10 s, each for 60 s
+        history.penalise(f"num:+1{index:010d}", index * 10.0 + 60, "dialer", "sequential", now=index * 10.0)
+    assert len(history._penalties) <= 100
+    assert len(history.penalties(9990.0)) == 6, "the ones still running are kept"
+    for index in range(1000):  # a flood: every one still running
+        history.penalise(f"num:+2{index:010d}", 20_000.0 + index, "dialer", "bulk", now=10_000.0)
+    assert len(history._penalties) <= 100
+    assert history.penalty("num:+20000000999", 10_000.0) is not None, "the longest-running stays"
+
+
 def test_history_windows_drop_old_calls() -> None:
     history = CallHistory(HistorySettings(window=100))
     for index in range(10):

@@ -7,7 +7,8 @@ window of ended calls (with counts of answered, short and abandoned ones), the c
 run of numerically adjacent callees, and the last gaps between a hang-up and the next
 call (with running sums for their mean and variation). Entries older than the window
 are dropped when a subject is touched; subjects idle for a whole window are dropped
-when the table grows past its bound.
+when the table grows past its bound, and penalties that are over when the penalty box
+does (both hold ``max_subjects`` at most).
 
 This state lives in the process, not in the shared store: a dialer's pattern is seen by
 the instance its calls go through. Times are the engine's monotonic ``now``; nothing
@@ -16,6 +17,7 @@ here reads a clock.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -196,10 +198,13 @@ class CallHistory:
             return None
         return penalty
 
-    def penalise(self, key: str, until: float, rule: str, reason: str) -> None:
-        current = self._penalties.get(key)
+    def penalise(self, key: str, until: float, rule: str, reason: str, *, now: float) -> None:
+        penalties = self._penalties
+        current = penalties.get(key)
+        if current is None and len(penalties) >= self.settings.max_subjects:
+            self._drop_penalties(now)
         if current is None or current.until < until:
-            self._penalties[key] = Penalty(until, rule, reason)
+            penalties[key] = Penalty(until, rule, reason)
 
     def release(self, key: str) -> bool:
         """An operator's unban of a number (``num:+1...``) or an account (``acct:NAME``): out
@@ -254,6 +259,18 @@ class CallHistory:
         for subject in live.subjects:
             subject.ended_call(now, answered, short, abandoned)
             subject.last_seen = now
+
+    def _drop_penalties(self, now: float) -> None:
+        """Make room in the box: forget the penalties that are over (a subject's own is
+        only looked at when it calls again: a dialer that changes numbers leaves one
+        behind each time), else, in a flood of subjects boxed at once, the tenth that
+        would end soonest."""
+        penalties = self._penalties
+        over = [key for key, penalty in penalties.items() if penalty.until <= now]
+        if len(over) < len(penalties) // 10:
+            over = heapq.nsmallest(len(penalties) // 10, penalties, key=lambda key: penalties[key].until)
+        for key in over:
+            del penalties[key]
 
     def _drop_idle(self, now: float) -> None:
         """Make room: forget subjects idle for a window, else the least recently seen half."""
