@@ -121,6 +121,18 @@ def test_a_run_below_the_warning_or_broken_by_another_callee_is_clean() -> None:
     assert all(clean(dialer.call(callee(number), gap=120)) for number in numbers)
 
 
+def test_a_run_spread_over_more_than_the_window_is_not_sequential() -> None:
+    """Adjacent callees a day apart (a company's numbers, one a day): the signatures look
+    at the calls of the last window, and so does the run."""
+    engine = engine_for(only("sequential", warning=4, critical=8))
+    dialer = Phone(engine, DIALER)
+    assert all(clean(dialer.call(callee(100 + index), gap=86_400)) for index in range(10))
+    # inside one window the run counts again from the first of its calls still in it
+    verdicts = [dialer.call(callee(110 + index), gap=120) for index in range(3)]
+    assert all(clean(verdict) for verdict in verdicts[:2])
+    assert tags(verdicts[2]) == [f"dialer; {DIALER}: sequential 4 adjacent callees in a row (warning ≥ 4)"]
+
+
 # -- bulk -----------------------------------------------------------------------------------------------
 def test_bulk_counts_distinct_callees_in_the_window() -> None:
     engine = engine_for(only("bulk", warning=20, critical=40))

@@ -77,14 +77,15 @@ class SubjectHistory:
 
     # -- reading --------------------------------------------------------------------------
     def run_with(self, callee: int | None) -> int:
-        """The run of adjacent callees if the next call goes to ``callee``."""
-        if callee is None or self.last_callee is None:
+        """The run of adjacent callees if the next call goes to ``callee``, counting only
+        the run's calls still in the window (they are the last of ``attempts``)."""
+        if callee is None or self.last_callee is None or not self.attempts:
             return 1
         step = callee - self.last_callee
         if step not in (1, -1):
             return 1
         if self.run_step in (0, step):
-            return self.run + 1
+            return min(self.run, len(self.attempts)) + 1
         return 2  # adjacent, but turning back: a new run of two
 
     def is_new_callee(self, callee: int | None) -> bool:
