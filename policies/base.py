@@ -132,6 +132,9 @@ class CallContext:
     request: Request
     # recent calls and the penalty box, for rules with ``uses_history`` (read only)
     history: CallHistory | None = None
+    # where the call's national numbers are read: the account's region, else the policy's
+    # numbering.default_region (None: national numbers are not read at all)
+    region: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,14 +17,13 @@ is not a telephone number: allowed, or refused with ``non_number: block``.
 
 from __future__ import annotations
 
-from functools import cached_property, lru_cache
+from functools import cached_property
 
-import phonenumbers
 from pydantic import Field, model_validator
 
 from .base import ALLOW, CallContext, Deny, Policy, Reply, RuleConfig, Verdict
 from .lists import Action, E164Text, ListedPrefixes, PrefixFileField, PrefixTable
-from .numbering import dialled_digits
+from .numbering import dialled_e164
 
 
 class DestinationsConfig(RuleConfig):
@@ -71,7 +70,7 @@ class DestinationsPolicy(Policy[DestinationsConfig]):
         return False
 
     def check(self, call: CallContext, config: DestinationsConfig) -> Verdict:
-        number = call.callee or _dialled_number(call)
+        number = call.callee or dialled_e164(call.request.uri, call.region)
         if number is None:
             if config.non_number == "allow":
                 return ALLOW
@@ -99,20 +98,3 @@ def _inline(action: Action, prefixes: list[str]) -> ListedPrefixes:
     """The ``block:`` or ``allow:`` list of the policy file, each prefix with its place."""
     places = {prefix: place for place, prefix in enumerate(prefixes)}
     return ListedPrefixes(action, action, places, in_file=False)
-
-
-def _dialled_number(call: CallContext) -> str | None:
-    digits = dialled_digits(call.request.uri)
-    if digits is None:
-        return None
-    return _as_e164(digits, call.account.region if call.account else None)
-
-
-@lru_cache(maxsize=16384)
-def _as_e164(digits: str, region: str | None) -> str | None:
-    """``digits`` in E.164 form, valid or not; None when they can't be read as a number."""
-    try:
-        number = phonenumbers.parse(digits, region)
-    except phonenumbers.NumberParseException:
-        return None
-    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)

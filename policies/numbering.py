@@ -130,6 +130,23 @@ def _normalise(digits: str, region: str) -> Normalised:
     return Normalised(digits, phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))
 
 
+def dialled_e164(uri: Uri, region: str | None) -> str | None:
+    """The number a URI dials, in E.164 form whether phonenumbers calls it valid or not
+    (an unallocated range, or one newer than its metadata); national and international
+    forms are read in ``region``. None when the URI carries no number that can be read."""
+    digits = dialled_digits(uri)
+    return None if digits is None else _as_e164(digits, region)
+
+
+@lru_cache(maxsize=16384)
+def _as_e164(digits: str, region: str | None) -> str | None:
+    try:
+        number = phonenumbers.parse(digits, None if digits.startswith("+") else region)
+    except phonenumbers.NumberParseException:
+        return None
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
 class NumberSet:
     """Numbers an account owns: exact ``+14155559999``, prefix ``+1415555123*``,
     range ``+14155550100-+14155550199`` (inclusive, equal lengths)."""

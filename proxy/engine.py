@@ -371,6 +371,7 @@ class PolicyEngine:
             callee_presented=str(request.uri),
             request=request,
             history=self.history if reads_history else None,
+            region=region,
         )
         if reads_history:
             plan.history_keys = _subjects(context)

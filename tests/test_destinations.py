@@ -142,11 +142,22 @@ def test_numbers_phonenumbers_calls_invalid_cannot_slip_past_a_block(uri: str, a
     assert verdict == Deny("+8821234567 is in blocked prefix +882 (block[0])")
 
 
-def test_national_digits_without_an_account_are_not_a_number() -> None:
-    """With no account there is no region to read 0118... in: not a number (allowed by default)."""
+def test_national_digits_without_a_region_are_not_a_number() -> None:
+    """With no region to read 0118... in (a context built without one): not a number."""
     context = dialling("sip:0118821234567@pbx.example.com", account=None)
     assert check(context, {"block": ["+882"]}) == ALLOW
     assert isinstance(check(context, {"block": ["+882"], "non_number": "block"}), Deny)
+
+
+def test_a_caller_of_no_account_dials_in_the_default_region() -> None:
+    """numbering.default_region reads the national and international forms of callers of
+    no account, for the block list too: 011 882... from them is +882..., refused as the
+    +882... form is (it was taken for no number, and let through)."""
+    engine = engine_for({"destinations": {"block": ["+882"]}}, numbering={"default_region": "US"})
+    refused = Reject(status=403, reason="Destination not permitted")
+    for name, dialled in (("plus", "+8821234567"), ("011", "0118821234567")):
+        call = attempt(name, uri=f"sip:{dialled}@pbx.example.com", source=ELSEWHERE)
+        assert decide(engine, call) == refused, dialled
 
 
 # -- prefix files ---------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ def call(
         callee=callee,
         callee_presented=f"sip:{callee}@pbx.example.com",
         request=REQUEST,
+        region=account.region if account else None,
     )
 
 
