@@ -38,6 +38,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from .base import ALLOW, SETTINGS, CallContext, Deny, Policy, Reply, RuleConfig, Verdict, is_time_zone
 from .lists import E164Text, NumberFileField
+from .numbering import dialled_e164
 
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")  # datetime.weekday() order
 _CLOCK = re.compile(r"([01]?[0-9]|2[0-3]):[0-5][0-9]|24:00")
@@ -258,10 +259,15 @@ class DoNotCallPolicy(Policy[DoNotCallConfig]):
         return False
 
     def check(self, call: CallContext, config: DoNotCallConfig) -> Verdict:
-        if call.account is None or not call.account.telemarketing or call.callee is None:
+        if call.account is None or not call.account.telemarketing:
             return ALLOW
-        where = config.listed(call.callee)
-        return ALLOW if where is None else Deny(f"{call.callee} is on the do-not-call list {where}")
+        # a number phonenumbers calls invalid (a range newer than its metadata) is still
+        # looked up by its digits: the list, not the metadata, says who may not be called
+        callee = call.callee or dialled_e164(call.request.uri, call.region)
+        if callee is None:
+            return ALLOW
+        where = config.listed(callee)
+        return ALLOW if where is None else Deny(f"{callee} is on the do-not-call list {where}")
 
     def warnings(self, config: DoNotCallConfig) -> list[str]:
         if not config.files and not config.numbers:

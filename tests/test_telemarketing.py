@@ -451,3 +451,16 @@ def test_engine_judges_at_its_wall_clock_with_each_rules_reply(tmp_path: Path) -
     assert decide(day, attempt("listed", callee="+12125550100")) == Reject(
         status=608, reason="Rejected: do-not-call list"
     )
+
+
+def test_a_listed_number_phonenumbers_calls_invalid_is_still_refused(tmp_path: Path) -> None:
+    """A range newer than phonenumbers' metadata (+1 355 is no US area code to it): the
+    engine finds no valid callee, and do_not_call looks the dialled digits up itself, in
+    the E.164 and the national form."""
+    (tmp_path / "dnc.txt").write_text("+13555550123\n")
+    accounts = {"dialer": {"sources": ["192.0.2.0/24"], "telemarketing": True}}
+    engine = PolicyEngine(policy({"do_not_call": {"files": [str(tmp_path / "dnc.txt")]}}, accounts))
+    refused = Reject(status=608, reason="Rejected: do-not-call list")
+    assert decide(engine, attempt("e164", uri="sip:+13555550123@pbx.example.com")) == refused
+    assert decide(engine, attempt("national", uri="sip:3555550123@pbx.example.com")) == refused
+    assert isinstance(decide(engine, attempt("other", uri="sip:+13555550124@pbx.example.com")), Accept)
