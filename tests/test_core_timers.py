@@ -617,3 +617,21 @@ def test_a_slow_verdict_does_not_let_the_invite_outlive_its_call() -> None:
     late_ok = sim.pbx(response(forwarded.data, 200, contact=CALLEE_CONTACT))
     assert kinds(late_ok) == ["Send"]
     assert sim.core.calls.live == 0
+
+
+@pytest.mark.parametrize("value", ["\u00b2", "9" * 5000, "90\u0660", "-5", "0"])
+def test_a_session_expires_that_is_no_number_leaves_the_2xx_relayed_and_the_call_answered(
+    value: str,
+) -> None:
+    """A Session-Expires that is not ASCII digits (``²`` passes str.isdigit, not int()), or
+    too long for int(), raised out of the core: the 2xx was never relayed and the call
+    never answered. Now it is ignored, as an absent one would be."""
+    sim = Sim.make(max_call_lifetime=3600.0)
+    forwarded = sim.forward()
+    actions = sim.pbx(
+        response(forwarded.data, 200, contact=CALLEE_CONTACT, headers=(("Session-Expires", value),))
+    )
+    assert kinds(actions) == ["CallAnswered", "Send"]
+    assert ended(sim.run_until(3599.0)) == []
+    [end] = ended(sim.run_until(3600.0))
+    assert end.reason is EndReason.MAX_LIFETIME

@@ -66,7 +66,7 @@ from .events import (
     Send,
     Verdict,
 )
-from .headers import Via, parse_name_addr, split_values
+from .headers import MAX_UINT32, Via, bounded_int, parse_name_addr, split_values
 from .hosts import Network, in_networks, is_ip, is_routable, normal_host
 from .message import Request, Response, parse_message
 from .replies import build_cancel, build_reply, build_request
@@ -706,8 +706,10 @@ class ProxyCore:
                 self.calls.refresh_session(call, None, now)
                 self._arm_call(call)
             return
-        seconds = value.split(";", 1)[0].strip()
-        if seconds.isdigit() and int(seconds) > 0:
+        # ASCII digits, bounded: str.isdigit() also takes "²", which int() refuses, and int()
+        # of thousands of digits raises too; either would lose the 2xx being relayed.
+        seconds = bounded_int(value.split(";", 1)[0].strip(" \t"), MAX_UINT32)
+        if seconds:
             self.calls.refresh_session(call, float(seconds), now)
             self._arm_call(call)
 
