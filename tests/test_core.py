@@ -52,6 +52,7 @@ from proxy.sip.events import (
     Send,
 )
 from proxy.sip.message import Request
+from proxy.sip.replies import build_reply
 
 RFC4475 = Path(__file__).parent / "corpus" / "rfc4475"
 OUR_VIA = re.compile(rb"^Via: SIP/2\.0/UDP 127\.0\.0\.1:5060;branch=(z9hG4bK[-\w]+)$")
@@ -623,6 +624,26 @@ def test_proxy_require_gets_420_with_unsupported() -> None:
     status, send = reply_to(actions)
     assert status == 420
     assert parse_response(send.data).values("unsupported") == ["foo, bar"]
+
+
+@pytest.mark.parametrize("value", [b"f\xffo", b"foo, b\xc3\xa4r", b"foo bar", b"<sip:x>"])
+def test_a_proxy_require_that_is_not_option_tags_gets_400(value: bytes) -> None:
+    """A Proxy-Require with undecodable bytes made writing the 420's Unsupported raise
+    UnicodeEncodeError out of the core: the request went unanswered. Option tags are
+    tokens (RFC 3261 §20.29); anything else is a 400."""
+    sim = Sim.make()
+    data = invite(headers=(("Proxy-Require", "PLACEHOLDER"),)).replace(b"PLACEHOLDER", value)
+    actions = sim.customer(data)
+    assert kinds(actions) == ["Send", "Discarded"]
+    status, send = reply_to(actions)
+    assert status == 400 and send.destination == CUSTOMER
+    assert sim.core.calls.live == 0 and sim.core.transactions == 0
+
+
+def test_a_reply_echoes_undecodable_header_text_as_it_came() -> None:
+    request = parse_request(invite())
+    data = build_reply(request, 420, "Bad Extension", to_tag="t", headers=(("Unsupported", "f\udcffo"),))
+    assert data is not None and b"\r\nUnsupported: f\xffo\r\n" in data
 
 
 def test_a_request_carrying_our_own_via_and_branch_is_a_loop() -> None:

@@ -47,6 +47,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from . import abnf
 from .calls import Call, CallState, CallTable
 from .dialogs import Dialog, InDialogRequest, OwnRequest, Probe, Prober
 from .editor import MessageEditor
@@ -361,7 +362,9 @@ class ProxyCore:
         # Parse now what forwarding reads later: a malformed one is a 400 here, not a
         # transaction left behind (answered 408 later) or an error out of ``decided``.
         _ = (request.from_, request.to, request.max_forwards, request.routes)
-        _ = request.list_values("proxy-require")
+        for option in request.list_values("proxy-require"):  # echoed in a 420's Unsupported
+            if not abnf.TOKEN_RE.fullmatch(option):  # §20.29: option-tag = token
+                raise ParseError(400, "Malformed Proxy-Require")
         method = request.method
         key = self._server_key(request, top_via)
         if method == "ACK":

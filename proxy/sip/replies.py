@@ -47,7 +47,9 @@ def build_reply(
                 line += b";tag=" + to_tag.encode("ascii")
             lines.append(line + b"\r\n")
     for name, value in headers:
-        lines.append(header_name_bytes(name.lower()) + b": " + value.encode("utf-8") + b"\r\n")
+        # values may be text the request carried: undecodable bytes go back as they came
+        value_bytes = value.encode(HEADER_CODEC, HEADER_ERRORS)
+        lines.append(header_name_bytes(name.lower()) + b": " + value_bytes + b"\r\n")
     if server:
         lines.append(b"Server: " + server.encode("utf-8") + b"\r\n")
     lines.append(b"Content-Length: 0\r\n\r\n")
