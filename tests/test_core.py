@@ -738,6 +738,27 @@ def test_a_response_whose_next_via_is_broadcast_is_never_sent() -> None:
     assert of_type(sim.log, Send) == []
 
 
+@pytest.mark.parametrize(
+    "next_via", ["127.0.0.1:5060", "127.0.0.1", "127.0.0.1:5070;received=127.0.0.1;rport=5060"]
+)
+def test_a_response_whose_next_via_is_sipguard_itself_is_not_sent_back_to_it(next_via: str) -> None:
+    """A response no transaction knows is routed by its next Via; with one that names
+    sipguard's own listener it was sent to sipguard, which popped a Via and sent it to
+    itself again: one forged response with N such Vias cost N passes (a reflection loop)."""
+    sim = Sim.make()
+    vias = [f"SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK-sg{n:020x}" for n in range(3)]
+    vias.insert(1, f"SIP/2.0/UDP {next_via};branch=z9hG4bK-sg{99:020x}")
+    forged = (
+        "SIP/2.0 200 OK\r\n"
+        + "".join(f"Via: {via}\r\n" for via in vias)
+        + "From: <sip:a@example.com>;tag=1\r\nTo: <sip:b@example.com>;tag=2\r\n"
+        + "Call-ID: loop@example.com\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+    actions = sim.customer(forged)
+    assert kinds(actions) == ["Discarded"]
+    assert actions[0] == Discarded(reason="Via points back at sipguard", source=CUSTOMER)
+
+
 def test_unparseable_bytes_are_dropped() -> None:
     sim = Sim.make()
     actions = sim.customer(b"\x00\x01garbage\r\n\r\n")

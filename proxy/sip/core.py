@@ -647,6 +647,11 @@ class ProxyCore:
         if not is_routable(destination.host):
             actions.append(Discarded(reason="Via points at a broadcast address", source=source))
             return
+        if tx is None and _normal_host_port(destination.host, destination.port) in self._our_host_ports:
+            # a forged Via list naming sipguard again and again: each pass would pop one
+            # Via and send the rest back to us, one message becoming hundreds
+            actions.append(Discarded(reason="Via points back at sipguard", source=source))
+            return
         self._send(actions, self.responses_out, response.cseq.method, data, destination, local)
 
     def _track_response(
