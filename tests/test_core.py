@@ -759,6 +759,22 @@ def test_a_response_whose_next_via_is_sipguard_itself_is_not_sent_back_to_it(nex
     assert actions[0] == Discarded(reason="Via points back at sipguard", source=CUSTOMER)
 
 
+@pytest.mark.parametrize("param", ["received=a..b", "received=pbx.example.com", "maddr=a%00b"])
+def test_a_response_is_never_routed_to_a_via_address_that_is_no_address(param: str) -> None:
+    """received must be an IP address and maddr a host (RFC 3261 §20.42): any text was
+    taken, so a forged response went to whatever name its next Via gave, and a name
+    like ``a..b`` made the transport's DNS lookup fail with UnicodeError, not OSError."""
+    sim = Sim.make()
+    forged = (
+        "SIP/2.0 200 OK\r\n"
+        f"Via: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK-sg{0:020x}\r\n"
+        f"Via: SIP/2.0/UDP 192.0.2.10;branch=z9hG4bKx;{param}\r\n"
+        "From: <sip:a@example.com>;tag=1\r\nTo: <sip:b@example.com>;tag=2\r\n"
+        "Call-ID: reflect@example.com\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+    assert kinds(sim.customer(forged)) == ["Discarded"]
+
+
 def test_unparseable_bytes_are_dropped() -> None:
     sim = Sim.make()
     actions = sim.customer(b"\x00\x01garbage\r\n\r\n")

@@ -446,6 +446,15 @@ def test_bad_expires_raises_400_on_access(value: bytes) -> None:
         b"Via: SIP/2.0/UDP h:65536",
         b"Via: SIP/2.0/UDP\xc2\xa0h",
         b"Via: SIP/2.0/UDP [2001:db8:::1]",
+        # routing fields: received an address, maddr a host (RFC 3261 §20.42)
+        b"Via: SIP/2.0/UDP h;received=a..b",
+        b"Via: SIP/2.0/UDP h;received=example.com",
+        b"Via: SIP/2.0/UDP h;received=192.0.2.300",
+        b"Via: SIP/2.0/UDP h;received=fe80::1%eth0",
+        b"Via: SIP/2.0/UDP h;received=[192.0.2.1",
+        b"Via: SIP/2.0/UDP h;maddr=a b",
+        b"Via: SIP/2.0/UDP h;maddr=[::1",
+        b"Via: SIP/2.0/UDP h;maddr=x\xc2\xa0y",
     ],
 )
 def test_bad_via_values_raise_400_on_access(via: bytes) -> None:

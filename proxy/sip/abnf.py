@@ -62,6 +62,7 @@ HEADER_NAME = re.compile(rb"[A-Za-z0-9\-.!%*_+`'~]+")
 WSP = r"[ \t]"
 
 TOKEN_RE = re.compile(TOKEN)
+HOST_RE = re.compile(HOST)
 SCHEME_RE = re.compile(SCHEME)
 # §20.16: CSeq = "CSeq" HCOLON 1*DIGIT LWS Method
 CSEQ = re.compile(rf"{WSP}*([0-9]+){WSP}+({TOKEN}){WSP}*")

@@ -8,6 +8,7 @@ split on commas outside quoted strings and angle brackets first (RFC 3261 §7.3.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import NamedTuple
 
 from . import abnf
@@ -202,7 +203,39 @@ def _parse_via(value: str) -> Via:
         number = parsed_params.get(name)
         if number is not None and bounded_int(number, maximum) is None:
             raise ParseError(400, f"Via {name} is not a number from 0 to {maximum}")
+    # Responses are routed by these (§18.2.2): an address, and a host, nothing else.
+    received = parsed_params.get("received")
+    if received is not None and not _is_via_received(received):
+        raise ParseError(400, "Via received is not an IP address")
+    maddr = parsed_params.get("maddr")
+    if maddr is not None and not _is_host(maddr):
+        raise ParseError(400, "Via maddr is not a host")
     return Via(transport.upper(), host, is_ipv6, None if port is None else parse_port(port), parsed_params)
+
+
+def _is_via_received(value: str) -> bool:
+    """§20.42: received = IPv4address / IPv6address; RFC 5118 §4.5 tolerates [brackets].
+    No IPv6 zone (``%eth0``): it means nothing to another host and sockets refuse it."""
+    address = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+    if "%" in address:
+        return False
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_host(value: str) -> bool:
+    """§25.1: host = hostname / IPv4address / IPv6reference."""
+    if not abnf.HOST_RE.fullmatch(value):
+        return False
+    if value.startswith("["):
+        try:
+            ipaddress.IPv6Address(value[1:-1])
+        except ValueError:
+            return False
+    return True
 
 
 def _parse_name_addr(value: str) -> NameAddr:
