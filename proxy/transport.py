@@ -293,7 +293,7 @@ class Transports:
             loop = asyncio.get_running_loop()
             try:
                 infos = await loop.getaddrinfo(destination.host, destination.port, type=socket.SOCK_DGRAM)
-            except OSError as error:
+            except (OSError, UnicodeError) as error:  # UnicodeError: not a valid name ("a..b")
                 log.warning("dns.failed", host=destination.host, error=str(error))
                 self.unreachable(destination)
                 return

@@ -172,3 +172,27 @@ def test_a_failed_connect_forgets_what_the_name_resolved_to() -> None:
     uvloop.run(connect_twice())
     assert reported == [by_name, by_name]  # as the core named it: its requests get 503
     assert lookups == ["localhost", "localhost"]  # resolved again after the failure
+
+
+@pytest.mark.parametrize("name", ["a..b", "a" * 64 + ".example", "."])
+def test_a_name_the_resolver_refuses_as_text_is_reported_unreachable(name: str) -> None:
+    """getaddrinfo raises UnicodeError, not OSError, for a name with an empty or overlong
+    label; that escaped the lookup task, so the next hop was never reported and what was
+    sent there waited for its timeout instead of getting 503 at once."""
+    reported: list[Address] = []
+
+    async def send() -> None:
+        failed = asyncio.Event()
+
+        def unreachable(next_hop: Address) -> None:
+            reported.append(next_hop)
+            failed.set()
+
+        transports = Transports(lambda data, source, local: None, unreachable)
+        await transports.listen(Address("udp", "127.0.0.1", 0))
+        transports.send(b"OPTIONS ...", Address("udp", name, 5060), None)
+        await asyncio.wait_for(failed.wait(), 10)
+        await transports.close()
+
+    uvloop.run(send())
+    assert reported == [Address("udp", name, 5060)]
