@@ -162,8 +162,25 @@ def test_a_removed_header_goes_before_the_verdict_adds_its_own() -> None:
             5060,
             "SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bKnat1",
         ),
+        # received and rport values the client wrote itself never stay: they would route
+        # the responses (a late 2xx by Via) wherever it chose
+        (
+            "SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bKnat1;received=203.0.113.9",
+            5060,
+            "SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bKnat1",
+        ),
+        (
+            "SIP/2.0/UDP 10.0.0.5:5060;rport=9;RECEIVED=203.0.113.9;branch=z9hG4bKnat1",
+            5062,
+            "SIP/2.0/UDP 10.0.0.5:5060;rport=5062;branch=z9hG4bKnat1;received=192.0.2.10",
+        ),
+        (
+            "SIP/2.0/UDP 10.0.0.5:5060;branch=z9hG4bKnat1;received=203.0.113.9",
+            5060,
+            "SIP/2.0/UDP 10.0.0.5:5060;branch=z9hG4bKnat1;received=192.0.2.10",
+        ),
     ],
-    ids=["nat-rport", "nat", "rport", "nothing"],
+    ids=["nat-rport", "nat", "rport", "nothing", "forged-received", "forged-rport", "nat-forged-received"],
 )
 def test_the_clients_via_is_stamped_below_ours(via: str, source_port: int, stamped: str) -> None:
     sim = Sim.make()

@@ -67,7 +67,7 @@ from .events import (
     Send,
     Verdict,
 )
-from .headers import MAX_UINT32, Via, bounded_int, parse_name_addr, split_values
+from .headers import MAX_UINT32, Via, bounded_int, parse_name_addr, split_outside_quotes, split_values
 from .hosts import Network, in_networks, is_ip, is_routable, normal_host
 from .message import Request, Response, parse_message
 from .replies import build_cancel, build_reply, build_request
@@ -607,14 +607,19 @@ class ProxyCore:
         via = request.top_via
         # RFC 3581 §4: with rport, received is added "even if it is identical to the sent-by"
         add_received = via.wants_rport or normal_host(via.host) != normal_host(source.host)
-        if not add_received:
+        # received and an rport value are a server's to write: a client's own would route
+        # responses (and a late 2xx, by Via) wherever it chose, so it never stays
+        if not add_received and via.received is None:
             return
         top = split_values(request.value_of(request.fields_named("via")[0]))[0]
-        if via.wants_rport:
-            params = [p for p in top.split(";")]
-            params = [f"rport={source.port}" if p.strip().lower() == "rport" else p for p in params]
-            top = ";".join(params)
-        if add_received and via.received is None:
+        stamped: list[str] = []
+        for piece in split_outside_quotes(top, ";"):
+            name = piece.partition("=")[0].strip().lower()
+            if name == "received" and stamped:
+                continue
+            stamped.append(f"rport={source.port}" if name == "rport" and stamped else piece)
+        top = ";".join(stamped)
+        if add_received:
             top += f";received={source.host}"
         editor.push_via(top)
         editor.pop_via()

@@ -145,7 +145,7 @@ def parse_params(text: str) -> Params:
     if not text.lstrip().startswith(";"):
         raise ParseError(400, f"Unexpected text {text[:40]!r} before parameters")
     params: Params = {}
-    for piece in _split_outside_quotes(text.lstrip()[1:], ";"):
+    for piece in split_outside_quotes(text.lstrip()[1:], ";"):
         name, eq, value = piece.partition("=")
         name = name.strip()
         if not abnf.TOKEN_RE.fullmatch(name):
@@ -160,7 +160,7 @@ def parse_params(text: str) -> Params:
     return params
 
 
-def _split_outside_quotes(text: str, separator: str) -> list[str]:
+def split_outside_quotes(text: str, separator: str) -> list[str]:
     if '"' not in text:
         return text.split(separator)
     parts: list[str] = []
