@@ -34,6 +34,11 @@ MAX_DATAGRAM = 65535
 SOCKET_BUFFER = 8 * 1024 * 1024
 TCP_CONNECT_TIMEOUT = 5.0
 MAX_TCP_CONNECTIONS = 10_000
+# Bytes written to a TCP peer and not yet taken by its kernel. A peer that stops reading
+# (while it still sends, or leaves its requests to time out) would otherwise make sipguard
+# hold everything sent to it; past this the connection is aborted. 4 MiB is thousands
+# of messages: a PBX that only pauses never comes near it.
+MAX_TCP_WRITE_BUFFER = 4 * 1024 * 1024
 MAX_SOURCES = 100_000  # UDP peers whose Address is reused (UdpEndpoint._sources)
 # A name is resolved again this long after it was: a PBX moved by DNS (a failover) is
 # followed within a minute, not at the next restart. A failed connect forgets it at once.
@@ -119,9 +124,18 @@ class TcpConnection(asyncio.Protocol):
         self._pool.unregister(self)
 
     def send(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
-            self.last_active = self._pool.clock()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        buffered = transport.get_write_buffer_size()
+        if buffered + len(data) > MAX_TCP_WRITE_BUFFER:
+            log.warning(
+                "tcp.write_backlog", peer=str(self.peer), buffered=buffered, limit=MAX_TCP_WRITE_BUFFER
+            )
+            transport.abort()  # close() would wait to flush what the peer does not read
+            return
+        transport.write(data)
+        self.last_active = self._pool.clock()
 
 
 class TcpPool:

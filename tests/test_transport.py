@@ -196,3 +196,40 @@ def test_a_name_the_resolver_refuses_as_text_is_reported_unreachable(name: str) 
 
     uvloop.run(send())
     assert reported == [Address("udp", name, 5060)]
+
+
+def test_a_peer_that_never_reads_cannot_grow_the_write_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writes to a TCP peer that stops reading were buffered without bound, in sipguard's
+    memory. Past MAX_TCP_WRITE_BUFFER the connection is aborted instead."""
+    monkeypatch.setattr(transport, "MAX_TCP_WRITE_BUFFER", 256 * 1024)
+    chunk = b"x" * 16384
+
+    async def flood_a_sleeper() -> tuple[int, int, bool]:
+        loop = asyncio.get_running_loop()
+        sleeper = socket.socket()
+        sleeper.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sleeper.bind(("127.0.0.1", 0))
+        sleeper.listen()
+        sleeper.setblocking(False)
+        address = Address("tcp", "127.0.0.1", sleeper.getsockname()[1])
+        pool = TcpPool(lambda data, source, local: None, lambda next_hop: None)
+        pool.send(chunk, address, None)
+        accepted, _ = await asyncio.wait_for(loop.sock_accept(sleeper), 5)  # and never read
+        await asyncio.gather(*pool._tasks)  # connected: the first chunk is written
+        connection = pool._connections[(address.host, address.port)]
+        assert connection.transport is not None
+        most = 0
+        sent = 1
+        while sent < 4096 and not connection.transport.is_closing():  # 64 MiB at most
+            pool.send(chunk, address, None)
+            sent += 1
+            most = max(most, connection.transport.get_write_buffer_size())
+        closing = connection.transport.is_closing()
+        pool.close()
+        accepted.close()
+        sleeper.close()
+        return most, sent, closing
+
+    most, sent, closing = uvloop.run(flood_a_sleeper())
+    assert closing and sent < 4096
+    assert most <= 256 * 1024
