@@ -792,6 +792,20 @@ def test_a_response_is_never_routed_to_a_via_address_that_is_no_address(param: s
     assert kinds(sim.customer(forged)) == ["Discarded"]
 
 
+@pytest.mark.parametrize("keepalive", [b"\r\n\r\n", b"\r\n", b"", b"\r\n" * 40])
+def test_udp_crlf_keepalives_are_ignored_not_counted_as_parse_errors(keepalive: bytes) -> None:
+    """Phones and PBXs (Asterisk's keep_alive_interval) keep NAT bindings open with CRLFs
+    over UDP. Each one was a Discarded (a message.dropped log line) and a parse error in
+    the metrics: thousands of phones made a steady false error rate and log stream."""
+    sim = Sim.make()
+    assert sim.customer(keepalive) == []
+    assert sim.pbx(keepalive) == []
+    assert sim.core.parse_errors == {}
+    # a datagram with anything else is still a parse error
+    assert kinds(sim.customer(b"\r\n\r\nx")) == ["Discarded"]
+    assert sim.core.parse_errors == {False: 1}
+
+
 def test_unparseable_bytes_are_dropped() -> None:
     sim = Sim.make()
     actions = sim.customer(b"\x00\x01garbage\r\n\r\n")

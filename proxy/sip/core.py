@@ -256,6 +256,10 @@ class ProxyCore:
 
     def receive(self, data: bytes, source: Address, local: Address, now: float) -> list[Action]:
         actions: list[Action] = []
+        if not data.strip(b"\r\n") and not source.is_reliable:
+            # a NAT keep-alive: CRLFs alone (phones, Asterisk's keep_alive_interval) or an
+            # empty datagram. Nothing to answer, and no error: it is not a message.
+            return actions
         try:
             message = parse_message(data, stream=source.is_reliable)
         except ParseError as error:
