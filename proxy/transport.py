@@ -19,7 +19,7 @@ from typing import cast
 
 import structlog
 
-from .sip import KeepAlivePing, ParseError, StreamFramer
+from .sip import FramingLostError, KeepAlivePing, StreamFramer
 from .sip.events import Address
 from .sip.hosts import is_ip
 
@@ -107,11 +107,21 @@ class TcpConnection(asyncio.Protocol):
         assert self.peer is not None and self.transport is not None
         try:
             frames = self._framer.feed(data)
-        except ParseError as error:
-            # the framing is lost: no later byte can be trusted to start a message
+        except FramingLostError as error:
+            # the framing is lost: no later byte can be trusted to start a message. What
+            # came before it is delivered; the header section that broke it too, so that
+            # the core answers it (400, 513) before the connection closes (close() sends
+            # what is written first).
             log.info("tcp.framing_lost", peer=str(self.peer), status=error.status, reason=error.reason)
+            self._deliver(error.frames)
+            if error.head is not None:
+                self._pool.deliver(error.head, self.peer, self.local)
             self.transport.close()
             return
+        self._deliver(frames)
+
+    def _deliver(self, frames: list[bytes | KeepAlivePing]) -> None:
+        assert self.peer is not None and self.transport is not None
         if frames:
             self.last_active = self._pool.clock()
         for frame in frames:

@@ -10,7 +10,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from proxy.sip import KeepAlivePing, ParseError, Request, Response, StreamFramer, parse_message
+from proxy.sip import (
+    FramingLostError,
+    KeepAlivePing,
+    ParseError,
+    Request,
+    Response,
+    StreamFramer,
+    parse_message,
+)
 
 PING = KeepAlivePing()
 
@@ -203,6 +211,30 @@ def test_duplicate_content_length_is_400(extra: bytes) -> None:
     data = message(b"abc").replace(b"\r\n\r\n", b"\r\n" + extra + b"\r\n\r\n")
     error = error_of(data)
     assert (error.status, error.reason) == (400, "Multiple Content-Length headers")
+
+
+@pytest.mark.parametrize("bad", [b"-1", b"1" * 30], ids=["malformed", "huge"])
+def test_a_bad_message_in_the_same_chunk_loses_neither_the_one_before_nor_its_own_headers(bad: bytes) -> None:
+    """Pipelined in one segment, a good message and one whose Content-Length breaks the
+    framing: the exception used to discard the good one (cut already, never returned).
+    Now it carries it, and the bad one's header section so that it can be answered."""
+    first = message(b"ok")
+    broken = message(b"x", content_length=b"3").replace(b"Content-Length: 3", b"Content-Length: " + bad)
+    with pytest.raises(FramingLostError) as caught:
+        StreamFramer().feed(first + RESPONSE + b"\r\n\r\n" + broken)
+    assert caught.value.frames == [first, RESPONSE, KeepAlivePing()]
+    assert caught.value.head == broken[: broken.index(b"\r\n\r\n") + 4]
+    # the header section alone gets the same error from the parser, with a request to answer
+    with pytest.raises(ParseError) as parsed:
+        parse_message(caught.value.head, stream=True)
+    assert (parsed.value.status, parsed.value.reason) == (caught.value.status, caught.value.reason)
+    assert isinstance(parsed.value.partial, Request)
+
+
+def test_framing_lost_without_a_header_section_has_no_head() -> None:
+    with pytest.raises(FramingLostError) as caught:
+        StreamFramer().feed(message(b"ok") + b"\r\rINVITE")
+    assert caught.value.frames == [message(b"ok")] and caught.value.head is None
 
 
 def test_a_bad_second_message_does_not_lose_the_first() -> None:

@@ -233,3 +233,31 @@ def test_a_peer_that_never_reads_cannot_grow_the_write_buffer(monkeypatch: pytes
     most, sent, closing = uvloop.run(flood_a_sleeper())
     assert closing and sent < 4096
     assert most <= 256 * 1024
+
+
+def test_framing_lost_delivers_what_came_before_and_the_header_section_to_answer() -> None:
+    """A valid request and one with Content-Length -1 in one segment: the valid one is
+    delivered, then the bad one's header section (the core answers it 400 from the
+    partial message), and only then is the connection closed."""
+    good = (
+        b"OPTIONS sip:127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:1;branch=z9hG4bKa\r\n"
+        b"From: <sip:a@example.com>;tag=1\r\nTo: <sip:b@example.com>\r\nCall-ID: c\r\n"
+        b"CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+    )
+    bad_head = good.replace(b"Content-Length: 0", b"Content-Length: -1").replace(b"CSeq: 1", b"CSeq: 2")
+    delivered: list[bytes] = []
+
+    async def pipeline() -> bytes:
+        pool = TcpPool(lambda data, source, local: delivered.append(data), lambda next_hop: None)
+        server = await asyncio.get_running_loop().create_server(
+            lambda: TcpConnection(pool, Address("tcp", "127.0.0.1", 0)), "127.0.0.1", 0
+        )
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        writer.write(good + bad_head + b"body")
+        end = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        server.close()
+        return end
+
+    assert uvloop.run(pipeline()) == b""  # closed by sipguard
+    assert delivered == [good, bad_head]

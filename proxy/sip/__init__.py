@@ -7,7 +7,7 @@ whether this process runs those extension modules or the .py sources.
 
 from .editor import MessageEditor
 from .errors import ParseError, SipError
-from .framing import KeepAlivePing, StreamFramer
+from .framing import FramingLostError, KeepAlivePing, StreamFramer
 from .headers import CSeq, NameAddr, Params, Via
 from .message import HeaderField, Message, Request, Response, parse_message
 from .uri import OpaqueUri, SipUri, TelUri, Uri, parse_uri
@@ -15,7 +15,8 @@ from .uri import OpaqueUri, SipUri, TelUri, Uri, parse_uri
 COMPILED = not __file__.endswith(".py")
 
 __all__ = [
-    "COMPILED", "CSeq", "HeaderField", "KeepAlivePing", "Message", "MessageEditor", "NameAddr",
+    "COMPILED", "CSeq", "FramingLostError", "HeaderField", "KeepAlivePing", "Message", "MessageEditor",
+    "NameAddr",
     "OpaqueUri", "Params", "ParseError", "Request", "Response", "SipError", "SipUri",
     "StreamFramer", "TelUri", "Uri", "Via", "parse_message", "parse_uri",
 ]  # fmt: skip

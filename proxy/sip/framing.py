@@ -7,8 +7,10 @@ parser; wait for the body; emit the frame. A frame is cut the same way whether i
 bytes arrive at once or one at a time.
 
 A stream whose framing is lost (bad Content-Length, header section or message over
-the size cap) raises ParseError; the transport answers if it can and closes the
-connection, since no later byte can be trusted to start a message.
+the size cap) raises FramingLostError, a ParseError that carries the frames cut before it
+in the same feed (still to be delivered) and the header section that broke it, when
+complete (to be answered); the transport then closes the connection, since no later
+byte can be trusted to start a message.
 """
 
 from __future__ import annotations
@@ -24,6 +26,17 @@ class KeepAlivePing:
     """A CRLFCRLF ping seen between messages; answer with a single CRLF."""
 
 
+class FramingLostError(ParseError):
+    """The stream cannot be cut into messages any more. ``frames``: what ``feed`` had cut
+    before the bad bytes, in order. ``head``: the header section of the message whose
+    Content-Length broke the framing, or None (no complete header section)."""
+
+    def __init__(self, error: ParseError, frames: list[bytes | KeepAlivePing], head: bytes | None) -> None:
+        super().__init__(error.status, error.reason)
+        self.frames = frames
+        self.head = head
+
+
 class StreamFramer:
     def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
         self.max_message_size = max_message_size
@@ -31,15 +44,25 @@ class StreamFramer:
         self._scan_from = 0  # where to resume looking for the empty line
         self._frame_length: int | None = None  # known once the header section is complete
         self._crlfs = 0  # keep-alive CRLFs seen since the last message or ping
+        self._head: bytes | None = None  # the header section being framed, for FramingLostError
 
     @property
     def buffered(self) -> int:
         return len(self._buffer)
 
     def feed(self, data: bytes) -> list[bytes | KeepAlivePing]:
-        """Add received bytes; return the complete messages and pings, in order."""
-        self._buffer += data
+        """Add received bytes; return the complete messages and pings, in order. Raises
+        FramingLostError, with the messages cut before it, when the framing is lost."""
         frames: list[bytes | KeepAlivePing] = []
+        self._head = None
+        try:
+            self._cut(data, frames)
+        except ParseError as error:
+            raise FramingLostError(error, frames, self._head) from None
+        return frames
+
+    def _cut(self, data: bytes, frames: list[bytes | KeepAlivePing]) -> None:
+        self._buffer += data
         buffer = self._buffer
         while buffer:
             if self._frame_length is None:
@@ -64,7 +87,7 @@ class StreamFramer:
                 if head_end + 4 > self.max_message_size:
                     # checked before Content-Length, as a byte-at-a-time feed would see it
                     raise ParseError(513, "Message Too Large")
-                head = bytes(buffer[: head_end + 4])
+                head = self._head = bytes(buffer[: head_end + 4])
                 self._frame_length = head_end + 4 + self._content_length(head, head_end)
                 if self._frame_length > self.max_message_size:
                     raise ParseError(513, "Message Too Large")
@@ -74,7 +97,7 @@ class StreamFramer:
             del buffer[: self._frame_length]
             self._frame_length = None
             self._scan_from = 0
-        return frames
+            self._head = None
 
     @staticmethod
     def _content_length(head: bytes, head_end: int) -> int:
