@@ -256,7 +256,7 @@ class ProxyCore:
 
     def receive(self, data: bytes, source: Address, local: Address, now: float) -> list[Action]:
         actions: list[Action] = []
-        if not data.strip(b"\r\n") and not source.is_reliable:
+        if not data.lstrip(b"\r\n") and not source.is_reliable:  # (lstrip: no copy of a message)
             # a NAT keep-alive: CRLFs alone (phones, Asterisk's keep_alive_interval) or an
             # empty datagram. Nothing to answer, and no error: it is not a message.
             return actions

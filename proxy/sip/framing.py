@@ -54,14 +54,16 @@ class StreamFramer:
         """Add received bytes; return the complete messages and pings, in order. Raises
         FramingLostError, with the messages cut before it, when the framing is lost."""
         frames: list[bytes | KeepAlivePing] = []
-        self._head = None
         try:
             self._cut(data, frames)
         except ParseError as error:
+            # (no ``self._head = None`` in this method: mypy would narrow the attribute to
+            # None across the call, and mypyc's compiled read would then refuse the bytes)
             raise FramingLostError(error, frames, self._head) from None
         return frames
 
     def _cut(self, data: bytes, frames: list[bytes | KeepAlivePing]) -> None:
+        self._head = None
         self._buffer += data
         buffer = self._buffer
         while buffer:
