@@ -755,25 +755,44 @@ def test_a_response_whose_next_via_is_broadcast_is_never_sent() -> None:
     assert of_type(sim.log, Send) == []
 
 
-@pytest.mark.parametrize(
-    "next_via", ["127.0.0.1:5060", "127.0.0.1", "127.0.0.1:5070;received=127.0.0.1;rport=5060"]
-)
-def test_a_response_whose_next_via_is_sipguard_itself_is_not_sent_back_to_it(next_via: str) -> None:
-    """A response no transaction knows is routed by its next Via; with one that names
-    sipguard's own listener it was sent to sipguard, which popped a Via and sent it to
-    itself again: one forged response with N such Vias cost N passes (a reflection loop)."""
+def test_a_response_no_transaction_knows_is_relayed_only_under_a_branch_sipguard_gave() -> None:
+    """A response that matches no transaction is routed by the Via below ours (a late 2xx
+    retransmission). Only if the branch on top is the one sipguard derived from that Via
+    (a keyed hash): anyone could otherwise send one with a made-up z9hG4bK-sg branch and a
+    Via naming a victim, and sipguard would reflect it there (RFC 3261 §16.11)."""
     sim = Sim.make()
-    vias = [f"SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK-sg{n:020x}" for n in range(3)]
-    vias.insert(1, f"SIP/2.0/UDP {next_via};branch=z9hG4bK-sg{99:020x}")
     forged = (
         "SIP/2.0 200 OK\r\n"
-        + "".join(f"Via: {via}\r\n" for via in vias)
-        + "From: <sip:a@example.com>;tag=1\r\nTo: <sip:b@example.com>;tag=2\r\n"
-        + "Call-ID: loop@example.com\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
+        f"Via: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK-sg{7:020x}\r\n"
+        "Via: SIP/2.0/UDP 203.0.113.66:5060;branch=z9hG4bKvictim\r\n"
+        "From: <sip:a@example.com>;tag=1\r\nTo: <sip:b@example.com>;tag=2\r\n"
+        "Call-ID: reflect@example.com\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
     ).encode()
-    actions = sim.customer(forged)
-    assert kinds(actions) == ["Discarded"]
-    assert actions[0] == Discarded(reason="Via points back at sipguard", source=CUSTOMER)
+    actions = sim.pbx(forged)
+    assert actions == [
+        Discarded(reason="response not for us", source=UPSTREAM, call_id="reflect@example.com")
+    ]
+    # while the real late 2xx of a forwarded INVITE still goes back by its Via
+    forwarded = sim.forward()
+    ok = response(forwarded.data, 200, contact=CALLEE_CONTACT)
+    relayed = sim.answer(forwarded.data)
+    sim.run_until(40.0)
+    assert sim.core.transactions == 0 and sim.pbx(ok) == [relayed]
+
+
+def test_a_late_response_routed_back_to_sipguard_itself_is_dropped() -> None:
+    """Defence in depth: a late 2xx goes where the request came from (received, rport).
+    If that was sipguard's own address (a spoofed UDP source), it is dropped rather than
+    sent to sipguard."""
+    sim = Sim.make()
+    ourselves = Address("udp", "127.0.0.1", 5060)
+    forwarded = sim.forward(
+        invite(vias=("SIP/2.0/UDP 127.0.0.1:5060;rport;branch=z9hG4bKspoofed",)), source=ourselves
+    )
+    ok = response(forwarded.data, 200, contact=CALLEE_CONTACT)
+    sim.answer(forwarded.data)
+    sim.run_until(40.0)
+    assert sim.pbx(ok) == [Discarded(reason="Via points back at sipguard", source=UPSTREAM)]
 
 
 @pytest.mark.parametrize("param", ["received=a..b", "received=pbx.example.com", "maddr=a%00b"])

@@ -643,6 +643,12 @@ class ProxyCore:
             actions.append(Discarded(reason="response not for us", source=source, call_id=response.call_id))
             return
         tx = self._client_tx.get((branch, response.cseq.method))
+        if tx is None and branch != self._branch(self._response_key(response, vias[1])):
+            # No transaction, and not a branch sipguard gave the request (a keyed hash of
+            # the Via below ours): a forged response, which routing by that Via would
+            # reflect to any address its sender chose (§16.11: the top Via must be ours).
+            actions.append(Discarded(reason="response not for us", source=source, call_id=response.call_id))
+            return
         editor = MessageEditor(response)
         editor.pop_via()
         data = editor.render()
@@ -1033,10 +1039,14 @@ class ProxyCore:
     def _server_key(self, request: Request, via: Via) -> tuple[str, str, str]:
         """RFC 3261 §17.2.3 matching; RFC 2543 peers (no magic cookie) by dialog fields."""
         method = "INVITE" if request.method == "ACK" else request.method
-        branch = via.branch or ""
-        if not branch.startswith(BRANCH_PREFIX) or branch == BRANCH_PREFIX:
-            branch = f"2543:{request.call_id}:{request.cseq.seq}:{request.from_.tag}"
-        return (branch, via.sent_by.lower(), method)
+        return _transaction_key(via, method, request.call_id, request.cseq.seq, request.from_.tag)
+
+    def _response_key(self, response: Response, via: Via) -> tuple[str, str, str]:
+        """The key of the server transaction a response answers, from the Via below ours:
+        what ``_branch`` made our branch from."""
+        return _transaction_key(
+            via, response.cseq.method, response.call_id, response.cseq.seq, response.from_.tag
+        )
 
     def _branch(self, key: tuple[str, str, str]) -> str:
         # CANCEL shares its INVITE's branch (§9.1); everything else gets its own.
@@ -1136,6 +1146,17 @@ def _uri_destination(uri: Uri | None) -> Address | None:
 def _record_route(listener: Listener) -> str:
     transport = "" if listener.address.transport == "udp" else f";transport={listener.address.transport}"
     return f"<sip:{listener.host_port}{transport};lr>"
+
+
+def _transaction_key(
+    via: Via, method: str, call_id: str, cseq: int, from_tag: str | None
+) -> tuple[str, str, str]:
+    """A server transaction's key (RFC 3261 §17.2.3): the Via's branch and sent-by and the
+    method; for RFC 2543 peers (no magic cookie) the dialog fields stand in for the branch."""
+    branch = via.branch or ""
+    if not branch.startswith(BRANCH_PREFIX) or branch == BRANCH_PREFIX:
+        branch = f"2543:{call_id}:{cseq}:{from_tag}"
+    return (branch, via.sent_by.lower(), method)
 
 
 def _via_destination(via: Via) -> Address:
