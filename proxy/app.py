@@ -372,59 +372,67 @@ class SipGuard:
     def _execute(self, actions: list[Action]) -> None:
         assert self._loop is not None and self.core is not None
         for action in actions:
-            if isinstance(action, Send):
-                self.transports.send(action.data, action.destination, action.local)
-            elif isinstance(action, Decide):
-                self.counters["call_attempts"] += 1
-                try:
-                    verdict = self.hook.decide_now(action.attempt)
-                except Exception:
-                    self.counters["policy_errors"] += 1
-                    log.exception("policy.error", call_id=action.attempt.request.call_id)
-                    verdict = Reject(status=500, reason="Policy Error")
-                if verdict is not None:
-                    self._execute(self.core.decided(action.attempt.attempt_id, verdict, self._loop.time()))
-                    continue
-                task = self._loop.create_task(self._decide(action.attempt))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-            elif isinstance(action, CallAnswered):
-                self.counters["calls_answered"] += 1
-                self.hook.call_answered(action)
-            elif isinstance(action, CallEnded):
-                self.counters["calls_ended"] += 1
-                self.ended_by_reason[action.reason] += 1
-                ended = {
-                    "call_id": action.call.call_id,
-                    "reason": action.reason.value,
-                    "status": action.status,
-                    "duration": round(action.now - action.call.started_at, 3),
-                }
-                if action.reason in ENDED_BY_SIPGUARD:  # sipguard's own doing: operators must see it
-                    log.info("call.ended", **ended)
-                else:  # per call: debug, or the log costs more CPU than the call
-                    log.debug("call.ended", **ended)
-                self.hook.call_ended(action)
-            elif isinstance(action, ByeRefused):
-                self.counters["byes_refused"] += 1
-                log.info(
-                    "call.bye_refused",
-                    call_id=action.call.call_id,
-                    status=action.status,
-                    by="caller" if action.by_caller else "callee",
-                )
-            elif isinstance(action, Discarded):
-                self.counters["discarded"] += 1
-                log.info(
-                    "message.refused" if action.status else "message.dropped",
-                    reason=action.reason,
-                    status=action.status,
-                    source=str(action.source),
-                    call_id=action.call_id,
-                )
+            try:
+                self._execute_one(action)
+            except Exception:  # a bug costs this action, not the rest: a CallEnded gives slots back
+                self.counters["internal_errors"] += 1
+                log.exception("proxy.internal_error", action=type(action).__name__)
         self._arm_timer()
         if self._stopping.is_set() and self.core.pending == 0:
             self._drained.set()
+
+    def _execute_one(self, action: Action) -> None:
+        assert self._loop is not None and self.core is not None
+        if isinstance(action, Send):
+            self.transports.send(action.data, action.destination, action.local)
+        elif isinstance(action, Decide):
+            self.counters["call_attempts"] += 1
+            try:
+                verdict = self.hook.decide_now(action.attempt)
+            except Exception:
+                self.counters["policy_errors"] += 1
+                log.exception("policy.error", call_id=action.attempt.request.call_id)
+                verdict = Reject(status=500, reason="Policy Error")
+            if verdict is not None:
+                self._execute(self.core.decided(action.attempt.attempt_id, verdict, self._loop.time()))
+                return
+            task = self._loop.create_task(self._decide(action.attempt))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        elif isinstance(action, CallAnswered):
+            self.counters["calls_answered"] += 1
+            self.hook.call_answered(action)
+        elif isinstance(action, CallEnded):
+            self.counters["calls_ended"] += 1
+            self.ended_by_reason[action.reason] += 1
+            ended = {
+                "call_id": action.call.call_id,
+                "reason": action.reason.value,
+                "status": action.status,
+                "duration": round(action.now - action.call.started_at, 3),
+            }
+            if action.reason in ENDED_BY_SIPGUARD:  # sipguard's own doing: operators must see it
+                log.info("call.ended", **ended)
+            else:  # per call: debug, or the log costs more CPU than the call
+                log.debug("call.ended", **ended)
+            self.hook.call_ended(action)
+        elif isinstance(action, ByeRefused):
+            self.counters["byes_refused"] += 1
+            log.info(
+                "call.bye_refused",
+                call_id=action.call.call_id,
+                status=action.status,
+                by="caller" if action.by_caller else "callee",
+            )
+        elif isinstance(action, Discarded):
+            self.counters["discarded"] += 1
+            log.info(
+                "message.refused" if action.status else "message.dropped",
+                reason=action.reason,
+                status=action.status,
+                source=str(action.source),
+                call_id=action.call_id,
+            )
 
     def _arm_timer(self) -> None:
         assert self.core is not None and self._loop is not None

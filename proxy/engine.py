@@ -97,6 +97,7 @@ class PolicyCounters:
     findings: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     rejections: Counter[tuple[str, int]] = field(default_factory=Counter)  # (rule that refused, status)
     penalised: Counter[str] = field(default_factory=Counter)  # rule -> subjects it put in the penalty box
+    hook_errors: Counter[str] = field(default_factory=Counter)  # rule -> its call_ended hook raised
     store_unavailable: int = 0  # calls judged while the shared store did not answer
 
 
@@ -292,7 +293,11 @@ class PolicyEngine:
         )
         operations: list[Operation] = []
         for rule, config in live.rules:
-            operations += rule.call_ended(outcome, config)
+            try:
+                operations += rule.call_ended(outcome, config)
+            except Exception:  # a rule's bug (a third-party one's) must not keep the call's slots
+                self.counters.hook_errors[rule.name] += 1
+                log.exception("policy.error", call_id=live.call_id, rule=rule.name)
         if operations:
             self._record(event.call.attempt_id, operations, event.now)
 

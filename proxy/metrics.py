@@ -145,6 +145,12 @@ class SipguardCollector(Collector):
             labels=("rule",),
             samples={(rule,): n for rule, n in counters.penalised.items()} if counters else {},
         )
+        yield _counter(
+            "sipguard_rule_hook_errors",
+            "A rule's call_ended hook raised (a bug): the call's slots were given back all the same.",
+            labels=("rule",),
+            samples={(rule,): n for rule, n in counters.hook_errors.items()} if counters else {},
+        )
         yield _gauge(
             "sipguard_penalty_box_size",
             "Subjects in the penalty box now.",

@@ -19,6 +19,7 @@ import pytest
 from sipsim import CALLER_TAG, invite
 from structlog.testing import capture_logs
 
+from policies.usage import UsagePolicy
 from proxy.engine import TAG_HEADER, PolicyEngine
 from proxy.policyfile import CompiledPolicy, compile_policy
 from proxy.sip import Request, parse_message
@@ -500,6 +501,29 @@ def test_untrusted_headers_outside_judged_calls_follow_the_caller_id_setting() -
     passing = engine_for({"caller_id": {"strip_untrusted_identity": False}})
     assert passing.untrusted_headers(request, CUSTOMER.host) == ("x-sipguard-tag",)
     assert engine_for({}).untrusted_headers(request, CUSTOMER.host) == ()
+
+
+def test_a_rules_call_ended_hook_that_raises_does_not_keep_the_calls_slots(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A rule's outcome hook (a third-party rule's, say) raising as a call ends: the error
+    is logged with the rule, and the call's slots are given back all the same. Before,
+    the exception left the engine before the release: the number stayed at its cap."""
+
+    def broken(self: UsagePolicy, outcome: Any, config: Any) -> tuple[()]:
+        raise RuntimeError("a bug in a rule")
+
+    monkeypatch.setattr(UsagePolicy, "call_ended", broken)
+    engine = engine_for({"concurrency": {"per_number": 1, "per_account": None}, "usage": {}})
+    first = attempt("a")
+    assert decide(engine, first) == STRIPPED
+    assert isinstance(decide(engine, attempt("b")), Reject)  # at the cap while a is up
+    with capture_logs() as logs:
+        end(engine, first)
+    [error] = [entry for entry in logs if entry["event"] == "policy.error"]
+    assert (error["rule"], error["call_id"]) == ("usage", "a@192.0.2.10")
+    assert engine.counters.hook_errors == {"usage": 1}
+    assert decide(engine, attempt("c")) == STRIPPED  # the slot came back
 
 
 def test_an_emergency_number_as_caller_id_is_refused() -> None:

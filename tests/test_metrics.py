@@ -482,6 +482,7 @@ def yielded() -> dict[str, tuple[str, tuple[str, ...]]]:
     collector = SipguardCollector(proxy.guard, proxy.engine, Reloader(proxy.engine, proxy.guard, None))
     proxy.guard.bans_by_reason["rate"] += 1
     proxy.engine.counters.penalised["dialer"] += 1
+    proxy.engine.counters.hook_errors["usage"] += 1
     proxy.engine.counters.findings[("dialer", "tag", "warn")] += 1
     families = {}
     for family in collector.collect():
