@@ -51,6 +51,7 @@ from proxy.sip.events import (
     Reject,
     Send,
 )
+from proxy.sip.hosts import is_routable
 from proxy.sip.message import Request
 from proxy.sip.replies import build_reply
 
@@ -742,6 +743,27 @@ def test_responses_whose_top_via_is_not_ours_are_dropped() -> None:
     bcast = (RFC4475 / "bcast.dat").read_bytes()
     assert kinds(sim.pbx(bcast)) == ["Discarded"]
     assert of_type(sim.log, Send) == [send]
+
+
+@pytest.mark.parametrize(
+    ("host", "routable"),
+    [
+        ("255.255.255.255", False),
+        ("::ffff:255.255.255.255", False),  # the same, IPv4-mapped
+        ("224.0.0.1", False),
+        ("::ffff:224.0.0.1", False),  # Python 3.11's is_multicast says no: mapped first
+        ("ff02::1", False),
+        ("0.0.0.0", False),
+        ("::ffff:0.0.0.0", False),
+        ("::", False),
+        ("192.0.2.10", True),
+        ("::ffff:192.0.2.10", True),
+        ("2001:db8::10", True),
+        ("pbx.example.com", True),  # a name: the transport resolves it
+    ],
+)
+def test_broadcast_multicast_and_unspecified_addresses_are_never_sent_to(host: str, routable: bool) -> None:
+    assert is_routable(host) is routable
 
 
 def test_a_response_whose_next_via_is_broadcast_is_never_sent() -> None:

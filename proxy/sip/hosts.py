@@ -39,6 +39,8 @@ def is_routable(host: str) -> bool:
         address = ipaddress.ip_address(host)
     except ValueError:
         return True  # a name: the transport resolves it
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # ::ffff:224.0.0.1 is multicast too (Python 3.11 says not)
     return not (address.is_multicast or address.is_unspecified or address == _BROADCAST)
 
 
