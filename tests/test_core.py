@@ -42,6 +42,7 @@ from sipsim import (
 
 from proxy.sip.events import (
     Accept,
+    Action,
     Address,
     ByeRefused,
     CallAnswered,
@@ -462,6 +463,23 @@ def test_a_busy_callee_ends_the_call_as_rejected() -> None:
     assert isinstance(ended, CallEnded)
     assert ended.reason is EndReason.REJECTED and ended.status == 486 and ended.answered_at is None
     assert sim.core.calls.live == 0
+
+
+def test_after_the_next_hops_final_response_only_that_one_again_or_a_2xx_is_relayed() -> None:
+    """RFC 3261 §16.7 step 10: once a final response went back, a provisional, or a
+    different final from the next hop, would contradict what the caller was told."""
+    sim = Sim.make()
+    send = sim.forward()
+    busy = response(send.data, 486)
+    assert statuses_sent(sim.pbx(busy)) == [486]
+    for late in (response(send.data, 180), response(send.data, 500)):
+        assert sim.pbx(late) == [Discarded(reason="response after the final one", source=UPSTREAM)]
+    assert statuses_sent(sim.pbx(busy)) == [486]  # its retransmission: the caller must ACK it again
+    assert statuses_sent(sim.pbx(response(send.data, 200, contact=CALLEE_CONTACT))) == [200]  # a fork's 2xx
+
+
+def statuses_sent(actions: list[Action]) -> list[int]:
+    return [int(send.data.split(b" ", 2)[1]) for send in of_type(actions, Send)]
 
 
 def test_the_ack_for_a_non_2xx_follows_the_invites_branch() -> None:

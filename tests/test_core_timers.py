@@ -81,6 +81,10 @@ def test_a_call_ringing_past_the_early_timeout_ends_no_answer() -> None:
     assert timeout.destination == CUSTOMER
     assert parse_response(timeout.data).status_code == 408
     assert sim.core.calls.live == 0
+    # the PBX's 487 to that CANCEL still reaches the caller: the ACK it sends back is what
+    # the PBX needs (sipguard relays the caller's ACK on the INVITE's branch)
+    late = sim.pbx(response(forwarded.data, 487))
+    assert [send.destination for send in of_type(late, Send)] == [CUSTOMER]
 
 
 def test_an_answered_call_ends_at_its_maximum_lifetime() -> None:

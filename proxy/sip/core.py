@@ -153,6 +153,7 @@ class Transaction:
         "cancelled",
         "destination",
         "expires_at",
+        "final_status",
         "forwarded",
         "has_response",
         "key",
@@ -185,6 +186,7 @@ class Transaction:
         self.out_local: Address | None = None
         self.last_response: bytes | None = None
         self.has_response = False
+        self.final_status = 0  # the next hop's final response once relayed (0: none, or sipguard's own)
         self.expires_at = 0.0
         self.call: Call | None = None
         self.attempt: CallInfo | None = None
@@ -658,7 +660,9 @@ class ProxyCore:
             local = listener.address if listener else None
         else:
             destination, local = tx.source, tx.local
-            self._track_response(tx, response, data, now, actions)
+            if not self._track_response(tx, response, data, now, actions):
+                actions.append(Discarded(reason="response after the final one", source=source))
+                return
         if not is_routable(destination.host):
             actions.append(Discarded(reason="Via points at a broadcast address", source=source))
             return
@@ -671,36 +675,47 @@ class ProxyCore:
 
     def _track_response(
         self, tx: Transaction, response: Response, data: bytes, now: float, actions: list[Action]
-    ) -> None:
+    ) -> bool:
+        """Take a response to a forwarded request into its transaction; False: not to be
+        relayed. Once a final response went back, a provisional would contradict it, and
+        so would a different final from the next hop after the one it sent first (RFC
+        3261 §16.7 step 10): neither is relayed. What still goes on: the same final again
+        (the next hop retransmits it until the ACK comes), another fork's 2xx, and the next
+        hop's final after one sipguard wrote itself (Timer C's 408: relayed, the caller's
+        ACK of it is what reaches the next hop as the ACK of its own)."""
         status = response.status_code
+        if tx.state is TxState.COMPLETED and (
+            status < 200 or (status >= 300 and tx.final_status not in (0, status))
+        ):
+            return False
         first_response = not tx.has_response
         tx.has_response = True
         if tx.retransmit_at is not None and (status >= 200 or tx.method == "INVITE"):
             tx.retransmit_at = None  # Timer A stops on any response, Timer E on a final one
         if status < 200:
-            if tx.state is TxState.FORWARDED:
-                tx.last_response = data
-                if first_response and tx.method == "INVITE":  # Timer B gives way to Timer C
-                    self._set_expiry(tx, self._give_up_at(tx, now, self.config.early_timeout))
-            return
-        first_final = tx.state is not TxState.COMPLETED
+            tx.last_response = data
+            if first_response and tx.method == "INVITE":  # Timer B gives way to Timer C
+                self._set_expiry(tx, self._give_up_at(tx, now, self.config.early_timeout))
+            return True
+        if tx.state is TxState.COMPLETED:  # the final again, or another fork's 2xx: relayed only
+            return True
         tx.last_response = data
         call = tx.call  # (before _complete lets go of it)
-        self._complete(tx, now)
-        if call is None or not first_final:
-            return
+        self._complete(tx, now, status)
+        if call is None:
+            return True
         if tx.role is CallRole.ENDS:
             if status < 300 or status in (408, 481):
                 self._end_call(call, EndReason.BYE, now, actions, by_caller=tx.by_caller)
             elif call.state is CallState.CONFIRMED:
                 actions.append(ByeRefused(call=call.info, status=status, now=now, by_caller=tx.by_caller))
-            return
+            return True
         if tx.role is CallRole.REFRESHES:
             if status < 300 and call.state is CallState.CONFIRMED:  # not a call ended meanwhile
                 self._refresh_session(call, response, now)
                 if call.dialog is not None:  # the party answering may have moved too
                     call.dialog.target_refreshed(response.from_.tag != call.info.from_tag, response)
-            return
+            return True
         if status >= 300:
             reason = EndReason.CANCELLED if tx.cancelled and status == 487 else EndReason.REJECTED
             self._end_call(call, reason, now, actions, status=status)
@@ -714,6 +729,7 @@ class ProxyCore:
             self._refresh_session(call, response, now)
             self._arm_call(call)
             actions.append(CallAnswered(call=call.info, now=now))
+        return True
 
     def _give_up_at(self, tx: Transaction, now: float, timeout: float) -> float:
         """When a forwarded request times out: never after the early deadline of the call
@@ -761,7 +777,7 @@ class ProxyCore:
             return
         tx.last_response = data
         if status >= 200:
-            self._complete(tx, now)
+            self._complete(tx, now, 0)  # 0: sipguard's own, not the next hop's
         self._send(actions, self.responses_out, tx.method, data, tx.source, tx.local)
         if status >= 300:
             actions.append(Discarded(reason=reason, source=tx.source, status=status, call_id=request.call_id))
@@ -780,11 +796,13 @@ class ProxyCore:
         _count(counts, method)
         actions.append(Send(data=data, destination=destination, local=local))
 
-    def _complete(self, tx: Transaction, now: float) -> None:
-        """A final response went back: keep only what answers retransmissions (Timer J/H).
-        Each call leaves two such transactions for 32 s; what they hold, the garbage
-        collector walks on every full pass (``attempt`` stays: a verdict may still come)."""
+    def _complete(self, tx: Transaction, now: float, relayed_status: int) -> None:
+        """A final response went back (the next hop's ``relayed_status``, or 0 for one of
+        sipguard's own): keep only what answers retransmissions (Timer J/H). Each call
+        leaves two such transactions for 32 s; what they hold, the garbage collector walks
+        on every full pass (``attempt`` stays: a verdict may still come)."""
         tx.state = TxState.COMPLETED
+        tx.final_status = relayed_status
         tx.request = None
         tx.forwarded = None
         tx.call = None
