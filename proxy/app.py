@@ -167,7 +167,11 @@ class SipGuard:
         self.bans_by_reason: Counter[str] = Counter()  # "rate" or "user-agent"
         self.attempt_rate = RateWindow(RATE_WINDOW_TICKS)  # call attempts per second
         self.flood = FloodGuard(settings.flood, self._places_emergency_call, self.hook.emergency_calls)
-        self.wall_offset = 0.0  # loop.time() + wall_offset: the wall clock, set at start
+        self.wall_offset = 0.0  # loop.time() + wall_offset: the wall clock, refreshed every tick
+        # added to the system's wall clock: --wall-clock's pretend time (tests, trying rules)
+        self.wall_clock_skew = 0.0
+        # told each new wall_offset (the policy engine's calendar rules follow it)
+        self.on_wall_offset: Callable[[float], object] | None = None
         self._tick: asyncio.TimerHandle | None = None
         self._flood_lines = 0
         self._flood_lines_suppressed = 0
@@ -180,7 +184,7 @@ class SipGuard:
 
     async def start(self) -> list[Address]:
         self._loop = asyncio.get_running_loop()
-        self.wall_offset = time.time() - self._loop.time()
+        self._follow_wall_clock()
         bound = [await self.transports.listen(address) for address in self.settings.listen]
         self.core = ProxyCore(
             CoreConfig(
@@ -313,8 +317,18 @@ class SipGuard:
     def _wall(self, moment: float) -> str:
         return datetime.fromtimestamp(moment + self.wall_offset, UTC).isoformat(timespec="seconds")
 
+    def _follow_wall_clock(self) -> None:
+        """The wall clock against the monotonic one, read again every tick: a clock stepped
+        after start (NTP at boot, a VM resumed) would otherwise shift calling hours and
+        quota days until a restart."""
+        assert self._loop is not None
+        self.wall_offset = time.time() + self.wall_clock_skew - self._loop.time()
+        if self.on_wall_offset is not None:
+            self.on_wall_offset(self.wall_offset)
+
     def _on_tick(self) -> None:
         assert self._loop is not None
+        self._follow_wall_clock()
         self.sweep_flood()
         idle = self.transports.tcp.close_idle(self.settings.tcp_idle_timeout)
         if idle:

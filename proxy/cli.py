@@ -212,6 +212,8 @@ async def _serve(
         log.warning("policy.warning", detail=warning)
 
     guard = SipGuard(settings, engine)
+    guard.wall_clock_skew = wall_clock - time.time() if wall_clock is not None else 0.0
+    guard.on_wall_offset = engine.follow_wall_clock  # calendar rules follow a stepped clock
     reloader = Reloader(engine, guard, path)
     guard.on_reload = reloader.on_signal  # SIGHUP
     guard.handle_signals()

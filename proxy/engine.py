@@ -314,6 +314,10 @@ class PolicyEngine:
         store = self.local if attempt_id in self.held_locally else self.store
         self._in_background(store.record(usage, now))
 
+    def follow_wall_clock(self, wall_offset: float) -> None:
+        """The adapter's wall clock against ``CallAttempt.now``, read again (a stepped clock)."""
+        self.wall_offset = wall_offset
+
     async def close(self) -> None:
         """Stopping: let the store writes no call waits for finish (the releases of calls
         that just ended, talk time; each bounded by the store's timeout), then close a

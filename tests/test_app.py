@@ -4,6 +4,7 @@ sipsim's, the loop a fresh one that never runs (timers are only armed)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -12,7 +13,7 @@ from structlog.testing import capture_logs
 
 from proxy.app import ProxySettings, SipGuard
 from proxy.hooks import AcceptAll
-from proxy.sip.events import CallAnswered, CallEnded
+from proxy.sip.events import Address, CallAnswered, CallEnded
 
 
 class BrokenOnAnswer(AcceptAll):
@@ -56,3 +57,28 @@ def test_an_action_that_raises_costs_itself_only_not_the_rest_of_its_batch(
     assert guard.counters["internal_errors"] == 1 and guard.counters["calls_ended"] == 1
     [error] = [entry for entry in logs if entry["event"] == "proxy.internal_error"]
     assert error["action"] == "CallAnswered"
+
+
+def test_the_wall_clock_is_read_again_every_tick(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wall clock stepped after start (NTP at boot, a VM resumed): the next tick gives
+    the policy the new offset, so calling hours and quota days follow. Before, the offset
+    taken at start held until a restart. (The step is faked: stepping this machine's
+    clock for real is not for a test.)"""
+    told: list[float] = []
+
+    async def scenario() -> tuple[float, float]:
+        guard = SipGuard(ProxySettings(listen=[Address("udp", "127.0.0.1", 0)], upstream=UPSTREAM))
+        guard.on_wall_offset = told.append
+        await guard.start()
+        try:
+            at_start = guard.wall_offset
+            system_clock = time.time
+            monkeypatch.setattr("proxy.app.time.time", lambda: system_clock() + 3600.0)
+            guard._on_tick()
+            return at_start, guard.wall_offset
+        finally:
+            await guard.close()
+
+    at_start, after_the_step = asyncio.run(scenario())
+    assert after_the_step - at_start == pytest.approx(3600.0, abs=5.0)
+    assert told == [at_start, after_the_step]
