@@ -82,6 +82,7 @@ class _Plan:
     max_duration: float | None = None  # the shortest any rule allows, once answered
     keepalive: Keepalive | None = None  # probes of both parties, from the first rule asking
     warnings: list[tuple[str, str]] = field(default_factory=list)  # (rule, detail) of every Warn
+    history_warnings: list[tuple[str, str]] = field(default_factory=list)  # ... by rules reading the history
     history_keys: tuple[str, ...] = ()  # the call's subjects, when a rule reads the history
     hooked: tuple[tuple[Policy[Any], RuleConfig], ...] = ()  # rules told how the call ends
     retry: _Challenge | None = None  # the call was challenged, and this is it again
@@ -107,6 +108,9 @@ class _Challenge:
 
     at: float
     history: LiveRecord | None
+    # what the rules reading the history found of its first INVITE, (rule, detail): the
+    # retry is the same call, and the history already holds it, so they are not asked again
+    history_warnings: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(slots=True)
@@ -156,6 +160,8 @@ class PolicyEngine:
         # by (Call-ID, From tag, source host): calls the PBX challenged, counted already
         self._challenged: dict[tuple[str, str, str], _Challenge] = {}
         self._retries: set[str] = set()  # live calls that are a challenged call sent again
+        # by attempt id: the Warn findings of rules reading the history, for a challenged retry
+        self._history_warnings: dict[str, tuple[tuple[str, str], ...]] = {}
         # Given each judged call's call.decision fields whatever the log level (what-if replay)
         self.on_decision: Callable[[dict[str, Any]], None] | None = None
 
@@ -230,6 +236,7 @@ class PolicyEngine:
         else:
             self.history.call_ended(attempt_id, event.now, event.by_caller)
         self._retries.discard(attempt_id)
+        self._history_warnings.pop(attempt_id, None)
         if self.emergency_calls.get(event.call.call_id) == attempt_id:
             del self.emergency_calls[event.call.call_id]
         self.decisions.ended(event)
@@ -264,7 +271,10 @@ class PolicyEngine:
             if len(self._challenged) >= MAX_CHALLENGES // 2:  # a flood: not worth a pass each time
                 self._challenged.clear()
         call = event.call
-        self._challenged[(call.call_id, call.from_tag, call.source.host)] = _Challenge(event.now, history)
+        findings = self._history_warnings.get(call.attempt_id, ())
+        self._challenged[(call.call_id, call.from_tag, call.source.host)] = _Challenge(
+            event.now, history, findings
+        )
 
     def _retry_of(self, attempt: CallAttempt) -> _Challenge | None:
         """The challenge this INVITE answers, if it is a challenged call sent again."""
@@ -393,6 +403,11 @@ class PolicyEngine:
             plan.configs[name] = config
             if isinstance(config, CallerIdConfig) and not config.strip_untrusted_identity:
                 plan.strip = FORGEABLE_HEADERS  # the operator chose to pass customers' assertions on
+            if plan.retry is not None and rule.uses_history:  # judged at its first INVITE already
+                found = [finding for finding in plan.retry.history_warnings if finding[0] == name]
+                plan.warnings += found
+                plan.history_warnings += found
+                continue
             verdict = rule.check(context, config)
             if isinstance(verdict, Deny):
                 plan.denials.append((name, verdict.detail))
@@ -401,6 +416,8 @@ class PolicyEngine:
                     self._penalise(verdict, name, attempt.now, request.call_id)
             elif isinstance(verdict, Warn):
                 plan.warnings.append((name, verdict.detail))
+                if rule.uses_history:
+                    plan.history_warnings.append((name, verdict.detail))
             elif isinstance(verdict, Require):
                 plan.operations += _owned(verdict.operations, rule, config)
                 if verdict.max_duration is not None and config.mode is Mode.ENFORCE:
@@ -451,6 +468,8 @@ class PolicyEngine:
             self.history.call_retried(attempt_id, plan.retry.history)
         elif plan.history_keys and plan.context is not None:
             self.history.call_started(attempt_id, plan.history_keys, plan.context.callee, plan.attempt.now)
+        if plan.history_warnings:  # kept while the call lives, should the PBX challenge it
+            self._history_warnings[attempt_id] = tuple(plan.history_warnings)
         if plan.hooked and plan.context is not None:
             context = plan.context
             self.live[attempt_id] = _LiveCall(

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from structlog.testing import capture_logs
-from test_engine import ACCOUNTS, STRIP, T0, attempt, decide, decisions, engine_for
+from test_engine import ACCOUNTS, STRIP, T0, attempt, challenged, decide, decisions, end, engine_for
 
 from proxy.engine import TAG_HEADER, PolicyEngine
 from proxy.sip.events import Accept, CallAnswered, CallEnded, CallInfo, EndReason, Reject, Verdict
@@ -131,6 +131,26 @@ def test_a_run_spread_over_more_than_the_window_is_not_sequential() -> None:
     verdicts = [dialer.call(callee(110 + index), gap=120) for index in range(3)]
     assert all(clean(verdict) for verdict in verdicts[:2])
     assert tags(verdicts[2]) == [f"dialer; {DIALER}: sequential 4 adjacent callees in a row (warning ≥ 4)"]
+
+
+def test_a_challenged_calls_retry_keeps_the_warning_its_first_invite_had() -> None:
+    """The 4th adjacent call is tagged; the PBX challenges it (407) and the caller sends
+    it again with credentials. The retry is that same call, already in the history, so
+    the rule is not asked again (it would see a run of 1): it is tagged as the first
+    INVITE was, and the run goes on from it (the 5th call is tagged 5)."""
+    engine = engine_for(only("sequential", warning=4, critical=8))
+    dialer = Phone(engine, DIALER)
+    assert all(clean(dialer.call(callee(100 + index), gap=120)) for index in range(3))
+    fourth = attempt("fourth", caller=DIALER, callee=callee(103), now=dialer.now + 120)
+    warning = f"dialer; {DIALER}: sequential 4 adjacent callees in a row (warning ≥ 4)"
+    assert tags(decide(engine, fourth)) == [warning]
+    retry = challenged(engine, fourth)
+    assert tags(decide(engine, retry)) == [warning]
+    dialer.now = retry.now + 60
+    end(engine, retry, dialer.now)
+    assert tags(dialer.call(callee(104), gap=120)) == [
+        f"dialer; {DIALER}: sequential 5 adjacent callees in a row (warning ≥ 4)"
+    ]
 
 
 # -- bulk -----------------------------------------------------------------------------------------------
