@@ -383,7 +383,7 @@ async def _read_request(reader: asyncio.StreamReader) -> HttpRequest:
     if "transfer-encoding" in headers:
         raise HttpError(501, "chunked bodies are not supported: send Content-Length")
     length_text = headers.get("content-length", "0")
-    if not length_text.isdigit():
+    if not (length_text.isascii() and length_text.isdigit()):  # (str.isdigit takes "²" too)
         raise HttpError(400, f"Content-Length {length_text!r} is not a number")
     length = int(length_text)
     if length > MAX_BODY:
