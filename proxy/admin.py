@@ -77,6 +77,8 @@ class HttpRequest:
             return json.loads(self.body)
         except (ValueError, UnicodeDecodeError) as error:
             raise HttpError(400, f"the body is not JSON: {error}") from None
+        except RecursionError:  # ([[[[... : 64 KiB nest deeper than the interpreter recurses)
+            raise HttpError(400, "the body is not JSON this listener reads: nested too deeply") from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,3 +49,11 @@ def test_a_content_length_in_other_digits_than_ascii_is_a_bad_request() -> None:
     raw = "POST /unban HTTP/1.1\r\nContent-Length: \u00b2\r\n\r\nab".encode("latin-1")
     status, _, body = ask(raw)
     assert (status, body) == (400, {"error": "Content-Length '\u00b2' is not a number"})
+
+
+def test_a_body_nested_too_deeply_is_a_bad_request() -> None:
+    """json.loads raises RecursionError, not ValueError, for a body of 60,000 "[": it was
+    taken for a bug in the handler (500, and a traceback in the log)."""
+    raw = b"POST /unban HTTP/1.1\r\nContent-Length: 60000\r\n\r\n" + b"[" * 60_000
+    status, _, body = ask(raw)
+    assert (status, body) == (400, {"error": "the body is not JSON this listener reads: nested too deeply"})
