@@ -342,8 +342,10 @@ class AdminServer:
 
     async def _respond(self, request: HttpRequest) -> HttpResponse:
         if self._token is not None and request.path not in OPEN_PATHS:
-            offered = request.headers.get("authorization", "").encode("latin-1")
-            if not hmac.compare_digest(offered, b"Bearer " + self._token):
+            # the scheme is case-insensitive (RFC 9110 §11.1), the token is not
+            scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+            offered = credentials.lstrip(" ").encode("latin-1")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(offered, self._token):
                 raise HttpError(401, "a valid bearer token is required", (("WWW-Authenticate", "Bearer"),))
         methods = self.routes.get(request.path)
         if methods is None:

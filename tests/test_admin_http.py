@@ -34,13 +34,14 @@ async def _exchange(raw: bytes, token: str | None) -> bytes:
 
 
 def ask(raw: bytes, token: str | None = None) -> tuple[int, dict[str, str], Any]:
-    """One raw request to a fresh listener: the answer's status, headers and JSON body."""
+    """One raw request to a fresh listener: the answer's status, headers and body (parsed, if JSON)."""
     answer = asyncio.run(_exchange(raw, token))
     head, _, body = answer.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     assert lines[0].startswith("HTTP/1.1 "), answer[:80]
     headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
-    return int(lines[0].split(" ")[1]), headers, json.loads(body)
+    content = json.loads(body) if headers["content-type"] == "application/json" else body
+    return int(lines[0].split(" ")[1]), headers, content
 
 
 def test_a_content_length_in_other_digits_than_ascii_is_a_bad_request() -> None:
@@ -57,3 +58,21 @@ def test_a_body_nested_too_deeply_is_a_bad_request() -> None:
     raw = b"POST /unban HTTP/1.1\r\nContent-Length: 60000\r\n\r\n" + b"[" * 60_000
     status, _, body = ask(raw)
     assert (status, body) == (400, {"error": "the body is not JSON this listener reads: nested too deeply"})
+
+
+def metrics_with(authorization: str | None) -> int:
+    head = f"Authorization: {authorization}\r\n" if authorization is not None else ""
+    return ask(f"GET /metrics HTTP/1.1\r\n{head}\r\n".encode(), TOKEN)[0]
+
+
+def test_the_bearer_scheme_is_case_insensitive_and_the_token_is_not() -> None:
+    """RFC 9110 §11.1: the auth scheme is case-insensitive; "bearer TOKEN" used to get 401."""
+    assert metrics_with(f"Bearer {TOKEN}") == 200
+    assert metrics_with(f"bearer {TOKEN}") == 200
+    assert metrics_with(f"BEARER  {TOKEN}") == 200
+    assert metrics_with(f"Bearer {TOKEN.upper()}") == 401
+    assert metrics_with(f"Basic {TOKEN}") == 401
+    assert metrics_with(f"Bearer {TOKEN}x") == 401
+    assert metrics_with(f"Bearer{TOKEN}") == 401
+    assert metrics_with("Bearer") == 401
+    assert metrics_with(None) == 401
