@@ -9,6 +9,7 @@ could not be asked or refused the request (unreachable, wrong token, bad input).
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import sys
@@ -55,8 +56,9 @@ def admin_call(
             return error.code, json.load(error)
         except ValueError:
             return error.code, {"error": error.reason}
-    except (urllib.error.URLError, OSError, ValueError) as error:
-        reason = getattr(error, "reason", error)
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as error:
+        # (HTTPException: what answered is not an HTTP server, or it cut its answer short)
+        reason = getattr(error, "reason", None) or f"{type(error).__name__}: {' '.join(str(error).split())}"
         raise AdminUnreachableError(f"cannot ask the admin listener at {admin}: {reason}") from None
 
 

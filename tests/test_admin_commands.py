@@ -15,6 +15,7 @@ import asyncio
 import concurrent.futures
 import json
 import logging
+import socket
 import subprocess
 import threading
 import tracemalloc
@@ -492,6 +493,39 @@ def test_a_listener_that_is_not_there_exits_2(capsys: pytest.CaptureFixture[str]
     for argv in (["status"], ["explain", "x@y"], ["unban", "+14155550100"], ["reload"]):
         assert main([*argv, "--admin", f"{LOOPBACK}:{port}"]) == 2
         assert f"cannot ask the admin listener at {LOOPBACK}:{port}" in capsys.readouterr().err
+
+
+NOT_ADMIN_ANSWERS = (
+    b"SIP/2.0 400 Bad Request\r\nContent-Length: 0\r\n\r\n",  # --admin pointed at a SIP port
+    b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"a"',  # an answer cut short
+)
+
+
+def test_a_listener_that_answers_something_else_than_http_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    """http.client's own errors (a status line that is not HTTP, a body shorter than its
+    Content-Length) used to escape as a traceback instead of one line and exit 2."""
+    server = socket.create_server((LOOPBACK, 0))
+    server.settimeout(10)
+    port = server.getsockname()[1]
+
+    def answer() -> None:
+        for reply in NOT_ADMIN_ANSWERS:
+            connection, _ = server.accept()
+            with connection:
+                connection.recv(65536)
+                connection.sendall(reply)
+
+    thread = threading.Thread(target=answer)
+    thread.start()
+    try:
+        for _ in NOT_ADMIN_ANSWERS:
+            assert main(["status", "--admin", f"{LOOPBACK}:{port}"]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"sipguard: cannot ask the admin listener at {LOOPBACK}:{port}: ")
+            assert err.count("\n") == 1
+    finally:
+        thread.join(timeout=10)
+        server.close()
 
 
 # -- against a live sipguard ------------------------------------------------------------------------
