@@ -392,7 +392,10 @@ async def _read_request(reader: asyncio.StreamReader) -> HttpRequest:
     length = int(length_text)
     if length > MAX_BODY:
         raise HttpError(413, f"the body is over {MAX_BODY} bytes")
-    body = await reader.readexactly(length) if length else b""
+    try:
+        body = await reader.readexactly(length) if length else b""
+    except asyncio.IncompleteReadError as error:  # the client half-closed: it may still read
+        raise HttpError(400, f"the body ended after {len(error.partial)} of its {length} bytes") from None
     path, _, query = target.partition("?")
     return HttpRequest(method=method, path=path, query=query, headers=headers, body=body)
 

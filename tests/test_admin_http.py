@@ -76,3 +76,10 @@ def test_the_bearer_scheme_is_case_insensitive_and_the_token_is_not() -> None:
     assert metrics_with(f"Bearer{TOKEN}") == 401
     assert metrics_with("Bearer") == 401
     assert metrics_with(None) == 401
+
+
+def test_a_body_shorter_than_its_content_length_is_answered_400() -> None:
+    """A client that sends fewer bytes than its Content-Length and half-closes can still
+    read an answer: it used to get none, and no admin.request line was logged."""
+    raw = b"POST /unban HTTP/1.1\r\nContent-Length: 10\r\n\r\n" + b'{"a":1}'
+    assert ask(raw)[::2] == (400, {"error": "the body ended after 7 of its 10 bytes"})
