@@ -437,8 +437,8 @@ class _TcpStream:
 
     def flush(self, at: float) -> None:
         """The capture is over: no missing segment will come now."""
-        while self.waiting:
-            self._skip_gap(at)
+        if self.waiting:
+            self._skip_gap(at, every=True)
 
     def take_frames(self) -> list[bytes | None]:
         frames, self._frames = self._frames, []
@@ -471,20 +471,43 @@ class _TcpStream:
                 if self.next_sequence is not None:
                     self._deliver(payload[-_sequence_distance(self.next_sequence, sequence) :])
 
-    def _skip_gap(self, at: float) -> None:
-        """Bytes the capture missed: give them up, and go on from the next message start."""
+    def _skip_gap(self, at: float, *, every: bool = False) -> None:
+        """Bytes the capture missed: give them up, and go on from the next message start.
+        The segments that waited are taken in sequence order, in one pass (no re-entry:
+        a capture of many small segments between holes once recursed, and took quadratic
+        time): past the first hole, a later one is given up too while more than
+        MAX_OUT_OF_ORDER bytes would still wait behind it (or ``every``: the capture is
+        over), else what is left waits again."""
         assert self.next_sequence is not None
-        first = min(self.waiting, key=lambda seq: _sequence_distance(self.next_sequence or 0, seq))
-        self._gaps += _sequence_distance(self.next_sequence, first)
-        if self.framer.buffered:
-            self._frames.append(None)  # the message the gap cut through
-        self._resynchronise()
-        waiting = sorted(self.waiting.items(), key=lambda item: _sequence_distance(first, item[0]))
+        base = self.next_sequence
+        pending = sorted(self.waiting.items(), key=lambda item: _sequence_distance(base, item[0]))
+        behind = self._waiting_bytes  # bytes of this segment and the ones after it
         self.waiting.clear()
         self._waiting_bytes = 0
         self._gap_since = None
-        for sequence, payload in waiting:
-            self.receive(at, sequence, payload)
+        first = True
+        for sequence, payload in pending:
+            hole = self.next_sequence is not None and _sequence_distance(self.next_sequence, sequence) > 0
+            if hole and not self.waiting and (first or every or behind > MAX_OUT_OF_ORDER):
+                assert self.next_sequence is not None
+                self._gaps += _sequence_distance(self.next_sequence, sequence)
+                if self.framer.buffered:
+                    self._frames.append(None)  # the message the gap cut through
+                self._resynchronise()
+            first = False
+            behind -= len(payload)
+            if self.next_sequence is None:
+                if not starts_with_sip(payload):
+                    continue  # not where a message starts: given up as well
+                self.next_sequence = sequence
+            ahead = _sequence_distance(self.next_sequence, sequence)
+            if ahead > 0:
+                self.waiting[sequence] = payload
+                self._waiting_bytes += len(payload)
+            else:
+                self._deliver(payload[-ahead:])
+        if self.waiting:
+            self._gap_since = at
 
     def _resynchronise(self) -> None:
         self.framer = StreamFramer()

@@ -575,6 +575,25 @@ def test_tcp_bytes_the_capture_missed_are_given_up_when_too_much_waits() -> None
     assert decoder.counts.tcp_gaps == len(INVITE_A) - 40
 
 
+def test_tcp_many_holes_between_small_segments_are_given_up_in_one_pass() -> None:
+    """Start lines alone (never a whole message), each after a byte the capture missed,
+    filling MAX_OUT_OF_ORDER, then a segment 30 KB long: giving up the first hole used to
+    re-feed what waited, which gave up the next hole from inside that, and so on, about
+    one level per small segment the big one outweighs: RecursionError, and a traceback
+    from ``sipguard replay``. Now one pass, and each hole counts as a gap."""
+    start_line = b"OPTIONS sip:a SIP/2.0\r\n"
+    capture = Capture()
+    capture.tcp(T0, CUSTOMER_V4, SIPGUARD, 0, flags=SYN)
+    sequence, count = 1 + 10, MAX_OUT_OF_ORDER // len(start_line)  # bytes 1 to 10 never captured
+    for _ in range(count):
+        capture.tcp(T0, CUSTOMER_V4, SIPGUARD, sequence, start_line)
+        sequence += len(start_line) + 1
+    capture.tcp(T0, CUSTOMER_V4, SIPGUARD, sequence, INVITE_B + b"\r\n" * 15_000)  # keep-alives after it
+    packets, decoder = decode_all(capture.frames)
+    assert [p.message.raw for p in packets] == [INVITE_B]
+    assert (decoder.counts.tcp_gaps, decoder.counts.malformed) == (10 + count, count)
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.data())
 def test_tcp_any_segmentation_and_order_gives_the_messages_in_order(data: st.DataObject) -> None:
