@@ -59,6 +59,7 @@ GAP_PATIENCE = 2.0  # seconds, likewise: past any TCP retransmission, so the cap
 MAX_FRAGMENTED = 4096  # IP datagrams being reassembled at once
 _START_LINE_SCAN = 1024  # a start line longer than this is not looked for
 
+LAST_TIMESTAMP = 253_402_300_799.0  # 9999-12-31T23:59:59Z: the last one a report can print as a date
 _PCAP_MAGICS = {b"\xa1\xb2\xc3\xd4", b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\x3c\x4d", b"\x4d\x3c\xb2\xa1"}
 _PCAPNG_MAGIC = b"\x0a\x0d\x0d\x0a"
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -152,6 +153,11 @@ class CaptureReader:
             for timestamp, frame in self._reader:
                 if self._file.cut_short:
                     break  # this record is the one cut short: what it has is not the packet
+                if not 0 <= timestamp <= LAST_TIMESTAMP:  # (a pcapng's 64 bits reach year 300,000)
+                    self.truncated = (
+                        f"record {count + 1} is unreadable (its timestamp {timestamp:.0f} is not a date)"
+                    )
+                    return
                 count += 1
                 yield float(timestamp), bytes(frame)
         except (dpkt.UnpackError, ValueError, struct.error, EOFError, OSError) as error:

@@ -769,6 +769,26 @@ def test_a_gzipped_capture_is_read(tmp_path: Path) -> None:
     assert len(verdicts(report)) == 4
 
 
+def test_a_timestamp_that_is_not_a_date_ends_the_capture_there(tmp_path: Path) -> None:
+    """pcapng's 64-bit timestamps reach far past year 9999: a damaged one used to be
+    replayed, and the report then raised ValueError printing it as a date (a traceback
+    from ``sipguard replay``). The record is unreadable: what came before is replayed."""
+    capture = Capture()
+    capture.to_pbx(T0, call_invite("before", OWNED))
+    capture.to_pbx(1e13, call_invite("damaged", OWNED))
+    capture.to_pbx(T0 + 1, call_invite("after", OWNED))
+    report = replay_capture(
+        policy(), str(capture.write(tmp_path / "damaged.pcapng", "pcapng")), keep_calls=True
+    )
+    answer = report.as_json()
+    assert list(verdicts(report)) == ["before"]
+    assert answer["capture"]["packets"] == 2 and answer["capture"]["last"] == answer["capture"]["first"]
+    assert answer["warnings"][0] == (
+        "the capture is cut short: record 3 is unreadable (its timestamp 10000000000000 is not a date); "
+        "what came before it was replayed"
+    )
+
+
 def capture_file_starts() -> list[bytes]:
     """The first bytes of a pcap, a nanosecond pcap and a pcapng file with one call."""
     capture = Capture()
