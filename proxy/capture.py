@@ -26,6 +26,7 @@ from __future__ import annotations
 import gzip
 import ipaddress
 import struct
+import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import IO, Any
@@ -63,6 +64,11 @@ LAST_TIMESTAMP = 253_402_300_799.0  # 9999-12-31T23:59:59Z: the last one a repor
 _PCAP_MAGICS = {b"\xa1\xb2\xc3\xd4", b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\x3c\x4d", b"\x4d\x3c\xb2\xa1"}
 _PCAPNG_MAGIC = b"\x0a\x0d\x0d\x0a"
 _GZIP_MAGIC = b"\x1f\x8b"
+
+
+# what reading a damaged file raises: dpkt's and struct's errors, gzip's (OSError, EOFError)
+# and zlib's, for a .gz whose compressed data is damaged
+_UNREADABLE = (dpkt.UnpackError, ValueError, struct.error, EOFError, OSError, zlib.error)
 
 
 class CaptureError(Exception):
@@ -137,7 +143,7 @@ class CaptureReader:
                 raise CaptureError(f"{name} is empty")
             else:
                 raise CaptureError(f"{name} is not a pcap or pcapng capture (it starts with {magic.hex()})")
-        except (dpkt.UnpackError, ValueError, struct.error, EOFError, OSError) as error:
+        except _UNREADABLE as error:
             raise CaptureError(f"{name}: the capture's header is unreadable ({_said(error)})") from None
         self.link_type: int = self._reader.datalink()
         if self.link_type not in LINK_TYPE_NAMES:
@@ -160,7 +166,7 @@ class CaptureReader:
                     return
                 count += 1
                 yield float(timestamp), bytes(frame)
-        except (dpkt.UnpackError, ValueError, struct.error, EOFError, OSError) as error:
+        except _UNREADABLE as error:
             self.truncated = f"record {count + 1} is unreadable ({_said(error)})"
             return
         if self._file.cut_short:

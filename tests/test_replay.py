@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import threading
+import zlib
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -787,6 +788,38 @@ def test_a_timestamp_that_is_not_a_date_ends_the_capture_there(tmp_path: Path) -
         "the capture is cut short: record 3 is unreadable (its timestamp 10000000000000 is not a date); "
         "what came before it was replayed"
     )
+
+
+def damaged_gzip(tmp_path: Path, at: float) -> Path:
+    """A gzipped capture (a call, 30 KB of hex text in non-SIP packets, a call) whose
+    deflate data is good up to ``at`` that fraction of the capture, then a block of the
+    reserved type (0b11): zlib.error, "invalid block type"."""
+    noise = random.Random(7)
+    capture = Capture()
+    capture.to_pbx(T0, call_invite("first", OWNED))
+    for n in range(60):
+        capture.udp(T0 + 0.01 * n, CUSTOMER_V4, ("192.0.2.99", 9), noise.randbytes(250).hex().encode())
+    capture.to_pbx(T0 + 1, call_invite("last", OWNED_TOO))
+    data = capture.write(tmp_path / "calls.pcap").read_bytes()
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)  # (31: a gzip header and trailer)
+    good = compressor.compress(data[: int(len(data) * at)]) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    path = tmp_path / "damaged.pcap.gz"
+    path.write_bytes(good + b"\xff" * 16)
+    return path
+
+
+def test_a_damaged_gzip_is_refused_or_read_up_to_the_damage(tmp_path: Path) -> None:
+    """Damaged deflate data raises zlib.error, which used to escape CaptureReader as a
+    traceback from ``sipguard replay``: in the header it is refused in one line, further
+    on what came before it is replayed, with a warning."""
+    with pytest.raises(
+        CaptureError, match=r"damaged.pcap.gz: the capture's header is unreadable \(Error -3 "
+    ):
+        replay_capture(policy(), str(damaged_gzip(tmp_path, 0)))
+    report = replay_capture(policy(), str(damaged_gzip(tmp_path, 0.7)), keep_calls=True)
+    assert list(verdicts(report)) == ["first"]
+    assert report.warnings[0].startswith("the capture is cut short: record ")
+    assert "is unreadable (Error -3 while decompressing data: " in report.warnings[0]
 
 
 def capture_file_starts() -> list[bytes]:
