@@ -45,6 +45,7 @@ MAX_HEAD = 8 * 1024
 MAX_BODY = 64 * 1024
 REQUEST_TIMEOUT = 5.0
 MAX_CONNECTIONS = 16
+CROWDED_READ_TIMEOUT = 1.0  # past MAX_CONNECTIONS: how long a request may take to arrive (health probes)
 JSON = "application/json"
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # no token: they say only whether sipguard serves
 UNBAN_USAGE = (
@@ -313,16 +314,23 @@ class AdminServer:
         self._connections += 1
         request: HttpRequest | None = None
         try:
-            if self._connections > MAX_CONNECTIONS:
-                response = _error(503, "too many admin connections")
-            else:
-                try:
-                    async with asyncio.timeout(REQUEST_TIMEOUT):
-                        request = await _read_request(reader)
+            crowded = self._connections > MAX_CONNECTIONS
+            try:
+                # Past the limit the request is still read, briefly, for one thing: health
+                # probes must be answered, or idle connections would make an orchestrator
+                # think sipguard dead and restart it. Anything else gets 503.
+                async with asyncio.timeout(CROWDED_READ_TIMEOUT if crowded else REQUEST_TIMEOUT):
+                    request = await _read_request(reader)
+                if crowded and request.path not in OPEN_PATHS:
+                    response = _error(503, "too many admin connections")
+                else:
                     response = await self._respond(request)
-                except HttpError as error:
-                    response = _error(error.status, error.message, error.headers)
-                except TimeoutError:
+            except HttpError as error:
+                response = _error(error.status, error.message, error.headers)
+            except TimeoutError:
+                if crowded:
+                    response = _error(503, "too many admin connections")
+                else:
                     response = _error(408, f"the request did not arrive within {REQUEST_TIMEOUT:g} s")
             await _write(writer, response)
             log.info(

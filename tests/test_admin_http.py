@@ -11,7 +11,7 @@ from typing import Any
 from sipp import LOOPBACK
 from sipsim import LOCAL_UDP, UPSTREAM
 
-from proxy.admin import AdminServer
+from proxy.admin import MAX_CONNECTIONS, AdminServer
 from proxy.app import ProxySettings, SipGuard
 
 TOKEN = "admin-token-0123456789"
@@ -83,3 +83,39 @@ def test_a_body_shorter_than_its_content_length_is_answered_400() -> None:
     read an answer: it used to get none, and no admin.request line was logged."""
     raw = b"POST /unban HTTP/1.1\r\nContent-Length: 10\r\n\r\n" + b'{"a":1}'
     assert ask(raw)[::2] == (400, {"error": "the body ended after 7 of its 10 bytes"})
+
+
+def test_health_probes_are_answered_past_the_connection_limit() -> None:
+    """MAX_CONNECTIONS idle connections (a stuck client, a port scan) used to make every
+    other request 503, health probes included: an orchestrator would think sipguard dead
+    and restart it. Past the limit /healthz is still answered; anything else gets 503."""
+
+    async def scenario() -> tuple[bytes, bytes]:
+        guard = SipGuard(ProxySettings(listen=[LOCAL_UDP], upstream=UPSTREAM), None)
+        admin = AdminServer(guard, LOOPBACK, 0, TOKEN)
+        _, port = await admin.start()
+        idle = [await asyncio.open_connection(LOOPBACK, port) for _ in range(MAX_CONNECTIONS)]
+        try:
+            async with asyncio.timeout(10):
+                while admin._connections < MAX_CONNECTIONS:  # each one accepted and waiting
+                    await asyncio.sleep(0.01)
+            answers = []
+            for raw in (
+                b"GET /healthz HTTP/1.1\r\n\r\n",
+                f"GET /status HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode(),
+            ):
+                reader, writer = await asyncio.open_connection(LOOPBACK, port)
+                writer.write(raw)
+                writer.write_eof()
+                async with asyncio.timeout(10):
+                    answers.append(await reader.read())
+                writer.close()
+            return answers[0], answers[1]
+        finally:
+            for _, writer in idle:
+                writer.close()
+            await admin.close()
+
+    health, status = asyncio.run(scenario())
+    assert health.startswith(b"HTTP/1.1 200 "), health[:80]
+    assert status.startswith(b"HTTP/1.1 503 ") and b"too many admin connections" in status, status[:200]
