@@ -85,6 +85,21 @@ def test_a_body_shorter_than_its_content_length_is_answered_400() -> None:
     assert ask(raw)[::2] == (400, {"error": "the body ended after 7 of its 10 bytes"})
 
 
+class CountingAdminServer(AdminServer):
+    """An AdminServer that says when MAX_CONNECTIONS connections have been taken in."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.accepted = 0
+        self.all_idle_accepted = asyncio.Event()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        if self.accepted == MAX_CONNECTIONS:  # (counted by the listener before its first await)
+            self.all_idle_accepted.set()
+        await super()._serve(reader, writer)
+
+
 def test_health_probes_are_answered_past_the_connection_limit() -> None:
     """MAX_CONNECTIONS idle connections (a stuck client, a port scan) used to make every
     other request 503, health probes included: an orchestrator would think sipguard dead
@@ -92,13 +107,12 @@ def test_health_probes_are_answered_past_the_connection_limit() -> None:
 
     async def scenario() -> tuple[bytes, bytes]:
         guard = SipGuard(ProxySettings(listen=[LOCAL_UDP], upstream=UPSTREAM), None)
-        admin = AdminServer(guard, LOOPBACK, 0, TOKEN)
+        admin = CountingAdminServer(guard, LOOPBACK, 0, TOKEN)
         _, port = await admin.start()
         idle = [await asyncio.open_connection(LOOPBACK, port) for _ in range(MAX_CONNECTIONS)]
         try:
             async with asyncio.timeout(10):
-                while admin._connections < MAX_CONNECTIONS:  # each one accepted and waiting
-                    await asyncio.sleep(0.01)
+                await admin.all_idle_accepted.wait()  # each one accepted and waiting
             answers = []
             for raw in (
                 b"GET /healthz HTTP/1.1\r\n\r\n",
