@@ -218,8 +218,12 @@ class PolicyEngine:
             plan.attempt.attempt_id, plan.operations, plan.attempt.now, blocked=plan.blocked
         )
         verdict = self._finish(plan, results)
-        if plan.attempt.attempt_id in self.held:
+        slot_keys = self.held.get(plan.attempt.attempt_id)
+        if slot_keys:
             self.held_locally.add(plan.attempt.attempt_id)
+            # and in the shared store from its next lease renewal Redis answers: once it is
+            # back, the other instances count this call too, not only this one
+            self.store.hold(plan.attempt.attempt_id, slot_keys, plan.attempt.now)
         return verdict
 
     def call_answered(self, event: CallAnswered) -> None:
@@ -247,10 +251,8 @@ class PolicyEngine:
         if keys:
             if self.local is not self.store:  # counted there (the shared store was away), or mirrored
                 self.local.release(attempt_id, keys, event.now)
-            if attempt_id in self.held_locally:
-                self.held_locally.discard(attempt_id)
-            else:
-                self._in_background(self.store.release(attempt_id, keys, event.now))
+            self.held_locally.discard(attempt_id)
+            self._in_background(self.store.release(attempt_id, keys, event.now))
 
     def _challenged_once(self, event: CallEnded) -> bool:
         """A call the rules counted, refused by the PBX asking for credentials. Only the

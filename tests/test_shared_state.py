@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from redis_server import RedisCluster, RedisSentinel, RedisServer, start_redis
 from structlog.testing import capture_logs
-from test_engine import OWNED, attempt, end, policy
+from test_engine import OWNED, T0, attempt, end, policy
 
 from proxy.engine import PolicyEngine
 from proxy.sip.events import Accept, CallAttempt, Reject, Verdict
@@ -54,12 +54,19 @@ def test_fail_closed_refuses_with_503_when_redis_is_away() -> None:
 
 def test_fail_open_counts_on_this_instance_alone() -> None:
     engine = engine_on(f"redis://127.0.0.1:{closed_port()}/0", TIGHT)  # fail_mode: open by default
-    first = attempt("a")
-    assert isinstance(decide(engine, first), Accept)
-    refused = decide(engine, attempt("b"))  # the local count still enforces per_number: 1
+
+    async def scenario() -> list[Verdict]:
+        first = attempt("a")
+        verdicts = [await engine.decide(first)]
+        verdicts.append(await engine.decide(attempt("b")))  # the local count still enforces per_number: 1
+        end(engine, first)  # released in the local store, where it was taken
+        await asyncio.gather(*engine._background)  # (and in Redis: still away, nothing to do)
+        verdicts.append(await engine.decide(attempt("c")))
+        return verdicts
+
+    first, refused, after = asyncio.run(scenario())
+    assert isinstance(first, Accept) and isinstance(after, Accept)
     assert isinstance(refused, Reject) and refused.status == 486
-    end(engine, first)  # released in the local store, where it was taken
-    assert isinstance(decide(engine, attempt("c")), Accept)
     assert engine.counters.store_unavailable == 3
 
 
@@ -86,6 +93,36 @@ def test_fail_open_counts_this_instances_calls_that_redis_admitted(tmp_path: Pat
     first, second, third = asyncio.run(scenario())
     assert isinstance(first, Accept) and isinstance(third, Accept)
     assert isinstance(second, Reject) and second.status == 486
+
+
+def test_calls_counted_locally_during_an_outage_reach_redis_once_it_is_back(tmp_path: Path) -> None:
+    """A call admitted on the local count while Redis was away: the first renewal Redis
+    answers puts its slot there, so another instance counts it too (before, it stayed local
+    until it ended, and with per_number: 1 the other instance let a second call through);
+    its end takes the slot out of Redis again."""
+    server = start_redis(tmp_path)
+
+    async def scenario() -> list[Verdict]:
+        engine, other = engine_on(server.url, TIGHT), engine_on(server.url, TIGHT)
+        server.stop()
+        during = attempt("a")
+        verdicts = [await engine.decide(during)]  # counted locally
+        back = start_redis(tmp_path, port=server.port)  # restarted empty, where the stores point
+        await engine.store.renew_now(T0)  # type: ignore[attr-defined]
+        verdicts.append(await other.decide(attempt("b")))  # the same number, on the other instance
+        end(engine, during)
+        await asyncio.gather(*engine._background)
+        verdicts.append(await other.decide(attempt("c")))
+        assert engine.counters.store_unavailable == 1 and other.counters.store_unavailable == 0
+        for store in (engine.store, other.store):
+            await store.close()  # type: ignore[attr-defined]
+        back.stop()
+        return verdicts
+
+    during, second, after = asyncio.run(scenario())
+    assert isinstance(during, Accept)
+    assert isinstance(second, Reject) and second.status == 486
+    assert isinstance(after, Accept)
 
 
 def test_a_cluster_none_of_whose_nodes_answers_is_unavailable() -> None:

@@ -83,6 +83,12 @@ class StateStore(Protocol):
         ends). A remote store returns the awaitable doing it; a local one has done it."""
         ...
 
+    def hold(self, member: str, slot_keys: Sequence[str], now: float) -> None:
+        """Count the member in each key's slots, whatever the limits: a live call admitted
+        elsewhere (in the local store while the shared one was away). A remote store puts
+        them in at its next lease renewal."""
+        ...
+
     def release(self, member: str, slot_keys: Sequence[str], now: float) -> Awaitable[None] | None:
         """Give back the call's slots (idempotent). A remote store returns the awaitable
         doing it, for the caller to schedule; a local one has done it already (None)."""

@@ -365,6 +365,14 @@ class RedisStore:
         except StoreUnavailableError as error:  # talk time lost: quotas undercount, never block
             log.warning("state.record_failed", error=str(error), keys=len(keys))
 
+    def hold(self, member: str, slot_keys: Sequence[str], now: float) -> None:
+        """A live call counted locally while Redis was away: renewed from now on like the
+        calls Redis admitted, so the first renewal Redis answers puts its slots in and the
+        other instances count it too (``release`` takes them out)."""
+        for key in slot_keys:
+            self.held.setdefault(key, set()).add(member)
+        self._ensure_renewer()
+
     def release(self, member: str, slot_keys: Sequence[str], now: float) -> Awaitable[None]:
         for key in slot_keys:
             members = self.held.get(key)
