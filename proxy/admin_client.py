@@ -105,9 +105,24 @@ def _show(
         return _failed(status, answer)
     if as_json:
         _print_json(answer)
-    else:
-        print("\n".join(as_text(answer)))
+        return DONE
+    try:
+        lines = as_text(answer)
+    except (KeyError, TypeError, AttributeError, ValueError) as error:
+        return _not_sipguard(admin, path, error)
+    print("\n".join(lines))
     return DONE
+
+
+def _not_sipguard(admin: str, path: str, error: Exception) -> int:
+    """An answer in JSON but not of the shape sipguard's listener gives (``--admin``
+    pointed at another HTTP service, or a sipguard of another version): one line, exit 2."""
+    what = f"{type(error).__name__}: {error}"
+    print(
+        f"sipguard: the answer of {admin} to {path} is not sipguard's ({what}); use --json to see it",
+        file=sys.stderr,
+    )
+    return FAILED
 
 
 # -- bans, unban --------------------------------------------------------------------------------
@@ -158,26 +173,35 @@ def unban_command(
     status, answer = asked
     if as_json:
         _print_json(answer)
-    if status == 404:
-        if not as_json:
-            print(f"{target} was not banned" if "address" in body else answer["error"])
-        return NO
-    if status != 200:
+    if status not in (200, 404):
         return _failed(status, answer)
     if as_json:
-        return DONE
+        return DONE if status == 200 else NO
+    try:
+        if status == 200:
+            lines = _unban_lines(answer)
+        else:
+            lines = [f"{target} was not banned" if "address" in body else answer["error"]]
+    except (KeyError, TypeError, AttributeError) as error:
+        return _not_sipguard(admin, "/unban", error)
+    if lines:
+        print("\n".join(lines))
+    return DONE if status == 200 else NO
+
+
+def _unban_lines(answer: dict[str, Any]) -> list[str]:
+    """POST /unban's answer as text: the ban lifted, or the penalty-box entries released."""
     if "unbanned" in answer:
         ban = answer["unbanned"]
-        print(f"{ban['address']} unbanned ({ban['reason']}: {ban['detail']}; "
-              f"{ban['dropped']} messages dropped while banned)")  # fmt: skip
-        return DONE
+        return [f"{ban['address']} unbanned ({ban['reason']}: {ban['detail']}; "
+                f"{ban['dropped']} messages dropped while banned)"]  # fmt: skip
+    lines = []
     for boxed in answer["released"]:
         left = duration(boxed["seconds_left"])
-        print(f"{boxed['kind']} {boxed['name']} released from the penalty box "
-              f"({boxed['rule']}: {boxed['reason']}; {left} were left)")  # fmt: skip
-    for name in answer["not_boxed"]:
-        print(f"{name} was not in the penalty box")
-    return DONE
+        lines.append(f"{boxed['kind']} {boxed['name']} released from the penalty box "
+                     f"({boxed['rule']}: {boxed['reason']}; {left} were left)")  # fmt: skip
+    lines += [f"{name} was not in the penalty box" for name in answer["not_boxed"]]
+    return lines
 
 
 # -- reload ---------------------------------------------------------------------------------------
@@ -192,20 +216,30 @@ def reload_command(admin: str, token: str | None, *, as_json: bool = False) -> i
         return _failed(status, answer)
     if as_json:
         _print_json(answer)
-    elif status == 200:
-        print(f"{answer['path']}: reloaded; new calls are judged by it, calls up keep their slots")
-        if answer["restart_needed"]:
-            print("note: proxy:, state: or admin: changed: those apply after a restart")
-        warnings = answer.get("warnings") or []  # (a sipguard older than its client sends none)
-        if warnings:
-            print(f"warnings ({len(warnings)}):")
-            for warning in warnings:
-                print(f"  {warning}")
-    else:
-        print(f"sipguard: {answer['path']} refused; {answer['running']} stays in force:", file=sys.stderr)
-        for error in answer["errors"]:
-            print(f"  {error}", file=sys.stderr)
+        return DONE if status == 200 else NO
+    try:
+        out, err = _reload_lines(status, answer)
+    except (KeyError, TypeError, AttributeError) as error:
+        return _not_sipguard(admin, "/reload", error)
+    for line in out:
+        print(line)
+    for line in err:
+        print(line, file=sys.stderr)
     return DONE if status == 200 else NO
+
+
+def _reload_lines(status: int, answer: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """POST /reload's answer as text: (lines for stdout, lines for stderr)."""
+    if status != 200:
+        refused = f"sipguard: {answer['path']} refused; {answer['running']} stays in force:"
+        return [], [refused, *(f"  {error}" for error in answer["errors"])]
+    out = [f"{answer['path']}: reloaded; new calls are judged by it, calls up keep their slots"]
+    if answer["restart_needed"]:
+        out.append("note: proxy:, state: or admin: changed: those apply after a restart")
+    warnings = answer.get("warnings") or []  # (a sipguard older than its client sends none)
+    if warnings:
+        out += [f"warnings ({len(warnings)}):", *(f"  {warning}" for warning in warnings)]
+    return out, []
 
 
 # -- status ---------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import http.server
 import json
 import logging
 import socket
@@ -526,6 +527,55 @@ def test_a_listener_that_answers_something_else_than_http_exits_2(capsys: pytest
     finally:
         thread.join(timeout=10)
         server.close()
+
+
+class _OtherJsonService(http.server.BaseHTTPRequestHandler):
+    """Another HTTP service answering JSON to everything: not sipguard's shapes."""
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        self.rfile.read(length)
+        body = b'{"status": "ok", "path": ["not", "a", "string"]}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _answer  # noqa: N815 - the names http.server calls
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_a_json_answer_that_is_not_sipguards_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    """--admin pointed at another HTTP service answering JSON (or a sipguard of another
+    version): each command says so in one line and exits 2, where it printed a traceback
+    (a KeyError from laying the answer out as text)."""
+    server = http.server.ThreadingHTTPServer((LOOPBACK, 0), _OtherJsonService)
+    port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    try:
+        for argv, path in (
+            (["status"], "/status"),
+            (["explain", "x@y"], "/explain?call_id=x%40y"),
+            (["unban", "192.0.2.7"], "/unban"),
+            (["reload"], "/reload"),
+        ):
+            assert main([*argv, "--admin", f"{LOOPBACK}:{port}"]) == 2
+            captured = capsys.readouterr()
+            assert captured.out == ""
+            assert captured.err.startswith(
+                f"sipguard: the answer of {LOOPBACK}:{port} to {path} is not sipguard's ("
+            )
+            assert captured.err.count("\n") == 1
+        assert main(["status", "--admin", f"{LOOPBACK}:{port}", "--json"]) == 0  # shown as it came
+        assert json.loads(capsys.readouterr().out)["status"] == "ok"
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+        server.server_close()
 
 
 # -- against a live sipguard ------------------------------------------------------------------------
