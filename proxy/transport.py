@@ -39,6 +39,11 @@ MAX_TCP_CONNECTIONS = 10_000
 # hold everything sent to it; past this the connection is aborted. 4 MiB is thousands
 # of messages: a PBX that only pauses never comes near it.
 MAX_TCP_WRITE_BUFFER = 4 * 1024 * 1024
+# Bytes waiting, over all outgoing connects in progress, for their connection (each connect
+# takes up to TCP_CONNECT_TIMEOUT). Next hops that take SYNs and never answer (a black-holed
+# Contact) would otherwise hold everything sent to them meanwhile; past this a message is
+# dropped, and its transaction's own timer answers for it. ~16,000 typical messages.
+MAX_TCP_CONNECT_BACKLOG = 16 * 1024 * 1024
 MAX_SOURCES = 100_000  # UDP peers whose Address is reused (UdpEndpoint._sources)
 # A name is resolved again this long after it was: a PBX moved by DNS (a failover) is
 # followed within a minute, not at the next restart. A failed connect forgets it at once.
@@ -148,6 +153,19 @@ class TcpConnection(asyncio.Protocol):
         self.last_active = self._pool.clock()
 
 
+class _Connect:
+    """An outgoing connect in progress: what waits for it, the next hops it was sent to as
+    the core named them (a DNS name, or the address itself), and how much was dropped."""
+
+    __slots__ = ("dropped", "messages", "next_hops", "size")
+
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+        self.size = 0
+        self.next_hops: set[Address] = set()
+        self.dropped = 0
+
+
 class TcpPool:
     """Open TCP connections by peer address, plus outgoing connects in progress."""
 
@@ -158,9 +176,8 @@ class TcpPool:
         self.unreachable = unreachable
         self.clock = clock  # seconds, for idle connections
         self._connections: dict[tuple[str, int], TcpConnection] = {}
-        # by peer: what waits for the connect, and the next hops it was sent to as the core
-        # named them (a DNS name, or the address itself)
-        self._connecting: dict[tuple[str, int], tuple[list[bytes], set[Address]]] = {}
+        self._connecting: dict[tuple[str, int], _Connect] = {}  # by peer
+        self._connect_backlog = 0  # bytes in every _Connect's messages
         self._tasks: set[asyncio.Task[None]] = set()
 
     def register(self, connection: TcpConnection) -> None:
@@ -184,15 +201,19 @@ class TcpPool:
         if connection is not None:
             connection.send(data)
             return
-        queued = self._connecting.get(key)
-        if queued is not None:
-            queued[0].append(data)
-            queued[1].add(named or destination)
+        pending = self._connecting.get(key)
+        if pending is None:
+            pending = self._connecting[key] = _Connect()
+            task = asyncio.get_running_loop().create_task(self._connect(destination, local))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        pending.next_hops.add(named or destination)
+        if self._connect_backlog + len(data) > MAX_TCP_CONNECT_BACKLOG:
+            pending.dropped += 1  # said once the connect ends, not once per message
             return
-        self._connecting[key] = ([data], {named or destination})
-        task = asyncio.get_running_loop().create_task(self._connect(destination, local))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        pending.messages.append(data)
+        pending.size += len(data)
+        self._connect_backlog += len(data)
 
     async def _connect(self, destination: Address, local: Address | None) -> None:
         key = (destination.host, destination.port)
@@ -208,15 +229,23 @@ class TcpPool:
                 TCP_CONNECT_TIMEOUT,
             )
         except (OSError, TimeoutError) as error:
-            dropped, next_hops = self._connecting.pop(key, ([], set()))
-            log.warning(
-                "tcp.connect_failed", destination=str(destination), error=str(error), dropped=len(dropped)
-            )
-            for next_hop in next_hops:
+            pending = self._take_pending(key, destination)
+            log.warning("tcp.connect_failed", destination=str(destination), error=str(error),
+                        dropped=len(pending.messages) + pending.dropped)  # fmt: skip
+            for next_hop in pending.next_hops:
                 self.unreachable(next_hop)
             return
-        for data in self._connecting.pop(key, ([], set()))[0]:
+        for data in self._take_pending(key, destination).messages:
             connection.send(data)
+
+    def _take_pending(self, key: tuple[str, int], destination: Address) -> _Connect:
+        """The connect to ``key`` is over: what waited for it, out of the backlog."""
+        pending = self._connecting.pop(key, None) or _Connect()
+        self._connect_backlog -= pending.size
+        if pending.dropped:
+            log.warning("tcp.connect_backlog", destination=str(destination), dropped=pending.dropped,
+                        limit=MAX_TCP_CONNECT_BACKLOG)  # fmt: skip
+        return pending
 
     def close_idle(self, idle_timeout: float) -> int:
         """Close the connections no whole message went through for ``idle_timeout`` seconds,

@@ -10,6 +10,7 @@ import socket
 import pytest
 import uvloop
 from sipp import free_ports
+from structlog.testing import capture_logs
 
 from proxy import transport
 from proxy.sip.events import Address
@@ -69,6 +70,42 @@ def test_a_failed_connect_reports_each_next_hop_as_the_core_named_it() -> None:
 
     uvloop.run(connect_and_fail())
     assert sorted(reported, key=str) == [address, by_name]
+
+
+def test_what_waits_for_connects_is_bounded_and_freed_when_they_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages for next hops still being connected to were queued without bound (a
+    black-holed Contact holds its connect for 5 s). Past MAX_TCP_CONNECT_BACKLOG in all
+    they are dropped and said once per connect; a connect's end frees its share."""
+    monkeypatch.setattr(transport, "MAX_TCP_CONNECT_BACKLOG", 10 * 1024)
+    message = b"x" * 1024
+
+    async def queue_then_connect() -> tuple[bytes, int, int, list[dict[str, object]]]:
+        loop = asyncio.get_running_loop()
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.setblocking(False)
+        address = Address("tcp", "127.0.0.1", listener.getsockname()[1])
+        pool = TcpPool(lambda data, source, local: None, lambda next_hop: None)
+        with capture_logs() as logs:
+            for _ in range(30):  # all before the connect can finish: it needs the loop
+                pool.send(message, address, None)
+            waiting = pool._connect_backlog
+            accepted, _ = await asyncio.wait_for(loop.sock_accept(listener), 5)
+            await asyncio.gather(*pool._tasks)
+        received = b""
+        while len(received) < 10 * 1024:
+            chunk = await asyncio.wait_for(loop.sock_recv(accepted, 65536), 5)
+            assert chunk, "the connection closed early"
+            received += chunk
+        backlog_after = pool._connect_backlog
+        pool.close()
+        accepted.close()
+        listener.close()
+        return received, waiting, backlog_after, [e for e in logs if e["event"] == "tcp.connect_backlog"]
+
+    received, waiting, backlog_after, said = uvloop.run(queue_then_connect())
+    assert waiting == 10 * 1024 and len(received) == 10 * 1024  # the first ten, sent once connected
+    assert backlog_after == 0
+    assert len(said) == 1 and said[0]["dropped"] == 20
 
 
 def test_idle_and_half_sent_connections_are_closed_and_active_ones_kept() -> None:
