@@ -284,6 +284,39 @@ def test_a_renewal_that_raises_does_not_end_the_renewals(redis_server: RedisServ
     assert failed[0]["error"] == "a surprise" and failed[0]["log_level"] == "error"
 
 
+def test_live_slots_are_put_back_as_soon_as_redis_answers_again(tmp_path: Path) -> None:
+    """Redis restarted empty: the first round trip that answers after the failures
+    starts a renewal at once, which puts the live calls' slots back. Before, the caps were
+    blind to them until the next periodic renewal, up to lease / 3 (20 s) later."""
+    server = start_redis(tmp_path)
+    slot = TakeSlot(key="conc:num:+14155550100", limit=10, rule="concurrency", label="calls")
+
+    async def scenario() -> int:
+        store = RedisStore(server.url, slot_lease=60.0, timeout=0.5)  # periodic renewal: every 20 s
+        await store.check_and_take("live", [slot], time.time())
+        renewed = asyncio.Event()
+        renew_script = store._renew
+
+        async def renewal(**arguments: Any) -> Any:
+            result = await renew_script(**arguments)
+            renewed.set()
+            return result
+
+        store._renew = renewal
+        server.stop()
+        with pytest.raises(StoreUnavailableError):
+            await store.check_and_take("lost", [slot], time.time())
+        back = start_redis(tmp_path, port=server.port)  # empty, where the store points
+        await store.check_and_take("next", [slot], time.time())  # answers: recovered
+        await asyncio.wait_for(renewed.wait(), timeout=10)
+        [result] = await store.check_and_take("probe", [slot], time.time(), blocked=True)
+        await store.close()
+        back.stop()
+        return result.count - 1
+
+    assert asyncio.run(scenario()) == 2  # "live" put back, beside "next"
+
+
 def test_renewal_goes_in_bounded_batches_and_skips_calls_released_meanwhile(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

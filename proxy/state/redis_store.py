@@ -8,14 +8,15 @@ Strategy:
   by the same rules as the memory store (slots all-or-nothing; rate hits per their
   flags), atomically. Slots are sorted-set members scored by lease end, never bare
   counters; rate buckets are one GCRA arrival time per hash. Every key has a TTL.
-- Leases: an instance renews the slots of its live calls every ``lease / 3``, in
-  script calls of RENEW_BATCH slots each; a dead instance stops renewing and its slots
-  lapse within one lease. Renewing also puts back a live call's slot that Redis lost (restarted without
-  persistence, or the lease lapsed while it was unreachable), so once Redis is back the
-  caps count every live call again; a release waits for a renewal in flight, so that
-  renewal cannot bring back a slot released meanwhile. Times are wall-clock
-  milliseconds (instances agree through NTP), except when the store is built with
-  ``clock=None`` for tests, which then pass ``now`` themselves.
+- Leases: an instance renews the slots of its live calls every ``lease / 3``, and at
+  once when Redis answers again after failures, in script calls of RENEW_BATCH slots
+  each; a dead instance stops renewing and its slots lapse within one lease. Renewing
+  also puts back a live call's slot that Redis lost (restarted without persistence, or
+  the lease lapsed while it was unreachable), so once Redis is back the caps count every
+  live call again; a release waits for a renewal in flight, so that renewal cannot bring
+  back a slot released meanwhile. Times are wall-clock milliseconds (instances agree
+  through NTP), except when the store is built with ``clock=None`` for tests, which
+  then pass ``now`` themselves.
 - Keys: ``sg:{sg}:<operation key>``. The one hash tag puts every key on one Cluster
   shard, so a script never spans slots (RedisCluster sends EVALSHA to the node owning
   the keys' slot, and SCRIPT LOAD, after a NOSCRIPT, to every primary);
@@ -297,6 +298,9 @@ class RedisStore:
         self._open_until = 0.0
         self._probing = False  # a half-open probe is in flight
         self._renewer: asyncio.Task[None] | None = None
+        # set when Redis answers again after failures: renew now, not up to lease / 3 later
+        # (a Redis restarted empty leaves the caps blind to live calls until then)
+        self._renew_soon = asyncio.Event()
         self._renewal_idle = asyncio.Event()  # cleared while a renewal is in flight
         self._renewal_idle.set()
         self._undoing: set[asyncio.Future[None]] = set()  # releases of timed-out takes
@@ -433,7 +437,9 @@ class RedisStore:
 
     async def _renew_forever(self) -> None:
         while True:
-            await asyncio.sleep(self.slot_lease / 3)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._renew_soon.wait(), self.slot_lease / 3)
+            self._renew_soon.clear()
             self.log_stats()
             try:
                 await self.renew_now()
@@ -479,6 +485,7 @@ class RedisStore:
                 self._probing = False
         if self._failures:
             log.info("state.recovered", after_failures=self._failures)
+            self._renew_soon.set()
         self._failures = 0
         elapsed = time.perf_counter() - started
         self.stats.record(elapsed * 1000)
