@@ -195,10 +195,24 @@ class PolicyEngine:
         except StoreUnavailableError as error:
             return self._degraded(plan, str(error))
         verdict = self._finish(plan, results)
-        slot_keys = self.held.get(attempt.attempt_id)
-        if slot_keys and self.local is not self.store:  # mirrored, for when the store is away
-            self.local.hold(attempt.attempt_id, slot_keys, attempt.now)
+        if self.local is not self.store:
+            self._mirror(plan)
         return verdict
+
+    def _mirror(self, plan: _Plan) -> None:
+        """What the shared store just counted of this instance's call, counted in the local
+        store too: its slots held, its rate hits, its quota use. While the shared store is
+        away (fail_mode: open) the local count then starts from this instance's own
+        traffic, not from nothing: a dialer gets no fresh burst, a customer over a daily
+        quota no fresh quota, with each outage."""
+        attempt = plan.attempt
+        admitted = attempt.attempt_id in self.held
+        slot_keys = self.held.get(attempt.attempt_id)
+        if slot_keys:
+            self.local.hold(attempt.attempt_id, slot_keys, attempt.now)
+        counted = [op for op in plan.operations if not isinstance(op, TakeSlot)]
+        if counted:  # (never stricter than the shared store: this instance's calls are among its)
+            self.local.check_and_take_now(attempt.attempt_id, counted, attempt.now, blocked=not admitted)
 
     def _degraded(self, plan: _Plan, error: str) -> Verdict:
         """The shared store is away: rules that fail closed refuse the call; the others
@@ -323,8 +337,10 @@ class PolicyEngine:
 
     def _record(self, attempt_id: str, operations: list[Operation], now: float) -> None:
         usage = [op for op in operations if isinstance(op, UseQuota)]
-        store = self.local if attempt_id in self.held_locally else self.store
-        self._in_background(store.record(usage, now))
+        if self.local is not self.store:  # counted there (the shared store was away), or mirrored
+            self.local.record(usage, now)
+        if attempt_id not in self.held_locally:
+            self._in_background(self.store.record(usage, now))
 
     def follow_wall_clock(self, wall_offset: float) -> None:
         """The adapter's wall clock against ``CallAttempt.now``, read again (a stepped clock)."""

@@ -125,6 +125,37 @@ def test_calls_counted_locally_during_an_outage_reach_redis_once_it_is_back(tmp_
     assert isinstance(after, Accept)
 
 
+@pytest.mark.parametrize(
+    ("rules", "refused_with"),
+    [
+        ({"call_rate": {"per_number": {"per_minute": 6, "burst": 2}, "per_account": None}}, 503),
+        ({"usage": {"calls_per_day": {"per_number": 2}}}, 403),
+    ],
+    ids=["call_rate", "usage"],
+)
+def test_an_outage_gives_no_fresh_burst_or_quota(
+    tmp_path: Path, rules: dict[str, Any], refused_with: int
+) -> None:
+    """A number's rate bucket and daily quota, filled through Redis, still count once Redis
+    is away: the local store mirrors what this instance's calls used. Before, the local
+    count started from nothing at each outage: a dialer got a fresh burst, a customer over
+    its daily quota a fresh quota, for as long as Redis was away."""
+    server = start_redis(tmp_path)
+
+    async def scenario() -> list[Verdict]:
+        engine = engine_on(server.url, rules)
+        verdicts = [await engine.decide(attempt(name)) for name in ("a", "b")]  # through Redis
+        server.stop()
+        verdicts.append(await engine.decide(attempt("c")))  # counted locally
+        assert engine.counters.store_unavailable == 1
+        await engine.store.close()  # type: ignore[attr-defined]
+        return verdicts
+
+    first, second, during = asyncio.run(scenario())
+    assert isinstance(first, Accept) and isinstance(second, Accept)
+    assert isinstance(during, Reject) and during.status == refused_with
+
+
 def test_a_cluster_none_of_whose_nodes_answers_is_unavailable() -> None:
     """RedisCluster raises RedisClusterException (not a RedisError) when no startup node
     answers: it is the store being away like any other, so the fail modes apply and the
