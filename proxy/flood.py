@@ -350,6 +350,9 @@ class FloodGuard:
     def _ban(self, host: str, source: _Source, now: float, reason: str, detail: str, data: bytes) -> bool:
         """Ban ``host``; then its message is treated as a banned source's (dropped, unless
         an emergency call)."""
+        if self._is_exempt(host):  # tracked before a reload made it exempt: from now on it is not
+            del self._sources[host]
+            return True
         settings = self.settings
         if len(self._bans) >= settings.max_sources:
             if not self._ban_list_full:

@@ -429,6 +429,19 @@ def test_reconfigure_keeps_bans_and_applies_new_settings_and_exemptions() -> Non
     assert send(flood, 2, host=third, at=20.0) == [True, False]  # the new burst of 1
 
 
+def test_a_source_tracked_before_a_reload_made_it_exempt_is_never_banned() -> None:
+    """The operator exempts an office that is getting near its limit: its messages after
+    the reload are not counted on from what it had sent before."""
+    flood = guard()
+    assert send(flood, BURST, host=OFFICE) == [True] * BURST
+    flood.configure(
+        FloodSettings(messages_per_second=RATE, burst=BURST, exempt=(ipaddress.ip_network(f"{OFFICE}/32"),))
+    )
+    assert all(send(flood, 1000, host=OFFICE, at=0.5))
+    assert flood.take_events() == [] and flood.bans == []
+    assert flood.tracked == 0
+
+
 def test_disabled_admits_everything() -> None:
     flood = guard(enabled=False)
     assert all(flood.admit(SCANNER, request("friendly-scanner"), 0.0) for _ in range(100))
