@@ -300,10 +300,11 @@ class FloodGuard:
         return len(self._sources)
 
     def unban(self, address: str) -> Ban | None:
-        """Lift the ban on ``address`` (any spelling of the IP); None if it was not banned.
-        Its offences are forgotten and its rate starts afresh."""
-        host = normal_host(address)
-        if host not in self._bans:
+        """Lift the ban on ``address`` (any spelling of the IP, an IPv4 address also as the
+        IPv4-mapped one a socket bound to ``[::]`` saw); None if it was not banned. Its
+        offences are forgotten and its rate starts afresh."""
+        host = next((host for host in _spellings(address) if host in self._bans), None)
+        if host is None:
             return None
         self._offences.pop(host, None)
         self._sources.pop(host, None)
@@ -386,3 +387,16 @@ class FloodGuard:
         self._ban_list_full = False
         self.events.append(Unbanned(host=host, by=by, reason=ban.reason, dropped=ban.dropped))
         return ban
+
+
+def _spellings(address: str) -> tuple[str, ...]:
+    """The hosts a source at ``address`` may have been seen as: a socket bound to ``[::]``
+    sees an IPv4 peer as ``::ffff:192.0.2.7``, which ``normal_host`` spells
+    ``::ffff:c000:207``."""
+    host = normal_host(address)
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return (host,)
+    ipv4 = ip if isinstance(ip, ipaddress.IPv4Address) else ip.ipv4_mapped
+    return (host,) if ipv4 is None else (str(ipv4), f"::ffff:{ipv4}")

@@ -11,6 +11,7 @@ test_core_keepalive.py.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 
@@ -52,7 +53,7 @@ from proxy.sip.events import (
     Reject,
     Send,
 )
-from proxy.sip.hosts import is_routable
+from proxy.sip.hosts import in_networks, is_routable
 from proxy.sip.message import Request
 from proxy.sip.replies import build_reply
 
@@ -782,6 +783,23 @@ def test_responses_whose_top_via_is_not_ours_are_dropped() -> None:
 )
 def test_broadcast_multicast_and_unspecified_addresses_are_never_sent_to(host: str, routable: bool) -> None:
     assert is_routable(host) is routable
+
+
+@pytest.mark.parametrize(
+    ("host", "inside"),
+    [
+        ("10.0.0.10", True),
+        ("::ffff:10.0.0.10", True),  # a socket bound to [::] sees an IPv4 peer so
+        ("::ffff:a00:a", True),
+        ("::ffff:10.0.1.10", False),
+        ("2001:db8::10", True),
+        ("::ffff:2001:db8", False),
+        ("pbx.example.com", False),
+    ],
+)
+def test_trusted_networks_hold_ipv4_peers_seen_as_ipv4_mapped_addresses(host: str, inside: bool) -> None:
+    networks = (ipaddress.ip_network("10.0.0.0/24"), ipaddress.ip_network("2001:db8::/64"))
+    assert in_networks(host, networks) is inside
 
 
 def test_a_response_whose_next_via_is_broadcast_is_never_sent() -> None:

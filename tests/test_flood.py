@@ -357,6 +357,15 @@ def test_exempt_networks_are_never_banned() -> None:
     assert flood.admit("2001:db8:2::7", scanner_message, 0.0) is False  # next door is not exempt
 
 
+def test_an_exempt_ipv4_peer_seen_by_a_dual_stack_socket_is_never_banned() -> None:
+    """A socket bound to [::] sees the PBX at 10.0.0.10 as ::ffff:10.0.0.10."""
+    flood = guard(exempt=(ipaddress.ip_network("10.0.0.10/32"), ipaddress.ip_network("198.51.100.0/24")))
+    for host in ("::ffff:10.0.0.10", "::ffff:198.51.100.7"):
+        assert all(send(flood, 1000, host=host))
+    assert flood.take_events() == [] and flood.bans == []
+    assert send(flood, BURST + 1, host="::ffff:10.0.0.11")[-1] is False  # next door is not exempt
+
+
 # -- bounded tables ------------------------------------------------------------------------------------
 def test_a_spoofed_source_flood_cannot_grow_the_table_nor_hide_a_flooder() -> None:
     """3,000 one-message sources through a table of 100, while one real source floods at
@@ -412,6 +421,22 @@ def test_unban_takes_any_spelling_of_an_ipv6_address() -> None:
     flood = guard()
     assert flood.admit("2001:db8::1", request("friendly-scanner"), 0.0) is False
     assert flood.unban("2001:DB8:0:0::0001") is not None
+
+
+@pytest.mark.parametrize(
+    ("seen_as", "typed"),
+    [
+        ("::ffff:192.0.2.66", "192.0.2.66"),  # as a socket bound to [::] reports it
+        ("::ffff:192.0.2.66", "::ffff:192.0.2.66"),  # copied from the ban list
+        ("::ffff:192.0.2.66", "::FFFF:c000:0242"),
+        ("192.0.2.66", "::ffff:192.0.2.66"),
+    ],
+)
+def test_unban_takes_an_ipv4_address_in_either_form(seen_as: str, typed: str) -> None:
+    flood = guard()
+    assert flood.admit(seen_as, request("friendly-scanner"), 0.0) is False
+    lifted = flood.unban(typed)
+    assert lifted is not None and lifted.host == seen_as and flood.bans == []
 
 
 def test_reconfigure_keeps_bans_and_applies_new_settings_and_exemptions() -> None:

@@ -45,8 +45,16 @@ def is_routable(host: str) -> bool:
 
 
 def in_networks(host: str, networks: tuple[Network, ...]) -> bool:
+    """Is ``host`` an address in one of ``networks``? An IPv4-mapped IPv6 address (how a
+    socket bound to ``[::]`` sees an IPv4 peer: ``::ffff:10.0.0.10``) is in the IPv4
+    networks its IPv4 address is in."""
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
         return False
-    return any(address.version == network.version and address in network for network in networks)
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return any(
+        (address.version == network.version and address in network)
+        or (mapped is not None and network.version == 4 and mapped in network)
+        for network in networks
+    )
