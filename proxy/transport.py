@@ -33,6 +33,9 @@ MAX_DATAGRAM = 65535
 # The kernel caps it at net.core.rmem_max / wmem_max (raise those for more).
 SOCKET_BUFFER = 8 * 1024 * 1024
 TCP_CONNECT_TIMEOUT = 5.0
+# Connections accepted from peers, and apart from them those sipguard opens (to the PBX,
+# to a customer's Contact): peers holding every accepted connection open must not stop
+# sipguard from reaching the PBX.
 MAX_TCP_CONNECTIONS = 10_000
 # Bytes written to a TCP peer and not yet taken by its kernel. A peer that stops reading
 # (while it still sends, or leaves its requests to time out) would otherwise make sipguard
@@ -95,6 +98,7 @@ class TcpConnection(asyncio.Protocol):
         self._pool = pool
         self.local = local
         self.peer = peer
+        self.accepted = peer is None  # from a peer's connect, not one of ours
         self._framer = StreamFramer()
         self.transport: asyncio.Transport | None = None
         # when a whole message (or a keep-alive) last went either way: bytes alone do not
@@ -176,22 +180,31 @@ class TcpPool:
         self.unreachable = unreachable
         self.clock = clock  # seconds, for idle connections
         self._connections: dict[tuple[str, int], TcpConnection] = {}
+        # MAX_TCP_CONNECTIONS each: the connections peers opened to us, and ours to them
+        self._accepted: set[TcpConnection] = set()
+        self._opened: set[TcpConnection] = set()
         self._connecting: dict[tuple[str, int], _Connect] = {}  # by peer
         self._connect_backlog = 0  # bytes in every _Connect's messages
         self._tasks: set[asyncio.Task[None]] = set()
 
     def register(self, connection: TcpConnection) -> None:
         assert connection.peer is not None and connection.transport is not None
-        if len(self._connections) >= MAX_TCP_CONNECTIONS:
+        same_way = self._same_way(connection)
+        if len(same_way) >= MAX_TCP_CONNECTIONS:
             connection.transport.close()
             return
+        same_way.add(connection)
         self._connections[(connection.peer.host, connection.peer.port)] = connection
 
     def unregister(self, connection: TcpConnection) -> None:
         assert connection.peer is not None
+        self._same_way(connection).discard(connection)
         key = (connection.peer.host, connection.peer.port)
         if self._connections.get(key) is connection:
             del self._connections[key]
+
+    def _same_way(self, connection: TcpConnection) -> set[TcpConnection]:
+        return self._accepted if connection.accepted else self._opened
 
     def send(
         self, data: bytes, destination: Address, local: Address | None, named: Address | None = None

@@ -235,6 +235,54 @@ def test_a_name_the_resolver_refuses_as_text_is_reported_unreachable(name: str) 
     assert reported == [Address("udp", name, 5060)]
 
 
+def test_peers_holding_every_connection_open_cannot_stop_sipguard_reaching_the_pbx(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One pool held both ways: a peer that opened MAX_TCP_CONNECTIONS connections (no
+    message needed, so the flood guard never sees it) made sipguard close its own connect
+    to the PBX, and what it sent there was lost. Accepted connections have their own limit."""
+    monkeypatch.setattr(transport, "MAX_TCP_CONNECTIONS", 3)
+    request = b"OPTIONS sip:pbx SIP/2.0\r\nContent-Length: 0\r\n\r\n"
+
+    async def fill_then_reach_the_pbx() -> tuple[list[bytes], bytes, bytes]:
+        loop = asyncio.get_running_loop()
+        pool = TcpPool(lambda data, source, local: None, lambda next_hop: None)
+        local = Address("tcp", "127.0.0.1", 0)
+        server = await loop.create_server(lambda: TcpConnection(pool, local), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]
+        # a keep-alive answered: the connection is registered (or was refused: end of file)
+        answers = []
+        for reader, writer in held:
+            writer.write(b"\r\n\r\n")
+            answers.append(await asyncio.wait_for(reader.read(2), 5))
+        pbx = socket.create_server(("127.0.0.1", 0))
+        pbx.setblocking(False)
+        pool.send(request, Address("tcp", "127.0.0.1", pbx.getsockname()[1]), None)
+        accepted, _ = await asyncio.wait_for(loop.sock_accept(pbx), 5)
+        received = b""
+        while len(received) < len(request):
+            chunk = await asyncio.wait_for(loop.sock_recv(accepted, 65536), 5)
+            if not chunk:
+                break
+            received += chunk
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"\r\n\r\n")
+        refused_again = await asyncio.wait_for(reader.read(2), 5)
+        for _, held_writer in [*held, (reader, writer)]:
+            held_writer.close()
+        pool.close()
+        server.close()
+        accepted.close()
+        pbx.close()
+        return answers, received, refused_again
+
+    answers, received, refused_again = uvloop.run(fill_then_reach_the_pbx())
+    assert answers == [b"\r\n", b"\r\n", b"\r\n", b""]  # the fourth peer is refused
+    assert received == request
+    assert refused_again == b""  # still full for peers
+
+
 def test_a_peer_that_never_reads_cannot_grow_the_write_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
     """Writes to a TCP peer that stops reading were buffered without bound, in sipguard's
     memory. Past MAX_TCP_WRITE_BUFFER the connection is aborted instead."""
