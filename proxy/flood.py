@@ -125,7 +125,8 @@ class Unbanned:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BanListFull:
     """A source should have been banned but the ban list holds ``max_sources`` already:
-    its messages over the rate are still dropped, one by one."""
+    its messages over the rate are still dropped, one by one (but for emergency calls, as
+    if banned)."""
 
     host: str
     size: int
@@ -134,7 +135,8 @@ class BanListFull:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EmergencyPassed:
     """A banned source's emergency call was let through: one placed during the ban, or
-    one up when the ban began. Once per call and ban."""
+    one up when the ban began. Once per call and ban. (Also for a source over its rate
+    that could not be banned, the ban list being full.)"""
 
     host: str
     call_id: str
@@ -164,6 +166,8 @@ class _Source:
     arrival: float  # GCRA theoretical arrival time: ahead of now by the messages not yet paid for
     since: float  # when the current episode began (the last time the source was quiet)
     messages: int  # messages in the current episode
+    # emergency calls let through over the rate while the ban list was full (no ban to hold them)
+    emergency_calls: dict[bytes, int] | None = None
 
 
 @dataclass(slots=True)
@@ -241,10 +245,18 @@ class FloodGuard:
         return True
 
     def _admit_banned(self, ban: Ban, data: bytes) -> bool:
-        """Drop a banned source's message, unless it places or belongs to an emergency call.
-        The Call-ID is looked for only when an emergency call could be concerned, so that
-        a banned flood costs an anchored match and a truth test or two a message."""
-        calls, live = ban.emergency_calls, self._live_emergency_calls
+        """Drop a banned source's message, unless it places or belongs to an emergency call."""
+        admitted = self._emergency_passes(ban.host, ban.emergency_calls, data)
+        if not admitted:
+            ban.dropped += 1
+        return admitted
+
+    def _emergency_passes(self, host: str, calls: dict[bytes, int], data: bytes) -> bool:
+        """Does this message, from a source whose messages are dropped, place or belong to
+        an emergency call? ``calls``: those let through so far (Call-ID -> messages left),
+        updated. The Call-ID is looked for only when an emergency call could be concerned,
+        so that a banned flood costs an anchored match and a truth test or two a message."""
+        live = self._live_emergency_calls
         maybe_new = self._emergency_call is not None and _MAYBE_EMERGENCY.match(data) is not None
         admitted = False
         if calls or live or maybe_new:
@@ -256,15 +268,13 @@ class FloodGuard:
                 calls[call_id] = max(0, left - 1)
             elif call_id and len(calls) < MAX_EMERGENCY_CALLS_PER_BAN:
                 admitted = call_id.decode("latin-1") in live or (
-                    maybe_new and self._emergency_call is not None and self._emergency_call(data, ban.host)
+                    maybe_new and self._emergency_call is not None and self._emergency_call(data, host)
                 )
                 if admitted:
                     calls[call_id] = EMERGENCY_CALL_MESSAGES - 1
                     self.events.append(
-                        EmergencyPassed(host=ban.host, call_id=call_id.decode("latin-1"), calls=len(calls))
+                        EmergencyPassed(host=host, call_id=call_id.decode("latin-1"), calls=len(calls))
                     )
-        if not admitted:
-            ban.dropped += 1
         return admitted
 
     def _scanner_signature(self, data: bytes) -> str | None:
@@ -359,7 +369,9 @@ class FloodGuard:
             if not self._ban_list_full:
                 self._ban_list_full = True
                 self.events.append(BanListFull(host=host, size=len(self._bans)))
-            return False
+            if source.emergency_calls is None:
+                source.emergency_calls = {}
+            return self._emergency_passes(host, source.emergency_calls, data)
         offences, seconds = 1, settings.ban_seconds
         previous = self._offences.pop(host, None)
         if previous is not None and now - previous.last_until < settings.max_ban_seconds:

@@ -404,6 +404,26 @@ def test_a_full_ban_list_still_drops_what_is_over_the_rate() -> None:
     assert flood.admit(SCANNER, PLAIN, 1.0) is True  # not banned: limited to the rate
 
 
+def test_a_full_ban_list_still_lets_emergency_calls_through_as_a_ban_would() -> None:
+    """A spray of spoofed scanner messages can fill the ban list; a source over its rate
+    then cannot be banned and its messages are dropped one by one, but its emergency calls
+    pass as a banned source's do: with their later messages, and bounded."""
+    check = EmergencyCheck()
+    flood = FloodGuard(FloodSettings(messages_per_second=RATE, burst=BURST, max_sources=100), check)
+    for index in range(100):
+        assert flood.admit(f"10.0.0.{index}", request("friendly-scanner"), 0.0) is False
+    assert send(flood, BURST + 1, host=OFFICE) == [True] * BURST + [False]
+    flood.take_events()
+    invite = sip_request("INVITE", "sip:911@example.net", "sos-1@office")
+    assert flood.admit(OFFICE, invite, 0.0) is True
+    assert flood.take_events() == [EmergencyPassed(host=OFFICE, call_id="sos-1@office", calls=1)]
+    assert flood.admit(OFFICE, sip_request("ACK", "sip:911@pbx", "sos-1@office", to_tag="t"), 0.0)
+    assert flood.admit(OFFICE, PLAIN, 0.0) is False  # the rest is still over the rate
+    more = [sip_request("INVITE", "tel:911", f"sos-{call}@office") for call in range(2, 20)]
+    placed = [flood.admit(OFFICE, invite, 0.0) for invite in more]
+    assert placed == [True] * (MAX_EMERGENCY_CALLS_PER_BAN - 1) + [False] * (19 - MAX_EMERGENCY_CALLS_PER_BAN)
+
+
 # -- operators -----------------------------------------------------------------------------------------
 def test_unban_lifts_the_ban_forgets_the_offence_and_admits_again() -> None:
     flood = guard()
