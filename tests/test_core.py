@@ -640,6 +640,20 @@ def test_an_invite_from_the_pbx_is_tracked_not_judged() -> None:
     assert of_type(actions, Send)[0].destination == UPSTREAM
 
 
+def test_the_pbx_seen_by_a_dual_stack_listener_is_still_the_pbx() -> None:
+    """A listener bound to [::] sees the IPv4 PBX as ::ffff:127.0.0.1: its INVITE was
+    judged as a customer's (and forwarded back to the PBX) instead of routed to the
+    customer by its Request-URI."""
+    sim = Sim.make()
+    towards_customer = invite(
+        uri=CALLER_CONTACT, vias=("SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKpbxinv",), contact=CALLEE_CONTACT
+    )
+    mapped = Address("udp", "::ffff:127.0.0.1", UPSTREAM.port)
+    forwarded = only_send(sim.pbx(towards_customer, source=mapped))
+    assert forwarded.destination == CUSTOMER
+    assert sim.core.calls.live == 1
+
+
 # -- requests sipguard answers itself -------------------------------------------------------------
 def reply_to(actions: list[object]) -> tuple[int, Send]:
     """The status of the one reply among ``actions`` (read off its status line), and the Send."""

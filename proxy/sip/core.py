@@ -68,7 +68,7 @@ from .events import (
     Verdict,
 )
 from .headers import MAX_UINT32, Via, bounded_int, parse_name_addr, split_outside_quotes, split_values
-from .hosts import Network, in_networks, is_ip, is_routable, normal_host
+from .hosts import Network, in_networks, ipv4_mapped, is_ip, is_routable, normal_host
 from .message import Request, Response, parse_message
 from .replies import build_cancel, build_reply, build_request
 from .timers import T1, T2, TIMER_B
@@ -213,7 +213,11 @@ class ProxyCore:
         self._own_requests: dict[str, OwnRequest] = {}  # by branch: the BYEs and probes sipguard sent
         self._timer_seq = itertools.count()
         self._attempt_seq = itertools.count(1)
-        self._upstream_host_port = _normal_host_port(config.upstream.host, config.upstream.port)
+        upstream = config.upstream
+        self._upstream_host_ports = {_normal_host_port(upstream.host, upstream.port)}
+        mapped = ipv4_mapped(normal_host(upstream.host))
+        if mapped is not None:  # an IPv4 PBX, as a listener bound to [::] sees it
+            self._upstream_host_ports.add((mapped, upstream.port))
         self._trusted: dict[str, bool] = {}  # source host -> inside a trusted network (bounded cache)
         self._our_host_ports = {
             _normal_host_port(lst.address.host, lst.address.port) for lst in config.listeners
@@ -1085,7 +1089,7 @@ class ProxyCore:
 
     def _is_upstream(self, source: Address) -> bool:
         host = normal_host(source.host)
-        if (host, source.port) == self._upstream_host_port:
+        if (host, source.port) in self._upstream_host_ports:
             return True
         if not self.config.trusted_networks:
             return False

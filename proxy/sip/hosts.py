@@ -44,6 +44,18 @@ def is_routable(host: str) -> bool:
     return not (address.is_multicast or address.is_unspecified or address == _BROADCAST)
 
 
+def ipv4_mapped(host: str) -> str | None:
+    """How a socket bound to ``[::]`` sees the IPv4 peer ``host`` (``::ffff:10.0.0.10``),
+    spelt as ``normal_host`` spells it; None when ``host`` is not an IPv4 address."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if not isinstance(address, ipaddress.IPv4Address):
+        return None
+    return normal_host(f"::ffff:{address}")
+
+
 def in_networks(host: str, networks: tuple[Network, ...]) -> bool:
     """Is ``host`` an address in one of ``networks``? An IPv4-mapped IPv6 address (how a
     socket bound to ``[::]`` sees an IPv4 peer: ``::ffff:10.0.0.10``) is in the IPv4
