@@ -47,13 +47,13 @@ from .decisions import Decision, DecisionMemory
 from .policyfile import CompiledPolicy
 from .sip import NameAddr, ParseError, Request
 from .sip.events import Accept, CallAnswered, CallAttempt, CallEnded, EndReason, Keepalive, Reject, Verdict
+from .sip.headers import credential_params
 from .state import HitRate, MemoryStore, Operation, OpResult, StateStore, TakeSlot, UseQuota
 from .state.history import CallHistory, LiveRecord
 from .state.redis_store import StoreUnavailableError
 
 log = structlog.get_logger("sipguard.policy")
 TAG_HEADER = "X-Sipguard-Tag"
-_AUTH_USERNAME = re.compile(r'username\s*=\s*"([^"]*)"', re.IGNORECASE)
 _IDENTITY_HEADERS = ("p-asserted-identity", "p-preferred-identity", "remote-party-id")
 ACCEPT = Accept()
 UNTRUSTED_IDENTITY_HEADERS = ("p-asserted-identity", "remote-party-id")
@@ -586,11 +586,9 @@ class PolicyEngine:
         if account is not None:
             return account
         if policy.auth_usernames:
-            for header in ("proxy-authorization", "authorization"):
-                credentials = request.get(header)
-                match = _AUTH_USERNAME.search(credentials) if credentials else None
-                if match and match[1] in policy.auth_usernames:
-                    return policy.accounts[policy.auth_usernames[match[1]]]
+            username = _auth_username(request)
+            if username is not None and username in policy.auth_usernames:
+                return policy.accounts[policy.auth_usernames[username]]
         if policy.from_domains:
             uri = request.from_.uri
             name = policy.from_domains.get(getattr(uri, "host", "").lower())
@@ -713,6 +711,21 @@ def _name_addrs(request: Request, header: str) -> tuple[NameAddr, ...]:
     if header == "p-preferred-identity":
         return request.p_preferred_identities
     return request.remote_party_ids
+
+
+def _auth_username(request: Request) -> str | None:
+    """The one digest username the request's credentials name, or None when they name none
+    or several: the PBX verifies the credentials of its own realm, in Authorization or
+    Proxy-Authorization, and that may be any of them. ``username*`` (RFC 7616) stays
+    encoded, so it is never an account's name, and next to a plain one it is a second."""
+    names = {
+        text
+        for header in ("proxy-authorization", "authorization")
+        for value in request.values(header)
+        for name, text in credential_params(value)
+        if name in ("username", "username*")
+    }
+    return names.pop() if len(names) == 1 else None
 
 
 def _by_network(policy: CompiledPolicy, host: str) -> Account | None:

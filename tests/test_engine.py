@@ -725,6 +725,34 @@ def test_account_resolution(
         assert line["also"][0]["detail"] == f"source {source.host} belongs to no account"
 
 
+STRANGER = 'Digest username="stranger", realm="pbx", nonce="n", uri="sip:pbx", response="0"'
+ELSEWHERE_REALM = 'Digest username="beta-trunk", realm="elsewhere"'
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("Authorization", 'Digest xusername="beta-trunk", username="stranger", realm="pbx"')],
+        [("Authorization", 'Digest username="beta-trunk", username="stranger", realm="pbx"')],
+        [("Authorization", 'Digest\tusername="stranger", username="beta-trunk", realm="pbx"')],
+        [("Proxy-Authorization", ELSEWHERE_REALM), ("Authorization", STRANGER)],
+        [("Authorization", ELSEWHERE_REALM), ("Authorization", STRANGER)],
+        [("Authorization", 'Digest username="beta-trunk", username*=UTF-8\'\'stranger, realm="pbx"')],
+    ],
+)
+def test_no_account_is_claimed_beside_the_credentials_the_pbx_checks(headers: list[tuple[str, str]]) -> None:
+    """sipguard does not verify credentials, the PBX does: those of its own realm, which
+    may be any of several sent. A username only sipguard reads (in ``xusername``, in the
+    credentials of another realm) must not make the call beta's, to present beta's numbers
+    from an account whose password the PBX does check."""
+    engine = engine_for({"caller_id": {}})
+    with capture_logs() as logs:
+        verdict = decide(engine, attempt("a", source=ELSEWHERE, caller="+14155550342", headers=headers))
+    assert verdict == Reject(status=403, reason="Caller ID not permitted")
+    [line] = decisions(logs)
+    assert line["account"] is None
+
+
 def test_each_account_owns_its_numbers_in_its_region() -> None:
     engine = engine_for({"caller_id": {}})
     assert decide(engine, attempt("a", source=OFFICE, caller="+14155550242")) == STRIPPED

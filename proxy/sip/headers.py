@@ -297,6 +297,25 @@ def _quoted_string(text: str) -> tuple[str, str]:
     raise ParseError(400, "Unterminated quoted string")
 
 
+def credential_params(value: str) -> list[tuple[str, str]]:
+    """The auth-params of one Authorization or Proxy-Authorization value (RFC 3261 §25.1
+    credentials, RFC 7616): (lower-case name, value unquoted), every one in message order,
+    a repeated name as often as it was sent. Each name is read whole, so ``xusername=``
+    is not ``username=``, and a text inside a quoted value is no parameter of its own."""
+    scheme_and_params = value.split(None, 1)  # LWS after the scheme may be a tab, or a fold
+    found: list[tuple[str, str]] = []
+    if len(scheme_and_params) < 2:
+        return found
+    for piece in split_values(scheme_and_params[1]):
+        name, _, text = piece.partition("=")
+        words = name.split()  # "Digest username" when a second credentials hides in the list
+        text = text.strip()
+        if text.startswith('"'):
+            text = _quoted_string(text)[0]
+        found.append((words[-1].lower() if words else "", text))
+    return found
+
+
 def parse_cseq(value: str) -> CSeq:
     match = abnf.CSEQ.fullmatch(value)
     if match is None:
