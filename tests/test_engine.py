@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import pytest
-from sipsim import CALLER_TAG, invite
+from sipsim import CALLER_TAG, OUR_RR, Sim, in_dialog_from_customer, invite, only_send, parse_request
 from structlog.testing import capture_logs
 
 from policies.usage import UsagePolicy
@@ -474,6 +474,25 @@ def test_an_emergency_call_keeps_only_an_asserted_identity_its_account_owns(
     verdict = decide(engine, attempt("sos", uri="sip:911@pbx.example.com", headers=headers))
     assert verdict == Accept(remove_headers=("x-sipguard-tag", *removed))
     assert engine.counters.verdicts["emergency"] == 1
+
+
+@pytest.mark.parametrize("method", ["INVITE", "UPDATE"])
+def test_an_emergency_calls_later_requests_assert_no_number_its_account_does_not_own(method: str) -> None:
+    """The INVITE of an emergency call keeps an owned (or no) asserted identity; a
+    re-INVITE or UPDATE asserting another number, for the PBX to show as the connected
+    party or pass to the emergency service, loses it like any customer request."""
+    engine = engine_for(TIGHT)
+    sim = Sim.make(untrusted_headers=engine.untrusted_headers, is_emergency=engine.is_emergency)
+    offered = sim.offer(invite(uri="sip:911@pbx.example.com"))
+    verdict = decide(engine, offered.attempt)
+    sim.answer(only_send(sim.decide(offered.attempt.attempt_id, verdict)).data)
+    spoofed = (
+        ("Route", OUR_RR),
+        ("P-Asserted-Identity", f"<tel:{NOT_OWNED}>"),
+        ("Remote-Party-ID", f"<tel:{NOT_OWNED}>"),
+    )
+    sent = parse_request(only_send(sim.customer(in_dialog_from_customer(method, headers=spoofed))).data)
+    assert sent.values("p-asserted-identity") == sent.values("remote-party-id") == []
 
 
 def test_the_engine_lists_the_emergency_calls_up_now() -> None:

@@ -34,7 +34,6 @@ class Call:
         "deadline",
         "dialog",
         "info",
-        "remove_headers",
         "session_expires_at",
         "state",
         "timer_at",
@@ -50,8 +49,6 @@ class Call:
         self.deadline = deadline
         self.timer_at: float | None = None  # when the core's heap entry for it fires
         self.dialog: Dialog | None = None  # only for a call with a maximum duration or a keepalive
-        # what the verdict removed from the caller's INVITE, removed from its later requests too
-        self.remove_headers: tuple[str, ...] = ()
 
     @property
     def duration_limit_at(self) -> float | None:

@@ -120,10 +120,10 @@ class CoreConfig:
     # through while new calls are otherwise refused (shutting down, max_calls reached):
     # emergency numbers are never blocked. max_transactions still bounds memory.
     is_emergency: Callable[[Request, str], bool] | None = None
-    # The headers to remove from a customer's request outside the calls the policy judged
-    # (REGISTER, MESSAGE, REFER..., and requests in calls placed to the customer): identity
-    # a customer asserts is not believed beyond sipguard (RFC 3325). Judged calls carry
-    # their own list, from the verdict. None: remove nothing.
+    # The headers to remove from a customer's request other than a judged INVITE (whose
+    # verdict says): REGISTER, MESSAGE, REFER..., and every request inside a call, in either
+    # direction. Identity a customer asserts is not believed beyond sipguard (RFC 3325).
+    # None: remove nothing.
     untrusted_headers: Callable[[Request, str], tuple[str, ...]] | None = None
 
 
@@ -302,7 +302,6 @@ class ProxyCore:
             self._reply(tx, verdict.status, verdict.reason, now, actions, headers=verdict.headers)
             return actions
         tx.call = self.calls.start(tx.attempt)
-        tx.call.remove_headers = verdict.remove_headers
         if verdict.max_duration is not None or verdict.keepalive is not None:
             assert tx.request is not None
             tx.call.dialog = Dialog(tx.request, verdict.max_duration)
@@ -412,9 +411,9 @@ class ProxyCore:
             return
         call = self.calls.find(request.call_id, (request.from_.tag, to_tag)) if to_tag is not None else None
         remove_headers: tuple[str, ...] = ()
-        if from_customer and call is not None and call.info.from_customer:
-            remove_headers = call.remove_headers  # what its caller asserts mid-call is not believed either
-        elif from_customer and self.config.untrusted_headers is not None:
+        if from_customer and self.config.untrusted_headers is not None:
+            # mid-call too: not its INVITE's list, which may have kept the identity it asserted
+            # then (an emergency call's owned callback number) and would keep any other now
             remove_headers = self.config.untrusted_headers(request, source.host)
         if call is not None:
             from_caller = request.from_.tag == call.info.from_tag
