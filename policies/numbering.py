@@ -62,6 +62,15 @@ def dialled_digits(uri: Uri) -> str | None:
     return digits if context is None else context + digits
 
 
+def digits_outside_context(uri: Uri) -> str | None:
+    """A local number's digits without the global ``;phone-context=`` that ``dialled_digits``
+    puts before them; None for any other URI. A PBX that ignores the context (Asterisk
+    reads a tel: URI's number alone) takes them for a national number of its own region:
+    ``tel:2079460142;phone-context=+44`` is London, or Maine."""
+    written = _written_number(uri)
+    return None if written is None or written[1] is None else written[0]
+
+
 def _written_number(uri: Uri) -> tuple[str, str | None] | None:
     """The number as written, and the global phone-context of a local one (None for a
     global number, no context or a domain's)."""

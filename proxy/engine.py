@@ -41,7 +41,7 @@ from policies.base import (
     Warn,
 )
 from policies.caller_id import CallerIdConfig
-from policies.numbering import NumberSet, dialled_digits, is_anonymous, normalise
+from policies.numbering import NumberSet, dialled_digits, digits_outside_context, is_anonymous, normalise
 
 from .decisions import Decision, DecisionMemory
 from .policyfile import CompiledPolicy
@@ -613,12 +613,19 @@ class PolicyEngine:
         if digits is None:
             return Identity(header=header, presented=presented, e164=None, problem="no telephone number")
         emergency = digits.lstrip("+") in self.policy.emergency.numbers
-        if owned is not None and owned.lists(digits):  # the account's own number, in E.164 already
-            return Identity(header=header, presented=presented, e164=digits, emergency=emergency)
-        number = normalise(digits, region)
-        return Identity(
-            header=header, presented=presented, e164=number.e164, problem=number.problem, emergency=emergency
-        )
+        e164: str | None = digits  # when the account's own number, in E.164 already
+        problem: str | None = None
+        if owned is None or not owned.lists(digits):
+            number = normalise(digits, region)
+            e164, problem = number.e164, number.problem
+        # a local number in a global phone-context: the PBX may read its digits alone, as a
+        # national number; when they are one, and not owned, that is the number presented
+        local = digits_outside_context(value.uri)
+        if e164 is not None and local is not None:
+            bare = normalise(local, region).e164
+            if bare is not None and bare != e164 and (owned is None or bare not in owned):
+                e164 = bare
+        return Identity(header=header, presented=presented, e164=e164, problem=problem, emergency=emergency)
 
     def _log(self, decision: Decision) -> Decision:
         """One ``call.decision`` line, written from the record ``sipguard explain`` shows.

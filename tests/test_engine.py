@@ -668,6 +668,29 @@ def test_a_local_number_is_judged_in_its_phone_context(from_: str, caller_e164: 
     assert line["caller_e164"] == caller_e164
 
 
+@pytest.mark.parametrize(
+    ("from_", "caller_e164", "owned"),
+    [
+        ("<tel:2079460142;phone-context=+44>", "+12079460142", False),  # Maine, to a PBX in the US
+        ("<sip:2079460142;phone-context=+44@customer.example;user=phone>", "+12079460142", False),
+        ("<tel:+442079460142>", "+442079460142", True),
+        ("<tel:555-0142;phone-context=+1-415>", OWNED, True),  # 5550142 alone is no number
+    ],
+)
+def test_a_local_numbers_digits_alone_must_be_owned_too(from_: str, caller_e164: str, owned: bool) -> None:
+    """A PBX may ignore the phone-context (Asterisk reads a tel: URI's number alone) and
+    read the digits as a national number of its own region: an account owning London
+    numbers must not present +1 207 946 0142 as tel:2079460142;phone-context=+44."""
+    numbers = ["+14155550100-+14155550199", "+442079460000-+442079460999"]
+    accounts = {"acme": {"sources": ["192.0.2.0/24"], "numbers": numbers}}
+    engine = engine_for({"caller_id": {}}, accounts)
+    with capture_logs() as logs:
+        verdict = decide(engine, attempt("a", from_=from_))
+    assert (verdict == STRIPPED) is owned
+    [line] = decisions(logs)
+    assert line["caller_e164"] == caller_e164
+
+
 def test_a_malformed_identity_header_is_a_bad_request() -> None:
     engine = engine_for({"caller_id": {}})
     with capture_logs() as logs:
