@@ -32,6 +32,7 @@ from proxy.sip.uri import OpaqueUri, SipUri, TelUri, Uri
 _VISUAL_SEPARATORS = re.compile(r"[\-.()\s]")
 _DIALLABLE = re.compile(r"\+?[0-9]+")
 _DIGIT = re.compile(r"[0-9]")
+_WHITESPACE = re.compile(r"\s")  # in a URI only %-escaped, and no RFC 3966 separator
 _GLOBAL_DIGITS = re.compile(r"\+[0-9]+")  # RFC 3966 global-number-digits, separators dropped
 _RANGE = re.compile(r"(\+?[0-9]+)-(\+?[0-9]+)")
 _E164_TEXT = re.compile(r"\+[1-9][0-9]{1,14}")  # ITU-T E.164: at most 15 digits, no leading 0
@@ -60,6 +61,16 @@ def dialled_digits(uri: Uri) -> str | None:
         return None
     digits, context = written
     return digits if context is None else context + digits
+
+
+def caller_digits(uri: Uri) -> str | None:
+    """``dialled_digits`` for a caller ID, which must mean one number to every reader: None
+    for a number written with whitespace in it. A PBX or carrier may end the number there,
+    so ``sip:+4930123456%207@...`` is +4930123456 to it, and +49301234567 without the space.
+    (A callee keeps the lenient reading: there, reading a number is the stricter choice.)"""
+    if isinstance(uri, SipUri) and uri.user is not None and _WHITESPACE.search(uri.user):
+        return None
+    return dialled_digits(uri)
 
 
 def digits_outside_context(uri: Uri) -> str | None:

@@ -41,7 +41,14 @@ from policies.base import (
     Warn,
 )
 from policies.caller_id import CallerIdConfig
-from policies.numbering import NumberSet, dialled_digits, digits_outside_context, is_anonymous, normalise
+from policies.numbering import (
+    NumberSet,
+    caller_digits,
+    dialled_digits,
+    digits_outside_context,
+    is_anonymous,
+    normalise,
+)
 
 from .decisions import Decision, DecisionMemory
 from .policyfile import CompiledPolicy
@@ -609,7 +616,7 @@ class PolicyEngine:
         presented = str(value.uri)
         if header == "from" and is_anonymous(value.uri, value.display_name):
             return Identity(header=header, presented=presented, e164=None, anonymous=True)
-        digits = dialled_digits(value.uri)
+        digits = caller_digits(value.uri)
         if digits is None:
             return Identity(header=header, presented=presented, e164=None, problem="no telephone number")
         emergency = digits.lstrip("+") in self.policy.emergency.numbers

@@ -691,6 +691,23 @@ def test_a_local_numbers_digits_alone_must_be_owned_too(from_: str, caller_e164:
     assert line["caller_e164"] == caller_e164
 
 
+@pytest.mark.parametrize("spacer", ["%20", "%09", "%0A", "%C2%A0"])
+@pytest.mark.parametrize("header", ["From", "P-Asserted-Identity"])
+def test_a_caller_number_with_whitespace_in_it_is_no_number(spacer: str, header: str) -> None:
+    """Whitespace is no visual separator (RFC 3966), and a URI holds it only %-escaped: a
+    PBX or carrier reading +4930123456%207 may stop at the space, at +4930123456, a
+    number of its own in Germany's open numbering plan, which the account does not own."""
+    accounts = {"acme": {"sources": ["192.0.2.0/24"], "numbers": ["+49301234567", "+14155550142"]}}
+    engine = engine_for({"caller_id": {}}, accounts)
+    presented = f"<sip:+4930123456{spacer}7@customer.example;user=phone>"
+    headers = [(header, presented)] if header != "From" else []
+    with capture_logs() as logs:
+        verdict = decide(engine, attempt("a", from_=presented if header == "From" else None, headers=headers))
+    assert verdict == Reject(status=403, reason="Caller ID not permitted")
+    [line] = decisions(logs)
+    assert line["detail"].endswith(": no telephone number")
+
+
 def test_a_malformed_identity_header_is_a_bad_request() -> None:
     engine = engine_for({"caller_id": {}})
     with capture_logs() as logs:
