@@ -549,9 +549,10 @@ class PolicyEngine:
         return Accept(remove_headers=tuple(strip))
 
     def untrusted_headers(self, request: Request, source_host: str) -> tuple[str, ...]:
-        """For the core: the headers to remove from a customer's request outside the calls
-        judged here (REGISTER, MESSAGE, REFER..., requests in calls placed to the customer):
-        the identity it asserts, as from its INVITEs; nothing with no rules (a plain proxy)."""
+        """For the core: the headers to remove from a customer's request other than a judged
+        INVITE (REGISTER, MESSAGE, REFER..., and every request inside a call, whichever side
+        placed it): the identity it asserts, as from its INVITEs; nothing with no rules (a
+        plain proxy)."""
         if not self.policy.rules:
             return ()
         try:
