@@ -68,9 +68,8 @@ def test_a_call_ringing_past_the_early_timeout_ends_no_answer() -> None:
     sim.pbx(response(forwarded.data, 180))
     assert sim.run_until(179.9) == []
     actions = sim.run_until(180.0)
-    assert kinds(actions) == ["CallEnded", "Send", "Send", "Discarded"]
-    [end] = ended(actions)
-    assert end.reason is EndReason.NO_ANSWER and end.now == 180.0 and end.answered_at is None
+    # the call ends with the INVITE's final response, as after a caller's CANCEL
+    assert kinds(actions) == ["Send", "Send", "Discarded"]
     cancel, timeout = of_type(actions, Send)
     # CANCEL towards the PBX, on the INVITE's branch (RFC 3261 §9.1, §16.8)
     assert cancel.destination == UPSTREAM and cancel.local == LOCAL_UDP
@@ -80,11 +79,15 @@ def test_a_call_ringing_past_the_early_timeout_ends_no_answer() -> None:
     # 408 towards the caller
     assert timeout.destination == CUSTOMER
     assert parse_response(timeout.data).status_code == 408
-    assert sim.core.calls.live == 0
+    assert sim.core.calls.live == 1
     # the PBX's 487 to that CANCEL still reaches the caller: the ACK it sends back is what
     # the PBX needs (sipguard relays the caller's ACK on the INVITE's branch)
+    sim.now = 180.1
     late = sim.pbx(response(forwarded.data, 487))
     assert [send.destination for send in of_type(late, Send)] == [CUSTOMER]
+    [end] = ended(late)
+    assert end.reason is EndReason.NO_ANSWER and end.now == 180.1 and end.answered_at is None
+    assert sim.core.calls.live == 0
 
 
 def test_an_answered_call_ends_at_its_maximum_lifetime() -> None:
@@ -533,6 +536,10 @@ def answer_ours(sim: Sim, method: str) -> list[Action]:
 # interleavings found by hand, kept as regressions: a slow verdict then a 200 racing Timer C;
 # CANCEL before the verdict; a BYE overtaking the 200; everything twice
 @example(steps=["invite", ("wait", 5.0), "accept", "180", ("wait", 175.0), "200", "ack", "bye-customer"])
+# Timer C's CANCEL crossed by the 200, then by the 487; a CANCEL that is never answered
+@example(steps=["invite", "accept", "180", ("wait", 180.0), "200", "ack", "bye-customer", "bye-customer-200"])
+@example(steps=["invite", "accept", "180", ("wait", 180.0), "487", "200", "ack-non2xx"])
+@example(steps=["invite", "accept", "180", ("wait", 180.0), ("wait", 31.9), "200", ("wait", 0.5)])
 @example(steps=["invite", "cancel", "accept", "200", "ack", "bye-pbx", "bye-pbx-200"])
 @example(
     steps=["invite", "accept", "100", "bye-customer", "200", "200", "ack", "bye-pbx", "bye-customer-200"]
@@ -614,12 +621,12 @@ def test_a_slow_verdict_does_not_let_the_invite_outlive_its_call() -> None:
     sim.now = 6.0
     sim.pbx(response(forwarded.data, 180))
     actions = sim.run_until(180.0)  # the call's early deadline: give up on the INVITE too
-    assert kinds(actions) == ["CallEnded", "Send", "Send", "Discarded"]
+    assert kinds(actions) == ["Send", "Send", "Discarded"]
     assert statuses(actions) == [408]
     sim.now = 182.0
-    # a 2xx that crosses the CANCEL is still relayed, but the ended call is not answered
-    late_ok = sim.pbx(response(forwarded.data, 200, contact=CALLEE_CONTACT))
-    assert kinds(late_ok) == ["Send"]
+    # the PBX's 487 to the CANCEL ends the call (a 2xx crossing it would answer it instead)
+    [end] = ended(sim.pbx(response(forwarded.data, 487)))
+    assert (end.reason, end.now) == (EndReason.NO_ANSWER, 182.0)
     assert sim.core.calls.live == 0
 
 
@@ -639,3 +646,70 @@ def test_a_session_expires_that_is_no_number_leaves_the_2xx_relayed_and_the_call
     assert ended(sim.run_until(3599.0)) == []
     [end] = ended(sim.run_until(3600.0))
     assert end.reason is EndReason.MAX_LIFETIME
+
+
+# -- Timer C: the call counts until the cancelled INVITE's final response -------------------------
+def ringing_call(sim: Sim) -> Send:
+    """A call forwarded at 0, ringing from 1 s on: its INVITE as sent to the PBX."""
+    forwarded = sim.forward()
+    sim.now = 1.0
+    sim.pbx(response(forwarded.data, 180))
+    return forwarded
+
+
+def test_a_2xx_crossing_timer_c_cancel_is_an_answered_call_that_counts_until_its_bye() -> None:
+    """Timer C cancelled the INVITE and answered 408, but the PBX's 2xx crossed the CANCEL:
+    relayed (§16.7), the caller ACKs it and the call is up at the PBX. It used to have
+    ended already (slots given back at 180 s) and stayed untracked: a way round the cap."""
+    sim = Sim.make(early_timeout=180.0)
+    forwarded = ringing_call(sim)
+    actions = sim.run_until(180.0)
+    assert statuses(actions) == [408] and ended(actions) == []
+    assert sim.core.calls.live == 1
+    sim.now = 180.2
+    late_ok = sim.pbx(response(forwarded.data, 200, contact=CALLEE_CONTACT))
+    assert kinds(late_ok) == ["CallAnswered", "Send"]
+    assert of_type(late_ok, Send)[0].destination == CUSTOMER
+    sim.customer(in_dialog_from_customer("ACK", cseq=1, branch="z9hG4bKack1", contact=None))
+    assert ended(sim.run_until(1000.0)) == [] and sim.core.calls.live == 1
+    [end] = ended(sim.hang_up())
+    assert (end.reason, end.answered_at, end.now) == (EndReason.BYE, 180.2, 1000.0)
+
+
+def test_timer_c_ends_the_call_at_the_487_to_its_cancel() -> None:
+    sim = Sim.make(early_timeout=180.0)
+    forwarded = ringing_call(sim)
+    cancel = of_type(sim.run_until(180.0), Send)[0]
+    assert parse_request(cancel.data).method == "CANCEL"
+    sim.now = 180.1
+    sim.pbx(response(cancel.data, 200, to_tag=None))  # the answer to sipguard's own CANCEL: absorbed
+    assert sim.core.calls.live == 1
+    actions = sim.pbx(response(forwarded.data, 487))
+    [end] = ended(actions)
+    assert (end.reason, end.status, end.now) == (EndReason.NO_ANSWER, 487, 180.1)
+    assert [send.destination for send in of_type(actions, Send)] == [CUSTOMER]
+    assert sim.core.calls.live == 0
+    # a 2xx after the 487 is relayed (the PBX's contradiction), but ends or answers nothing
+    late_ok = sim.pbx(response(forwarded.data, 200, contact=CALLEE_CONTACT))
+    assert kinds(late_ok) == ["Send"] and sim.core.calls.live == 0
+
+
+def test_timer_c_ends_the_call_32_seconds_later_when_no_final_response_comes() -> None:
+    sim = Sim.make(early_timeout=180.0)
+    ringing_call(sim)
+    sim.run_until(180.0)
+    assert ended(sim.run_until(211.9)) == [] and sim.core.calls.live == 1
+    [end] = ended(sim.run_until(212.0))
+    assert (end.reason, end.now) == (EndReason.NO_ANSWER, 212.0)
+    assert sim.core.calls.live == 0 and sim.core.transactions == 0
+
+
+def test_a_caller_who_cancelled_before_timer_c_ends_cancelled() -> None:
+    sim = Sim.make(early_timeout=180.0)
+    forwarded = ringing_call(sim)
+    sim.now = 179.9
+    sim.customer(request("CANCEL", contact=None))
+    sim.run_until(180.0)  # the PBX is slow: Timer C cancels again and answers 408
+    sim.now = 180.5
+    [end] = ended(sim.pbx(response(forwarded.data, 487)))
+    assert (end.reason, end.status) == (EndReason.CANCELLED, 487)

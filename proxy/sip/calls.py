@@ -2,7 +2,9 @@
 
 Strategy: calls are found by Call-ID plus the caller's tag, in From or in To (a BYE
 from the callee carries it in To), and once answered the callee's tag too. Each live
-call has one deadline: the early-dialog timeout while it rings, then the earliest of
+call has one deadline: the early-dialog timeout while it rings (then, once sipguard has
+cancelled its INVITE, ``ringing_timed_out``, a backstop: the call lasts until the
+INVITE's final response, since a 2xx may cross the CANCEL), then the earliest of
 its maximum lifetime, when an RFC 4028 session timer was negotiated the last refresh
 plus the session interval, and when the policies gave it a maximum duration the answer
 plus that (the call then carries a ``Dialog``, to be ended with BYEs; so does a call
@@ -34,6 +36,7 @@ class Call:
         "deadline",
         "dialog",
         "info",
+        "ringing_timed_out",
         "session_expires_at",
         "state",
         "timer_at",
@@ -49,6 +52,7 @@ class Call:
         self.deadline = deadline
         self.timer_at: float | None = None  # when the core's heap entry for it fires
         self.dialog: Dialog | None = None  # only for a call with a maximum duration or a keepalive
+        self.ringing_timed_out = False  # rang past the early timeout: its INVITE is being cancelled
 
     @property
     def duration_limit_at(self) -> float | None:
@@ -98,6 +102,13 @@ class CallTable:
         call.to_tag = to_tag
         call.answered_at = now
         self._set_answered_deadline(call)
+
+    def ringing_timeout(self, call: Call, backstop: float) -> None:
+        """An early call rang past its early deadline and sipguard cancels its INVITE. It
+        still counts until the INVITE's final response (a 487, or a 2xx that crossed the
+        CANCEL and answers it), or until ``backstop`` if none comes."""
+        call.ringing_timed_out = True
+        call.deadline = backstop
 
     def refresh_session(self, call: Call, interval: float | None, now: float) -> None:
         """A 2xx carrying Session-Expires: the session now lasts until now + interval.

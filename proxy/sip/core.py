@@ -19,6 +19,8 @@ Strategy (RFC 3261 §16, a transaction-stateful relay that never forks):
 - A call ends when the PBX says so: at the PBX's BYE as it passes, at a customer's BYE
   once the PBX accepts it (2xx, 481) or leaves it unanswered (``CallRole.ENDS``), at the
   INVITE's failed final response, or at a timer (ringing, lifetime, session expiry).
+  A call that rings too long ends at the final response to the INVITE that Timer C
+  cancels, as after a caller's CANCEL: a 2xx crossing the CANCEL answers it.
 - Timers live in one heap: ``get_timer`` says when to call ``handle_timer(now)``.
 - A call accepted with a maximum duration keeps its dialog (dialogs.py); when the time
   is up sipguard sends BYE to both parties itself, absorbs their answers, and reports the
@@ -700,8 +702,9 @@ class ProxyCore:
             if first_response and tx.method == "INVITE":  # Timer B gives way to Timer C
                 self._set_expiry(tx, self._give_up_at(tx, now, self.config.early_timeout))
             return True
-        if tx.state is TxState.COMPLETED:  # the final again, or another fork's 2xx: relayed only
-            return True
+        if tx.state is TxState.COMPLETED and tx.call is None:  # the final again, another fork's 2xx
+            return True  # relayed only
+        # (a completed transaction with a call: Timer C's 408 went back, this is the next hop's final)
         tx.last_response = data
         call = tx.call  # (before _complete lets go of it)
         self._complete(tx, now, status)
@@ -720,7 +723,11 @@ class ProxyCore:
                     call.dialog.target_refreshed(response.from_.tag != call.info.from_tag, response)
             return True
         if status >= 300:
-            reason = EndReason.CANCELLED if tx.cancelled and status == 487 else EndReason.REJECTED
+            reason = EndReason.REJECTED
+            if status == 487 and tx.cancelled:
+                reason = EndReason.CANCELLED
+            elif status == 487 and call.ringing_timed_out:  # the CANCEL was Timer C's
+                reason = EndReason.NO_ANSWER
             self._end_call(call, reason, now, actions, status=status)
         elif call.state is CallState.EARLY:
             if call.dialog is not None:
@@ -736,7 +743,7 @@ class ProxyCore:
 
     def _give_up_at(self, tx: Transaction, now: float, timeout: float) -> float:
         """When a forwarded request times out: never after the early deadline of the call
-        it starts, so that the call and its INVITE end together."""
+        it starts, so that Timer C cancels the INVITE when the call's ringing time is up."""
         if tx.call is not None and tx.role is CallRole.STARTS:
             return min(now + timeout, tx.call.deadline)
         return now + timeout
@@ -864,7 +871,14 @@ class ProxyCore:
             )
 
     def _end_call_by_timer(self, call: Call, now: float, actions: list[Action]) -> None:
-        if call.state is CallState.EARLY:
+        if call.state is CallState.EARLY and not call.ringing_timed_out:
+            # Its INVITE's Timer C is due at this instant too (_give_up_at) and cancels it. A
+            # 2xx may cross that CANCEL: the call counts until the INVITE's final response,
+            # or at most as long as a CANCEL transaction lives.
+            self.calls.ringing_timeout(call, now + TIMER_B)
+            self._arm_call(call)
+            return
+        if call.state is CallState.EARLY:  # no final response to the cancelled INVITE either
             reason = EndReason.NO_ANSWER
         elif call.deadline == call.duration_limit_at:  # a tie with another limit: still say BYE
             reason = EndReason.MAX_DURATION
@@ -997,14 +1011,21 @@ class ProxyCore:
             self._reply(tx, 503, "Policy Decision Timeout", now, actions, headers=(("Retry-After", "5"),))
             return
         if tx.state is TxState.FORWARDED and tx.method == "INVITE":
-            # Timer C: nobody answered. Give up upstream, cancel downstream (§16.8).
-            if tx.forwarded is not None and tx.destination is not None and tx.has_response:
+            # Timer C: nobody answered. Give up upstream, cancel downstream (§16.8). A
+            # re-INVITE nobody answered does not end the call: its UAC decides (§12.2.1.2).
+            call = tx.call if tx.role is CallRole.STARTS else None
+            cancelling = tx.forwarded is not None and tx.destination is not None and tx.has_response
+            if cancelling:
+                assert tx.forwarded is not None and tx.destination is not None
                 cancel = build_cancel(parse_message(tx.forwarded))
                 self._send(actions, self.requests_out, "CANCEL", cancel, tx.destination, tx.out_local)
-            if tx.call is not None and tx.role is CallRole.STARTS:
-                # a re-INVITE nobody answered does not end the call: its UAC decides (§12.2.1.2)
-                self._end_call(tx.call, EndReason.NO_ANSWER, now, actions)
+            elif call is not None:  # Timer B: not even a provisional, nothing to cancel
+                self._end_call(call, EndReason.NO_ANSWER, now, actions)
             self._reply(tx, 408, "Request Timeout", now, actions)
+            if cancelling and call is not None:
+                # the next hop's final response still ends or answers the call (a 2xx that
+                # crosses the CANCEL is relayed, §16.7): keep it, as _complete let go of it
+                tx.call = call
             return
         if tx.state is TxState.FORWARDED and tx.call is not None and tx.role is CallRole.ENDS:
             self._end_call(tx.call, EndReason.BYE, now, actions, by_caller=tx.by_caller)  # Timer F
