@@ -654,6 +654,35 @@ def test_the_pbx_seen_by_a_dual_stack_listener_is_still_the_pbx() -> None:
     assert sim.core.calls.live == 1
 
 
+@pytest.mark.parametrize(
+    ("uri", "status"), [("sip:alice@192.0.2.10;transport=tls", 404), ("sip:alice@[2001:db8::10]", 503)]
+)
+def test_an_invite_from_the_pbx_that_cannot_be_sent_on_ends_its_call_with_the_refusal(
+    uri: str, status: int
+) -> None:
+    """No route (a transport sipguard does not speak), or no listener for the address
+    family: sipguard refuses the INVITE itself. Its call was counted for the early
+    timeout all the same, and then reported as ringing out unanswered."""
+    sim = Sim.make()
+    towards_customer = invite(
+        uri=uri, vias=("SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKpbxinv",), contact=CALLEE_CONTACT
+    )
+    actions = sim.pbx(towards_customer)
+    [end] = of_type(actions, CallEnded)
+    assert (end.reason, end.status, end.now) == (EndReason.REJECTED, status, 0.0)
+    assert reply_to(actions)[0] == status
+    assert sim.core.calls.live == 0
+
+
+def test_an_accepted_call_that_cannot_be_sent_on_gives_its_slots_back_at_once() -> None:
+    sim = Sim.make(upstream=Address("udp", "::1", 5070))  # an IPv6 PBX, only IPv4 listeners
+    actions = sim.decide(sim.offer().attempt.attempt_id, Accept())
+    [end] = of_type(actions, CallEnded)
+    assert (end.reason, end.status) == (EndReason.REJECTED, 503)
+    assert reply_to(actions)[0] == 503
+    assert sim.core.calls.live == 0
+
+
 # -- requests sipguard answers itself -------------------------------------------------------------
 def reply_to(actions: list[object]) -> tuple[int, Send]:
     """The status of the one reply among ``actions`` (read off its status line), and the Send."""

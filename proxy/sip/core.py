@@ -543,13 +543,13 @@ class ProxyCore:
         if destination is None:
             destination = self._next_hop(request, editor, from_customer)
             if destination is None:
-                self._reply(tx, 404, "Not Found", now, actions)
+                self._refuse_to_forward(tx, 404, "Not Found", now, actions)
                 return
         elif request.has("route"):
             self._strip_own_routes(request, editor)
         out_listener = self._listener_for(destination)
         if out_listener is None:
-            self._reply(tx, 503, "No Route To Destination", now, actions)
+            self._refuse_to_forward(tx, 503, "No Route To Destination", now, actions)
             return
         editor.push_via(_our_via(out_listener, tx.out_branch))
         # after our push_via: insertions at one offset keep their order, so ours stays on top
@@ -581,6 +581,15 @@ class ProxyCore:
             # nobody upstream will retransmit for us: own the UDP leg (Timers A and E)
             tx.retransmit_at = now + T1
             self._schedule(tx.retransmit_at, "retransmit", tx)
+
+    def _refuse_to_forward(
+        self, tx: Transaction, status: int, reason: str, now: float, actions: list[Action]
+    ) -> None:
+        """sipguard cannot send the request on: it answers it itself, and the call the
+        request was to start (counted already) never began."""
+        if tx.call is not None and tx.role is CallRole.STARTS:
+            self._end_call(tx.call, EndReason.REJECTED, now, actions, status=status)
+        self._reply(tx, status, reason, now, actions)
 
     def _next_hop(self, request: Request, editor: MessageEditor, from_customer: bool) -> Address | None:
         """Where a request goes, and the Route / Request-URI edits that takes (§16.4, §16.6)."""
