@@ -73,6 +73,46 @@ def test_a_second_2xx_from_another_fork_makes_no_call_and_its_bye_ends_nothing()
     assert (end.reason, end.now, end.answered_at) == (EndReason.BYE, 30.0, 1.0)
 
 
+# -- a caller's BYE on an early dialog (RFC 3261 §15) that the 200 crosses ---------------------------
+def test_a_bye_on_the_early_dialog_crossed_by_its_200_ends_the_call_when_the_pbx_accepts_it() -> None:
+    """The PBX answered before the caller's early BYE reached it: the BYE then ends the
+    confirmed call at the PBX (200). The call used to stay counted until the caller sent
+    another BYE, or for the maximum lifetime (4 h) if it did not."""
+    sim = Sim.make()
+    send = sim.forward()
+    sim.pbx(response(send.data, 180))
+    bye = only_send(sim.customer(in_dialog_from_customer("BYE", headers=())))
+    sim.now = 1.0
+    sim.answer(send.data)
+    sim.customer(in_dialog_from_customer("ACK", cseq=1, branch="z9hG4bKack1", contact=None))
+    assert sim.core.calls.live == 1
+    sim.now = 1.1
+    actions = sim.pbx(response(bye.data, 200))
+    assert kinds(actions) == ["CallEnded", "Send"]
+    [end] = of_type(actions, CallEnded)
+    assert (end.reason, end.by_caller, end.answered_at, end.now) == (EndReason.BYE, True, 1.0, 1.1)
+    assert sim.core.calls.live == 0
+
+
+def test_a_bye_on_one_forks_early_dialog_does_not_end_the_call_another_fork_answered() -> None:
+    sim = Sim.make()
+    send = sim.forward()
+    sim.pbx(response(send.data, 180, to_tag="fork-a"))
+    bye = only_send(sim.customer(in_dialog_from_customer("BYE", headers=(), to_tag="fork-a")))
+    sim.now = 1.0
+    sim.answer(send.data, to_tag="fork-b")
+    assert kinds(sim.pbx(response(bye.data, 200))) == ["Send"]
+    assert sim.core.calls.live == 1
+    # nor does the BYE's 200 while the call still rings: the INVITE's final response does
+    sim = Sim.make()
+    send = sim.forward()
+    sim.pbx(response(send.data, 180))
+    bye = only_send(sim.customer(in_dialog_from_customer("BYE", headers=())))
+    assert kinds(sim.pbx(response(bye.data, 200))) == ["Send"] and sim.core.calls.live == 1
+    [end] = of_type(sim.pbx(response(send.data, 487)), CallEnded)
+    assert (end.reason, end.status) == (EndReason.REJECTED, 487)
+
+
 # -- a digest challenge, then the same call again with credentials ----------------------------------
 def test_a_challenged_invite_ends_its_attempt_and_the_retry_is_judged_as_a_new_one() -> None:
     sim = Sim.make()

@@ -145,6 +145,9 @@ class CallRole(enum.Enum):
     # its sender then holds the dialog over (§15.1.1). A BYE the PBX refuses otherwise (a
     # stale CSeq's 500, a 403) leaves the call up and counted, as the PBX sees it.
     ENDS = "ends"
+    # A caller's BYE on an early dialog (§15): the INVITE's final response ends the call,
+    # unless a 2xx crossing the BYE answered it on that dialog; then the BYE's 2xx does.
+    ENDS_IF_ANSWERED = "ends-if-answered"
 
 
 class Transaction:
@@ -426,6 +429,8 @@ class ProxyCore:
                 # response passes: ended now, a 2xx crossing it would go uncounted.
                 if call.state is CallState.CONFIRMED and from_customer:  # the PBX's answer decides
                     tx.call, tx.role, tx.by_caller = call, CallRole.ENDS, from_caller
+                elif from_customer:
+                    tx.call, tx.role, tx.by_caller = call, CallRole.ENDS_IF_ANSWERED, from_caller
                 elif call.state is CallState.CONFIRMED:  # the PBX hung up: over, as far as it knows
                     self._end_call(call, EndReason.BYE, now, actions, by_caller=from_caller)
             elif method in ("INVITE", "UPDATE"):
@@ -724,6 +729,11 @@ class ProxyCore:
                 self._end_call(call, EndReason.BYE, now, actions, by_caller=tx.by_caller)
             elif call.state is CallState.CONFIRMED:
                 actions.append(ByeRefused(call=call.info, status=status, now=now, by_caller=tx.by_caller))
+            return True
+        if tx.role is CallRole.ENDS_IF_ANSWERED:
+            dialog_tags = (response.from_.tag, response.to.tag)
+            if status < 300 and call.state is CallState.CONFIRMED and call.matches(dialog_tags):
+                self._end_call(call, EndReason.BYE, now, actions, by_caller=tx.by_caller)
             return True
         if tx.role is CallRole.REFRESHES:
             if status < 300 and call.state is CallState.CONFIRMED:  # not a call ended meanwhile
