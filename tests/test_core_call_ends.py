@@ -12,6 +12,8 @@ import pytest
 from sipsim import (
     CALLEE_CONTACT,
     CALLEE_TAG,
+    CALLER_CONTACT,
+    CALLER_TAG,
     SDP,
     UPSTREAM,
     Sim,
@@ -47,6 +49,39 @@ def test_a_bye_with_a_wrong_to_tag_does_not_end_the_call() -> None:
     bye = only_send(sim.customer(in_dialog_from_customer("BYE", to_tag="not-the-callee")))
     assert kinds(sim.pbx(response(bye.data, 481, to_tag=None))) == ["Send"]
     assert sim.core.calls.live == 1 and of_type(sim.log, CallEnded) == []
+
+
+def test_a_customers_bye_with_the_tags_swapped_does_not_end_the_call() -> None:
+    """From tag the callee's, To tag the caller's: a BYE in the other party's name, which
+    no dialog at the PBX matches (RFC 3261 §12.2.2: the To tag is the UAS's own), so it
+    answers 481. That 481 used to end the call and free its slot while it talked on."""
+    sim = answered_call()
+    swapped = in_dialog_from_customer("BYE", from_tag=CALLEE_TAG, to_tag=CALLER_TAG)
+    bye = only_send(sim.customer(swapped))
+    assert kinds(sim.pbx(response(bye.data, 481, to_tag=None))) == ["Send"]
+    assert sim.core.calls.live == 1 and of_type(sim.log, CallEnded) == []
+    [end] = of_type(sim.hang_up(in_dialog_from_customer("BYE", cseq=3, branch="z9hG4bKcust3")), CallEnded)
+    assert (end.reason, end.by_caller) == (EndReason.BYE, True)
+
+
+def test_a_called_customers_bye_with_the_tags_swapped_does_not_end_the_call() -> None:
+    sim = Sim.make()
+    towards_customer = invite(
+        uri=CALLER_CONTACT, vias=("SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKpbxinv",), contact=CALLEE_CONTACT
+    )
+    forwarded = only_send(sim.pbx(towards_customer))  # From tag caller1, the PBX's party
+    answered = sim.customer(response(forwarded.data, 200, contact=CALLER_CONTACT))  # To tag callee1
+    assert kinds(answered) == ["CallAnswered", "Send"]
+    # the customer is the callee: a BYE in the caller's name (From caller1, To callee1)
+    bye = only_send(sim.customer(in_dialog_from_customer("BYE")))
+    assert kinds(sim.pbx(response(bye.data, 481, to_tag=None))) == ["Send"]
+    assert sim.core.calls.live == 1
+    # in its own name, it ends the call once the PBX accepts it
+    own = in_dialog_from_customer(
+        "BYE", cseq=3, branch="z9hG4bKcust3", from_tag=CALLEE_TAG, to_tag=CALLER_TAG
+    )
+    [end] = of_type(sim.hang_up(own), CallEnded)
+    assert (end.reason, end.by_caller) == (EndReason.BYE, False)
 
 
 # -- forked early dialogs and a second 2xx (RFC 3261 §13.2.2.4, RFC 6026) -----------------------------

@@ -415,6 +415,13 @@ class ProxyCore:
             self._on_initial_invite(tx, from_customer, now, actions)
             return
         call = self.calls.find(request.call_id, (request.from_.tag, to_tag)) if to_tag is not None else None
+        if call is not None and from_customer:
+            as_caller = request.from_.tag == call.info.from_tag  # what its tags say it is
+            if as_caller != call.info.from_customer:
+                # the customer's request in the other party's name (the tags swapped): no
+                # dialog at the PBX has it (§12.2.2: the To tag is the UAS's own), and the
+                # 481 that a BYE gets must not end the call. Not a request in the call.
+                call = None
         remove_headers: tuple[str, ...] = ()
         if from_customer and self.config.untrusted_headers is not None:
             # mid-call too: not its INVITE's list, which may have kept the identity it asserted
