@@ -349,6 +349,26 @@ def test_monitor_rates_over_the_limit_still_count(store: Store) -> None:
     assert store.take("e", [enforced], T0 + 30)[0].allowed is True
 
 
+def test_a_raised_rate_admits_the_calls_it_allows_at_once(store: Store) -> None:
+    """A reload raises 6 to 600 calls a minute: the 3 calls of the burst are still in the
+    bucket, now 0.1 s each. They used to stay there as 30 s of the old rate, and the raised
+    limit refused the caller for 30 s (neither the old nor the new limit would have)."""
+    old, new = rate(per_minute=6.0, burst=4), rate(per_minute=600.0, burst=4)
+    assert [store.take(m, [old], T0)[0].allowed for m in "abc"] == [True] * 3
+    assert store.take("d", [new], T0)[0] == OpResult(True, 4, 4)  # the 3 calls, and this one
+    assert store.take("e", [new], T0)[0] == OpResult(False, 5, 4, pytest.approx(0.1))
+    assert store.take("f", [new], T0 + 0.1)[0].allowed
+
+
+def test_a_lowered_rate_keeps_counting_the_calls_made_under_the_old_one(store: Store) -> None:
+    """A reload lowers 600 to 6 calls a minute after a dialer's burst of 3: the bucket
+    holds 3 calls at the new rate, not 0.3 s of the old one, which gave a new burst."""
+    old, new = rate(per_minute=600.0, burst=3), rate(per_minute=6.0, burst=3)
+    assert [store.take(m, [old], T0)[0].allowed for m in "abc"] == [True] * 3
+    assert store.take("d", [new], T0)[0] == OpResult(False, 4, 3, pytest.approx(10.0))
+    assert store.take("e", [new], T0 + 10)[0].allowed
+
+
 def test_buckets_empty_out(store: Store) -> None:
     op = rate(per_minute=6.0, burst=3)
     for member in "abc":

@@ -4,10 +4,11 @@ Slots are a dict of members (attempt ids) with a lease end per key, never a bare
 counter, so a double release or a lost event cannot drift a count; counting a key's
 live members is ``len()`` until its earliest lease could have run out (an account's
 key holds every live call of the account: counting them one by one on each INVITE made
-the check grow with the calls in progress). Rate buckets are
-GCRA: one "theoretical arrival time" per key; quotas are a total and its expiry per
-key. Expired leases, full buckets and ended periods are swept every ``SWEEP_EVERY``
-operations so memory stays bounded by live callers.
+the check grow with the calls in progress). Rate buckets are GCRA: one "theoretical
+arrival time" per key, with the emission interval it was built at: a reload that changes
+the rate rescales the backlog, so the calls in the bucket stay the same calls. Quotas are
+a total and its expiry per key. Expired leases, full buckets and ended periods are swept
+every ``SWEEP_EVERY`` operations so memory stays bounded by live callers.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ class MemoryStore:
     def __init__(self, *, slot_lease: float = 4 * 3600.0 + 300.0) -> None:
         self.slot_lease = slot_lease
         self.slots: dict[str, _Slots] = {}
-        self.buckets: dict[str, tuple[float, str]] = {}  # key -> (arrival time, last member)
+        # key -> (arrival time, last member, the emission interval the arrival time is in)
+        self.buckets: dict[str, tuple[float, str, float]] = {}
         self.quotas: dict[str, tuple[int, float]] = {}  # key -> (total, expires at)
         self._operations = 0
 
@@ -114,7 +116,7 @@ class MemoryStore:
     def sweep(self, now: float) -> None:
         for key in [key for key, slots in self.slots.items() if not slots.live(now)]:
             del self.slots[key]
-        for key in [key for key, (arrival, _) in self.buckets.items() if arrival <= now]:
+        for key in [key for key, (arrival, _, _) in self.buckets.items() if arrival <= now]:
             del self.buckets[key]
         for key in [key for key, (_, expires_at) in self.quotas.items() if expires_at <= now]:
             del self.quotas[key]
@@ -130,8 +132,7 @@ class MemoryStore:
             used = self.used(op.key, now)
             return OpResult(used < op.limit, used + op.amount, op.limit)
         interval = 60.0 / op.per_minute
-        arrival, last_member = self.buckets.get(op.key, (now, ""))
-        arrival = max(arrival, now)
+        arrival, last_member = self._arrival(op.key, now, interval)
         if last_member == member:  # the same attempt again: already counted
             return OpResult(True, _level(arrival, now, interval), op.burst)
         tolerance = (op.burst - 1) * interval
@@ -144,10 +145,23 @@ class MemoryStore:
         self.quotas[op.key] = (self.used(op.key, now) + op.amount, now + op.ttl)
 
     def _hit(self, op: HitRate, member: str, now: float) -> None:
-        arrival, last_member = self.buckets.get(op.key, (now, ""))
+        interval = 60.0 / op.per_minute
+        arrival, last_member = self._arrival(op.key, now, interval)
         if last_member == member:
             return
-        self.buckets[op.key] = (max(arrival, now) + 60.0 / op.per_minute, member)
+        self.buckets[op.key] = (arrival + interval, member, interval)
+
+    def _arrival(self, key: str, now: float, interval: float) -> tuple[float, str]:
+        """The bucket's arrival time (not before ``now``) at ``interval``, and its last member.
+        Built at another interval (a reload changed the rate): the same number of calls at
+        the new one, or a raised limit would refuse for the old backlog's time, a lowered
+        one forget the calls just made."""
+        arrival, last_member, built_at = self.buckets.get(key, (now, "", interval))
+        if arrival <= now:
+            return now, last_member
+        if built_at == interval:
+            return arrival, last_member
+        return now + (arrival - now) * interval / built_at, last_member
 
 
 def _level(arrival: float, now: float, interval: float) -> int:

@@ -7,7 +7,8 @@ Strategy:
 - One round trip per INVITE: a Lua script evaluates every operation, then commits them
   by the same rules as the memory store (slots all-or-nothing; rate hits per their
   flags), atomically. Slots are sorted-set members scored by lease end, never bare
-  counters; rate buckets are one GCRA arrival time per hash. Every key has a TTL.
+  counters; rate buckets are one GCRA arrival time per hash, with the interval it is in
+  (a changed rate rescales it, as in the memory store). Every key has a TTL.
 - Leases: an instance renews the slots of its live calls every ``lease / 3``, and at
   once when Redis answers again after failures, in script calls of RENEW_BATCH slots
   each; a dead instance stops renewing and its slots lapse within one lease. Renewing
@@ -69,6 +70,16 @@ local allowed, count, limit, retry = {}, {}, {}, {}
 local function outlive(key, ms)
   if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
 end
+-- a rate bucket's arrival time (not before now) at this interval, and its last member;
+-- built at another interval (a reload changed the rate, field i), the same number of calls
+-- at the new one, as in the memory store
+local function arrival(key, interval)
+  local state = redis.call('HMGET', key, 'tat', 'm', 'i')
+  local tat, built_at = tonumber(state[1]) or now, tonumber(state[3]) or interval
+  if tat <= now then return now, state[2] end
+  if built_at == interval then return tat, state[2] end
+  return now + (tat - now) * interval / built_at, state[2]
+end
 for i = 1, #KEYS do
   local at = 4 + (i - 1) * 5
   if ARGV[at + 1] == 'S' then
@@ -87,10 +98,9 @@ for i = 1, #KEYS do
     allowed[i], count[i], limit[i], retry[i] = (used < cap) and 1 or 0, used + amount, cap, -1
   else
     local interval, burst = tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3])
-    local state = redis.call('HMGET', KEYS[i], 'tat', 'm')
-    local tat = math.max(tonumber(state[1]) or now, now)
+    local tat, last = arrival(KEYS[i], interval)
     limit[i], retry[i] = burst, -1
-    if state[2] == member then
+    if last == member then
       allowed[i], count[i] = 1, math.max(0, math.ceil((tat - now - EPSILON) / interval))
     else
       local tolerance = (burst - 1) * interval
@@ -115,11 +125,11 @@ for i = 1, #KEYS do
       redis.call('PEXPIRE', KEYS[i], ARGV[at + 5])
     end
   elseif (allowed[i] == 1 or ARGV[at + 4] == '0') and (not blocked or ARGV[at + 5] == '1') then
-    local state = redis.call('HMGET', KEYS[i], 'tat', 'm')
-    if state[2] ~= member then
-      local interval = tonumber(ARGV[at + 2])
-      local tat = math.max(tonumber(state[1]) or now, now) + interval
-      redis.call('HSET', KEYS[i], 'tat', string.format('%.17g', tat), 'm', member)
+    local interval = tonumber(ARGV[at + 2])
+    local tat, last = arrival(KEYS[i], interval)
+    if last ~= member then
+      tat = tat + interval
+      redis.call('HSET', KEYS[i], 'tat', string.format('%.17g', tat), 'm', member, 'i', ARGV[at + 2])
       redis.call('PEXPIRE', KEYS[i], math.ceil(tat - now + interval))
     end
   end
