@@ -285,8 +285,10 @@ class SipGuard:
     # -- flood defence ----------------------------------------------------------------------------
     def reconfigure_flood(self, section: FloodSection) -> None:
         """A reloaded policy's ``flood:`` section; bans are kept."""
+        assert self._loop is not None
         settings = self.settings
-        self.flood.configure(flood_settings(section, settings.trusted_networks, settings.upstream))
+        flood = flood_settings(section, settings.trusted_networks, settings.upstream)
+        self.flood.configure(flood, now=self._loop.time())
         self._log_flood(self.flood.take_events(), always=True)
 
     def unban(self, address: str) -> dict[str, object] | None:

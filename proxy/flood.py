@@ -34,7 +34,8 @@ Strategy
 Invariants: every table is bounded by ``max_sources`` (a flood of spoofed sources
 cannot grow memory: sources gone quiet are evicted first, then those owing least);
 ``admit`` does not raise on any bytes; bans survive ``configure`` (a policy reload),
-except those of sources that have become exempt.
+except those of sources that have become exempt, and so do the messages each source
+has sent (at a new rate, as many messages, not as many seconds).
 """
 
 from __future__ import annotations
@@ -194,14 +195,22 @@ class FloodGuard:
         self._offences: dict[str, _Offences] = {}
         self._exempt: dict[str, bool] = {}  # memo of the network check, by host
         self._ban_list_full = False
-        self.configure(settings or FloodSettings())
+        self._interval = 0.0  # seconds a message costs at the rate in force (configure sets it)
+        self.configure(settings or FloodSettings(), now=0.0)  # (no source yet: now is not read)
 
-    def configure(self, settings: FloodSettings) -> None:
-        """Apply new settings (a policy reload). Bans, counts and offences are kept; a
-        banned source that the new settings exempt is let go."""
+    def configure(self, settings: FloodSettings, *, now: float) -> None:
+        """Apply new settings (a policy reload) at ``now``. Bans, counts and offences are
+        kept; a banned source that the new settings exempt is let go."""
+        interval = 1.0 / settings.messages_per_second
+        if self._sources and interval != self._interval:
+            # a source's backlog is messages: the same ones at the new rate (kept as seconds
+            # of the old, a raised rate banned a source still within its burst at once)
+            for source in self._sources.values():
+                if source.arrival > now:
+                    source.arrival = now + (source.arrival - now) * interval / self._interval
         self.settings = settings
         self._enabled = settings.enabled
-        self._interval = 1.0 / settings.messages_per_second
+        self._interval = interval
         self._tolerance = settings.burst * self._interval
         # one alternation over the lower-cased value: a loop of `in` tests costs 9 times more
         signatures = [re.escape(agent.lower().encode("ascii")) for agent in settings.user_agents]

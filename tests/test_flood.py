@@ -212,10 +212,10 @@ def test_the_user_agent_list_is_configurable_and_case_blind() -> None:
     assert flood.admit(SCANNER, request("evildialer/2.0"), 0.0) is False
     assert "friendly-scanner" in DEFAULT_SCANNER_USER_AGENTS
     # a reload with another list: what each User-Agent was found to be is looked at again
-    flood.configure(FloodSettings(user_agents=("friendly-scanner",)))
+    flood.configure(FloodSettings(user_agents=("friendly-scanner",)), now=1.0)
     assert flood.admit(OFFICE, request("friendly-scanner"), 1.0) is False
     assert flood.admit("192.0.2.1", request("evildialer/2.0"), 1.0) is True
-    flood.configure(FloodSettings(user_agents=()))
+    flood.configure(FloodSettings(user_agents=()), now=2.0)
     assert flood.admit("192.0.2.2", request("friendly-scanner"), 2.0) is True
 
 
@@ -465,7 +465,8 @@ def test_reconfigure_keeps_bans_and_applies_new_settings_and_exemptions() -> Non
     send(flood, BURST + 1, host=OFFICE)
     flood.take_events()
     flood.configure(
-        FloodSettings(messages_per_second=RATE, burst=1, exempt=(ipaddress.ip_network(f"{OFFICE}/32"),))
+        FloodSettings(messages_per_second=RATE, burst=1, exempt=(ipaddress.ip_network(f"{OFFICE}/32"),)),
+        now=0.0,
     )
     assert only_event(flood) == Unbanned(host=OFFICE, by="exempt", reason="rate", dropped=1)
     assert [ban.host for ban in flood.bans] == [SCANNER]  # kept, with its end
@@ -480,11 +481,32 @@ def test_a_source_tracked_before_a_reload_made_it_exempt_is_never_banned() -> No
     flood = guard()
     assert send(flood, BURST, host=OFFICE) == [True] * BURST
     flood.configure(
-        FloodSettings(messages_per_second=RATE, burst=BURST, exempt=(ipaddress.ip_network(f"{OFFICE}/32"),))
+        FloodSettings(messages_per_second=RATE, burst=BURST, exempt=(ipaddress.ip_network(f"{OFFICE}/32"),)),
+        now=0.0,
     )
     assert all(send(flood, 1000, host=OFFICE, at=0.5))
     assert flood.take_events() == [] and flood.bans == []
     assert flood.tracked == 0
+
+
+def test_a_raised_rate_does_not_ban_a_source_within_its_burst() -> None:
+    """An operator raises the rate 8 to 80 messages a second: an office that had just
+    sent 3 messages of its burst of 4 sends a fourth. Its 3 messages used to be kept as
+    0.375 s, ten times the new burst's 0.05 s: the raised limit banned it at once."""
+    flood = guard()
+    assert send(flood, BURST - 1, host=OFFICE) == [True] * (BURST - 1)
+    flood.configure(FloodSettings(messages_per_second=RATE * 10, burst=BURST), now=0.0)
+    assert send(flood, 2, host=OFFICE) == [True, False]  # the burst's last, then one too many
+    assert isinstance(only_event(flood), Banned)
+
+
+def test_a_lowered_rate_counts_the_messages_already_sent() -> None:
+    """The rate lowered 80 to 8 a second just after a source sent 3 messages of its burst
+    of 4: one more is admitted, not a whole new burst."""
+    flood = guard(messages_per_second=RATE * 10)
+    assert send(flood, BURST - 1) == [True] * (BURST - 1)
+    flood.configure(FloodSettings(messages_per_second=RATE, burst=BURST, ban_seconds=10.0), now=0.0)
+    assert send(flood, 2) == [True, False]
 
 
 def test_disabled_admits_everything() -> None:
