@@ -55,6 +55,7 @@ from .policyfile import CompiledPolicy
 from .sip import NameAddr, ParseError, Request
 from .sip.events import Accept, CallAnswered, CallAttempt, CallEnded, EndReason, Keepalive, Reject, Verdict
 from .sip.headers import credential_params
+from .sip.hosts import unmapped
 from .state import HitRate, MemoryStore, Operation, OpResult, StateStore, TakeSlot, UseQuota
 from .state.history import CallHistory, LiveRecord
 from .state.redis_store import StoreUnavailableError
@@ -407,7 +408,7 @@ class PolicyEngine:
             call_id=request.call_id,
             now=attempt.now,
             wall_time=attempt.now + self.wall_offset,
-            source_host=attempt.source.host,
+            source_host=unmapped(attempt.source.host),  # one per-source counter per peer
             account=account,
             identities=identities,
             caller=_caller(identities),
@@ -587,7 +588,7 @@ class PolicyEngine:
         if host in self._accounts_by_host:
             account = self._accounts_by_host[host]
         else:
-            account = _by_network(policy, host)
+            account = _by_network(policy, unmapped(host))  # a [::] listener's IPv4 peers too
             if len(self._accounts_by_host) > 100_000:
                 self._accounts_by_host.clear()
             self._accounts_by_host[host] = account

@@ -41,6 +41,7 @@ CUSTOMER = Address("udp", "192.0.2.10", 5060)  # acme
 OFFICE = Address("udp", "192.0.2.200", 5060)  # acme-office: 192.0.2.128/25 inside acme's /24
 ELSEWHERE = Address("udp", "198.51.100.7", 5060)  # no network of any account
 LONDON = Address("udp", "2001:db8::5", 5060)
+CUSTOMER_VIA_IPV6 = Address("tcp", "::ffff:192.0.2.10", 5060)  # acme, as a [::] listener sees it
 OWNED = "+14155550142"  # acme's
 OWNED_TOO = "+14155550143"
 NOT_OWNED = "+14155559999"
@@ -760,6 +761,7 @@ def test_a_reload_changes_account_resolution() -> None:
     [
         (CUSTOMER, [], "customer.example", "acme"),
         (OFFICE, [], "customer.example", "acme-office"),  # the most specific network wins
+        (CUSTOMER_VIA_IPV6, [], "customer.example", "acme"),
         (LONDON, [], "customer.example", "london"),
         (ELSEWHERE, [("Proxy-Authorization", 'Digest username="beta-trunk", realm="x"')], "c", "beta"),
         (ELSEWHERE, [("Authorization", 'Digest realm="x", username = "beta-trunk"')], "c", "beta"),
@@ -782,6 +784,28 @@ def test_account_resolution(
     assert line["account"] == account
     if account is None:
         assert line["also"][0]["detail"] == f"source {source.host} belongs to no account"
+
+
+def test_a_peer_reaching_an_ipv4_and_an_ipv6_listener_is_one_source() -> None:
+    """A socket bound to [::] sees the IPv4 peer 192.0.2.10 as ::ffff:192.0.2.10: one
+    address, so one account (its per-account slots) and one per-source rate, whichever
+    listener each call reached."""
+    engine = engine_for(
+        {
+            "concurrency": {"per_number": None, "per_account": 1},
+            "call_rate": {"per_source": {"per_minute": 1, "burst": 1}},
+        }
+    )
+    with capture_logs() as logs:
+        assert decide(engine, attempt("a", source=CUSTOMER_VIA_IPV6)) == STRIPPED
+    assert held(engine, "conc:acct:acme") == 1
+    [line] = decisions(logs)
+    assert line["source"] == "192.0.2.10"
+    second = decide(engine, attempt("b", source=CUSTOMER, caller=OWNED_TOO, now=T0 + 1))
+    assert isinstance(second, Reject) and second.status == 486
+    end(engine, attempt("a", source=CUSTOMER_VIA_IPV6), now=T0 + 2)
+    third = decide(engine, attempt("c", source=CUSTOMER, caller=OWNED_TOO, now=T0 + 3))
+    assert third == Reject(status=503, reason="Call rate exceeded", headers=(("Retry-After", "57"),))
 
 
 STRANGER = 'Digest username="stranger", realm="pbx", nonce="n", uri="sip:pbx", response="0"'

@@ -56,6 +56,19 @@ def ipv4_mapped(host: str) -> str | None:
     return normal_host(f"::ffff:{address}")
 
 
+@lru_cache(maxsize=16384)
+def unmapped(host: str) -> str:
+    """The IPv4 address an IPv4-mapped IPv6 address stands for (``::ffff:10.0.0.10`` is
+    how a socket bound to ``[::]`` sees the IPv4 peer 10.0.0.10); any other host as it is.
+    One peer, one spelling, whichever listener it reached."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return host if mapped is None else str(mapped)
+
+
 def in_networks(host: str, networks: tuple[Network, ...]) -> bool:
     """Is ``host`` an address in one of ``networks``? An IPv4-mapped IPv6 address (how a
     socket bound to ``[::]`` sees an IPv4 peer: ``::ffff:10.0.0.10``) is in the IPv4
