@@ -7,7 +7,9 @@ normalised once); ask each rule; run every state operation the rules require in 
 atomic store call; turn the answers into one verdict according to each rule's mode;
 log one line that explains it. A call the PBX challenges (401/407) and the caller sends
 again with credentials is one call: its retry is judged and takes its slots again, but
-is not counted again (rates, call quotas, the dialer's history).
+is not counted again (rates, call quotas, the dialer's history) in what its first
+INVITE counted; a counter that INVITE did not touch (the account its credentials name,
+a caller or callee it changed) counts at the retry.
 
 Slots a call holds are remembered here by attempt id, exactly as they were taken, and
 given back when the core reports the call's end; a reload swaps the compiled policy
@@ -119,6 +121,9 @@ class _Challenge:
     # what the rules reading the history found of its first INVITE, (rule, detail): the
     # retry is the same call, and the history already holds it, so they are not asked again
     history_warnings: tuple[tuple[str, str], ...] = ()
+    # the rate and quota keys its first INVITE counted: the retry counts only others (an
+    # account its credentials name, a caller or callee it changed)
+    counted: frozenset[str] = frozenset()
 
 
 @dataclass(slots=True)
@@ -170,6 +175,8 @@ class PolicyEngine:
         self._retries: set[str] = set()  # live calls that are a challenged call sent again
         # by attempt id: the Warn findings of rules reading the history, for a challenged retry
         self._history_warnings: dict[str, tuple[tuple[str, str], ...]] = {}
+        # by attempt id: the rate and quota keys each live call counted, should the PBX challenge it
+        self._counted: dict[str, frozenset[str]] = {}
         # Given each judged call's call.decision fields whatever the log level (what-if replay)
         self.on_decision: Callable[[dict[str, Any]], None] | None = None
 
@@ -263,6 +270,7 @@ class PolicyEngine:
             self.history.call_ended(attempt_id, event.now, event.by_caller)
         self._retries.discard(attempt_id)
         self._history_warnings.pop(attempt_id, None)
+        self._counted.pop(attempt_id, None)
         if self.emergency_calls.get(event.call.call_id) == attempt_id:
             del self.emergency_calls[event.call.call_id]
         self.decisions.ended(event)
@@ -296,8 +304,9 @@ class PolicyEngine:
                 self._challenged.clear()
         call = event.call
         findings = self._history_warnings.get(call.attempt_id, ())
+        counted = self._counted.get(call.attempt_id, frozenset())
         self._challenged[(call.call_id, call.from_tag, call.source.host)] = _Challenge(
-            event.now, history, findings
+            event.now, history, findings, counted
         )
 
     def _retry_of(self, attempt: CallAttempt) -> _Challenge | None:
@@ -452,7 +461,8 @@ class PolicyEngine:
                 if verdict.keepalive is not None and config.mode is Mode.ENFORCE:
                     plan.keepalive = plan.keepalive or verdict.keepalive
         if plan.retry is not None:  # counted at its first INVITE: its slots are to take again
-            plan.operations = [op for op in plan.operations if not _counts_calls(op)]
+            counted = plan.retry.counted
+            plan.operations = [op for op in plan.operations if not (_counts_calls(op) and op.key in counted)]
         return plan
 
     def _finish(self, plan: _Plan, results: list[OpResult]) -> Verdict:
@@ -494,6 +504,9 @@ class PolicyEngine:
             self.history.call_retried(attempt_id, plan.retry.history)
         elif plan.history_keys and plan.context is not None:
             self.history.call_started(attempt_id, plan.history_keys, plan.context.callee, plan.attempt.now)
+        counted = frozenset(op.key for op in plan.operations if _counts_calls(op))
+        if counted:  # kept while the call lives, should the PBX challenge it
+            self._counted[attempt_id] = counted
         if plan.history_warnings:  # kept while the call lives, should the PBX challenge it
             self._history_warnings[attempt_id] = tuple(plan.history_warnings)
         if plan.hooked and plan.context is not None:

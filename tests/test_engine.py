@@ -346,6 +346,55 @@ def test_a_challenged_call_and_its_retry_count_as_one_call() -> None:
     assert isinstance(decide(engine, again), Reject)
 
 
+def with_credentials(call: CallAttempt, username: str, *, uri: str | None = None) -> CallAttempt:
+    """``call`` sent again after a challenge with credentials naming ``username`` (and, to
+    cheat, to another Request-URI)."""
+    data = call.request.raw.replace(
+        b"\r\n\r\n", f'\r\nProxy-Authorization: Digest username="{username}", realm="pbx"\r\n\r\n'.encode(), 1
+    )
+    if uri is not None:
+        data = data.replace(str(call.request.uri).encode(), uri.encode(), 1)
+    request = parse_message(data)
+    assert isinstance(request, Request)
+    return CallAttempt(
+        attempt_id=f"{call.attempt_id}-retry", request=request, source=call.source, now=call.now + 0.1
+    )
+
+
+def test_a_challenged_calls_retry_counts_what_its_first_invite_did_not() -> None:
+    # An account known by its auth username only is no account at the first INVITE (no
+    # credentials yet): its per-account rate and quota must count at the retry, or they
+    # never count. And a retry sent to another number is counted against that number.
+    engine = engine_for(
+        {
+            "call_rate": {
+                "per_number": None,
+                "per_account": {"per_minute": 1, "burst": 1},
+                "per_destination": {"per_minute": 1, "burst": 1},
+            }
+        }
+    )
+    beta = "+14155550342"
+    first = attempt("a", source=ELSEWHERE, caller=beta)
+    assert decide(engine, first) == ACCEPT
+    end(engine, first, first.now + 0.05, reason=EndReason.REJECTED, status=407)
+    assert decide(engine, with_credentials(first, "beta-trunk")) == ACCEPT
+    second = attempt("b", source=ELSEWHERE, caller=beta, callee="+14155552001", now=T0 + 10)
+    assert decide(engine, second) == ACCEPT
+    end(engine, second, second.now + 0.05, reason=EndReason.REJECTED, status=407)
+    assert decide(engine, with_credentials(second, "beta-trunk")) == Reject(
+        status=503, reason="Call rate exceeded", headers=(("Retry-After", "50"),)
+    )
+    # a retry to the number just called, its first INVITE to another: counted against it
+    third = attempt("c", source=CUSTOMER, callee="+14155552002", now=T0 + 20)
+    assert decide(engine, third) == ACCEPT
+    end(engine, third, third.now + 0.05, reason=EndReason.REJECTED, status=407)
+    pumped = with_credentials(third, "acme", uri=f"sip:{CALLEE}@pbx.example.com")
+    assert decide(engine, pumped) == Reject(
+        status=503, reason="Call rate exceeded", headers=(("Retry-After", "40"),)
+    )
+
+
 def test_the_dialer_history_sees_a_challenged_call_once() -> None:
     # A challenge is no outcome: counted as an unanswered call it would halve an
     # authenticated caller's answer-seizure ratio, and its retry (to the same callee)
