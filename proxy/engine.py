@@ -305,14 +305,15 @@ class PolicyEngine:
         call = event.call
         findings = self._history_warnings.get(call.attempt_id, ())
         counted = self._counted.get(call.attempt_id, frozenset())
-        self._challenged[(call.call_id, call.from_tag, call.source.host)] = _Challenge(
+        self._challenged[(call.call_id, call.from_tag, unmapped(call.source.host))] = _Challenge(
             event.now, history, findings, counted
         )
 
     def _retry_of(self, attempt: CallAttempt) -> _Challenge | None:
         """The challenge this INVITE answers, if it is a challenged call sent again."""
         request = attempt.request
-        key = (request.call_id, request.from_.tag or "", attempt.source.host)
+        # (the retry may come over TCP, grown past the MTU with its credentials: RFC 3261 §18.1.1)
+        key = (request.call_id, request.from_.tag or "", unmapped(attempt.source.host))
         challenge = self._challenged.pop(key, None)
         if challenge is None or attempt.now - challenge.at > CHALLENGE_RETRY_WINDOW:
             return None

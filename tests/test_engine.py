@@ -13,6 +13,7 @@ import asyncio
 import copy
 import gc
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -855,6 +856,16 @@ def test_a_peer_reaching_an_ipv4_and_an_ipv6_listener_is_one_source() -> None:
     end(engine, attempt("a", source=CUSTOMER_VIA_IPV6), now=T0 + 2)
     third = decide(engine, attempt("c", source=CUSTOMER, caller=OWNED_TOO, now=T0 + 3))
     assert third == Reject(status=503, reason="Call rate exceeded", headers=(("Retry-After", "57"),))
+
+
+def test_a_challenged_calls_retry_over_an_ipv6_listener_is_the_same_call() -> None:
+    # Credentials can grow an INVITE past the MTU, and the caller sends the retry over TCP
+    # (RFC 3261 §18.1.1), maybe to a [::] listener: the same peer, the same call.
+    engine = engine_for({"call_rate": {"per_number": {"per_minute": 1, "burst": 1}}})
+    first = attempt("a")
+    assert decide(engine, first) == ACCEPT
+    retry = challenged(engine, first)
+    assert decide(engine, replace(retry, source=CUSTOMER_VIA_IPV6)) == ACCEPT
 
 
 STRANGER = 'Digest username="stranger", realm="pbx", nonce="n", uri="sip:pbx", response="0"'
