@@ -475,10 +475,9 @@ class PolicyEngine:
             counters.append((operation, result))
             if not result.allowed:
                 failures.append((operation.rule, f"{operation.label}: {result.count} > {result.limit}"))
-                if result.retry_after is not None:
-                    retry_after[operation.rule] = max(
-                        retry_after.get(operation.rule, 0.0), result.retry_after
-                    )
+            # every bucket of the rule: one that admitted this attempt may be full with it now
+            if result.retry_after is not None:
+                retry_after[operation.rule] = max(retry_after.get(operation.rule, 0.0), result.retry_after)
         findings = self.counters.findings
         for rule, _ in failures:
             findings[(rule, configs[rule].mode.value, "deny")] += 1

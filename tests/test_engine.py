@@ -797,6 +797,17 @@ def test_rate_buckets_survive_a_reload() -> None:
     )
 
 
+def test_retry_after_waits_for_every_bucket_of_the_rule() -> None:
+    # The account's bucket refuses the call and the number's counts it all the same
+    # (count_rejected): Retry-After is when both admit the next call, not the account's alone.
+    one_in_ten_seconds = {"per_minute": 6, "burst": 1}
+    engine = engine_for({"call_rate": {"per_number": one_in_ten_seconds, "per_account": one_in_ten_seconds}})
+    assert decide(engine, attempt("a")) == ACCEPT
+    refused = decide(engine, attempt("b", caller=OWNED_TOO, now=T0 + 1))
+    assert refused == Reject(status=503, reason="Call rate exceeded", headers=(("Retry-After", "10"),))
+    assert decide(engine, attempt("c", caller=OWNED_TOO, now=T0 + 11)) == ACCEPT
+
+
 def test_a_reload_changes_account_resolution() -> None:
     engine = engine_for({"caller_id": {}})
     assert decide(engine, attempt("a", source=OFFICE, caller="+14155550242")) == STRIPPED

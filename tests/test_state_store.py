@@ -273,6 +273,22 @@ def test_retry_after_is_when_the_next_call_is_admitted(store: Store) -> None:
     assert store.take("d", [op], T0 + 4 + refused.retry_after)[0].allowed
 
 
+def test_a_refused_attempt_that_counts_says_when_its_bucket_admits_again(store: Store) -> None:
+    # The number's bucket admits the attempt and counts it, though the account's refuses
+    # the call: its Retry-After must be from the bucket with that attempt in it.
+    number, account = rate("rate:num:+1", burst=1), rate("rate:acct:acme", burst=1)
+    store.take("a", [account], T0)
+    admitted, refused = store.take("b", [number, account], T0 + 1)
+    assert (admitted.allowed, refused.allowed) == (True, False)
+    assert (admitted.retry_after, refused.retry_after) == (pytest.approx(10.0), pytest.approx(9.0))
+    assert not store.admits(number.key, 6.0, 1, T0 + 10.5).allowed
+    assert store.admits(number.key, 6.0, 1, T0 + 11).allowed
+    # the same when another rule refused it already; a bucket with room left says nothing
+    [full] = store.take("c", [rate("rate:num:+2", burst=1)], T0, blocked=True)
+    [roomy] = store.take("c", [rate("rate:num:+3", burst=2)], T0, blocked=True)
+    assert (full.retry_after, roomy.retry_after) == (pytest.approx(10.0), None)
+
+
 def test_sustained_rate_is_admitted(store: Store) -> None:
     op = rate(per_minute=6.0, burst=1)
     for index in range(10):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .ops import HitRate, Operation, OpResult, TakeSlot, UseQuota
 
@@ -62,7 +62,7 @@ class MemoryStore:
         blocked = blocked or any(
             op.enforced and not result.allowed for op, result in zip(operations, results, strict=True)
         )
-        for op, result in zip(operations, results, strict=True):
+        for index, (op, result) in enumerate(zip(operations, results, strict=True)):
             if isinstance(op, TakeSlot):
                 if not blocked:
                     slots = self.slots.get(op.key)
@@ -74,6 +74,8 @@ class MemoryStore:
                     self._add(op, now)
             elif (result.allowed or not op.enforced) and (not blocked or op.count_if_blocked):
                 self._hit(op, member, now)
+                if blocked:  # a refused attempt that counts: the wait is from the bucket with it
+                    results[index] = replace(result, retry_after=self._wait(op, now))
         self._operations += 1
         if self._operations % SWEEP_EVERY == 0:
             self.sweep(now)
@@ -140,6 +142,12 @@ class MemoryStore:
         level = _level(arrival + interval, now, interval)
         retry_after = None if allowed else arrival - tolerance - now
         return OpResult(allowed, level, op.burst, retry_after)
+
+    def _wait(self, op: HitRate, now: float) -> float | None:
+        """Seconds until the bucket admits a call again; None if it does now."""
+        interval = 60.0 / op.per_minute
+        wait = self.buckets[op.key][0] - (op.burst - 1) * interval - now
+        return wait if wait > EPSILON else None
 
     def _add(self, op: UseQuota, now: float) -> None:
         self.quotas[op.key] = (self.used(op.key, now) + op.amount, now + op.ttl)

@@ -60,7 +60,9 @@ class OpResult:
     allowed: bool
     count: int  # slots held with this call / calls in the bucket with this call
     limit: int
-    retry_after: float | None = None  # seconds until a rate bucket admits a call again
+    # seconds until a rate bucket admits a call again: when it refuses the call, or counts
+    # an attempt that is refused all the same (count_if_blocked), from the bucket with it
+    retry_after: float | None = None
 
 
 class StateStore(Protocol):

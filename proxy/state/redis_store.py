@@ -132,6 +132,13 @@ for i = 1, #KEYS do
       redis.call('HSET', KEYS[i], 'tat', string.format('%.17g', tat), 'm', member, 'i', ARGV[at + 2])
       redis.call('PEXPIRE', KEYS[i], math.ceil(tat - now + interval))
     end
+    if blocked then
+      -- a refused attempt that counts: the wait is from the bucket with it
+      local interval, burst = tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3])
+      local tat = tonumber(redis.call('HGET', KEYS[i], 'tat'))
+      local wait = tat - (burst - 1) * interval - now
+      retry[i] = (wait > EPSILON) and wait or -1
+    end
   end
 end
 local out = {}
