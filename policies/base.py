@@ -27,6 +27,8 @@ from proxy.sip.events import Keepalive
 from proxy.state import Operation
 from proxy.state.history import HistorySettings
 
+from .numbering import dialled_e164
+
 if TYPE_CHECKING:
     from proxy.sip import Request
     from proxy.state.history import CallHistory
@@ -135,6 +137,12 @@ class CallContext:
     # where the call's national numbers are read: the account's region, else the policy's
     # numbering.default_region (None: national numbers are not read at all)
     region: str | None = None
+
+    def dialled_number(self) -> str | None:
+        """The number dialled, in E.164: ``callee``, or, where phonenumbers does not call it
+        valid (a range newer than its metadata, or one a pumping scheme terminates on, such
+        as +882), its digits read as E.164 all the same; None for a callee that is no number."""
+        return self.callee or dialled_e164(self.request.uri, self.region)
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,7 +55,7 @@ class CallRatePolicy(Policy[CallRateConfig]):
             (config.per_number, "num", call.caller, "calls from"),
             (config.per_account, "acct", call.account.name if call.account else None, "calls of"),
             (config.per_source, "src", call.source_host, "calls from address"),
-            (config.per_destination, "dst", call.callee, "calls to"),
+            (config.per_destination, "dst", call.dialled_number(), "calls to"),
         )
         for limit, kind, subject, label in subjects:
             if limit is not None and subject is not None:

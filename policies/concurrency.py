@@ -32,7 +32,7 @@ class ConcurrencyPolicy(Policy[ConcurrencyConfig]):
         subjects = (
             (config.per_number, "num", call.caller, "calls from"),
             (config.per_account, "acct", call.account.name if call.account else None, "calls of"),
-            (config.per_destination, "dst", call.callee, "calls to"),
+            (config.per_destination, "dst", call.dialled_number(), "calls to"),
         )
         operations = tuple(
             TakeSlot(

@@ -23,7 +23,6 @@ from pydantic import Field, model_validator
 
 from .base import ALLOW, CallContext, Deny, Policy, Reply, RuleConfig, Verdict
 from .lists import Action, E164Text, ListedPrefixes, PrefixFileField, PrefixTable
-from .numbering import dialled_e164
 
 
 class DestinationsConfig(RuleConfig):
@@ -70,7 +69,7 @@ class DestinationsPolicy(Policy[DestinationsConfig]):
         return False
 
     def check(self, call: CallContext, config: DestinationsConfig) -> Verdict:
-        number = call.callee or dialled_e164(call.request.uri, call.region)
+        number = call.dialled_number()
         if number is None:
             if config.non_number == "allow":
                 return ALLOW

@@ -38,7 +38,6 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from .base import ALLOW, SETTINGS, CallContext, Deny, Policy, Reply, RuleConfig, Verdict, is_time_zone
 from .lists import E164Text, NumberFileField
-from .numbering import dialled_e164
 
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")  # datetime.weekday() order
 _CLOCK = re.compile(r"([01]?[0-9]|2[0-3]):[0-5][0-9]|24:00")
@@ -263,7 +262,7 @@ class DoNotCallPolicy(Policy[DoNotCallConfig]):
             return ALLOW
         # a number phonenumbers calls invalid (a range newer than its metadata) is still
         # looked up by its digits: the list, not the metadata, says who may not be called
-        callee = call.callee or dialled_e164(call.request.uri, call.region)
+        callee = call.dialled_number()
         if callee is None:
             return ALLOW
         where = config.listed(callee)

@@ -808,6 +808,31 @@ def test_retry_after_waits_for_every_bucket_of_the_rule() -> None:
     assert decide(engine, attempt("c", caller=OWNED_TOO, now=T0 + 11)) == ACCEPT
 
 
+@pytest.mark.parametrize("callee", ["+88234567890", "+19995551234"])
+def test_per_destination_limits_count_numbers_phonenumbers_calls_invalid(callee: str) -> None:
+    # +882 (international networks) and unassigned area codes are what pumping schemes
+    # terminate on; phonenumbers' metadata calls them invalid, the PBX routes them.
+    engine = engine_for(
+        {
+            "concurrency": {"per_number": None, "per_account": None, "per_destination": 1},
+            "call_rate": {
+                "per_number": None,
+                "per_account": None,
+                "per_destination": {"per_minute": 1, "burst": 1},
+            },
+        }
+    )
+    assert decide(engine, attempt("a", callee=callee)) == ACCEPT
+    assert held(engine, f"conc:dst:{callee}") == 1
+    assert decide(engine, attempt("b", caller=OWNED_TOO, callee=callee, now=T0 + 1)) == Reject(
+        status=486, reason="Too many simultaneous calls"
+    )
+    end(engine, attempt("a", callee=callee), now=T0 + 2)
+    national = "011" + callee[1:]  # the same number, dialled internationally from the US
+    refused = decide(engine, attempt("c", caller=OWNED_TOO, callee=national, now=T0 + 3))
+    assert refused == Reject(status=503, reason="Call rate exceeded", headers=(("Retry-After", "57"),))
+
+
 def test_a_reload_changes_account_resolution() -> None:
     engine = engine_for({"caller_id": {}})
     assert decide(engine, attempt("a", source=OFFICE, caller="+14155550242")) == STRIPPED

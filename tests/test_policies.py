@@ -29,6 +29,8 @@ NOT_OWNED = "+14155559999"
 CALLEE = "+14155552000"
 REQUEST = parse_message(invite())
 assert isinstance(REQUEST, Request)
+TO_NO_NUMBER = parse_message(invite(uri="sip:alice@pbx.example.com"))  # a callee that is no number
+assert isinstance(TO_NO_NUMBER, Request)
 
 
 def identity(header: str, e164: str | None, **kwargs: Any) -> Identity:
@@ -58,8 +60,8 @@ def call(
         identities=identities or (identity("from", OWNED),),
         caller=caller,
         callee=callee,
-        callee_presented=f"sip:{callee}@pbx.example.com",
-        request=REQUEST,
+        callee_presented=f"sip:{callee}@pbx.example.com" if callee else str(TO_NO_NUMBER.uri),
+        request=REQUEST if callee else TO_NO_NUMBER,
         region=account.region if account else None,
     )
 

@@ -175,7 +175,7 @@ def test_unknown_zone_is_refused_or_judged_in_the_fallback_zone() -> None:
     assert hours(international_network, three_am_chicago) == Deny(
         f"no time zone known for callee {international_network}"
     )
-    assert hours(None, three_am_chicago) == Deny("no time zone known for callee sip:None@pbx.example.com")
+    assert hours(None, three_am_chicago) == Deny("no time zone known for callee sip:alice@pbx.example.com")
     chicago = {"unknown_zone": "America/Chicago"}
     assert hours(international_network, three_am_chicago, **chicago) == Deny(
         f"{international_network}: Mon 03:00 in America/Chicago, calls 08:00-21:00"
