@@ -146,7 +146,7 @@ class MemoryStore:
     def _wait(self, op: HitRate, now: float) -> float | None:
         """Seconds until the bucket admits a call again; None if it does now."""
         interval = 60.0 / op.per_minute
-        wait = self.buckets[op.key][0] - (op.burst - 1) * interval - now
+        wait = self._arrival(op.key, now, interval)[0] - (op.burst - 1) * interval - now
         return wait if wait > EPSILON else None
 
     def _add(self, op: UseQuota, now: float) -> None:

@@ -134,9 +134,8 @@ for i = 1, #KEYS do
     end
     if blocked then
       -- a refused attempt that counts: the wait is from the bucket with it
-      local interval, burst = tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3])
-      local tat = tonumber(redis.call('HGET', KEYS[i], 'tat'))
-      local wait = tat - (burst - 1) * interval - now
+      local burst = tonumber(ARGV[at + 3])
+      local wait = arrival(KEYS[i], interval) - (burst - 1) * interval - now
       retry[i] = (wait > EPSILON) and wait or -1
     end
   end
