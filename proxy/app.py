@@ -186,9 +186,13 @@ class SipGuard:
         self._loop = asyncio.get_running_loop()
         self._follow_wall_clock()
         bound = [await self.transports.listen(address) for address in self.settings.listen]
+        advertise = self.settings.advertise
         self.core = ProxyCore(
             CoreConfig(
-                listeners=tuple(Listener(address=a, advertise=self.settings.advertise) for a in bound),
+                listeners=tuple(
+                    Listener(address=a, advertise=advertise, takes_ipv4=self.transports.takes_ipv4(a))
+                    for a in bound
+                ),
                 upstream=self.settings.upstream,
                 trusted_networks=self.settings.trusted_networks,
                 branch_secret=os.urandom(16),

@@ -21,7 +21,7 @@ import structlog
 
 from .sip import FramingLostError, KeepAlivePing, StreamFramer
 from .sip.events import Address
-from .sip.hosts import is_ip
+from .sip.hosts import is_ip, normal_host
 
 log = structlog.get_logger("sipguard.transport")
 Deliver = Callable[[bytes, Address, Address], None]
@@ -62,6 +62,7 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         # after they end, and tens of thousands of copies are that much more for every
         # full garbage collection to walk. Emptied when full (a scan must not grow it).
         self._sources: dict[tuple[str, int], Address] = {}
+        self.takes_ipv4 = False  # a dual-stack socket: IPv4 peers as ::ffff:a.b.c.d (Transports.listen)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement the asyncio interfaces without subclassing them
@@ -90,6 +91,8 @@ class UdpEndpoint(asyncio.DatagramProtocol):
 
     def send(self, data: bytes, host: str, port: int) -> None:
         if self.transport is not None:
+            if self.takes_ipv4 and ":" not in host:  # an IPv4 peer of a dual-stack socket
+                host = "::ffff:" + host
             self.transport.sendto(data, (host, port))
 
 
@@ -277,6 +280,14 @@ class TcpPool:
                 connection.transport.close()
 
 
+def _dual_stack(sock: socket.socket, host: str) -> bool:
+    """A socket bound to the IPv6 wildcard that IPv4 peers reach too (IPV6_V6ONLY off, the
+    Linux default for UDP; asyncio turns it on for TCP listeners)."""
+    if sock.family != socket.AF_INET6 or normal_host(host) != "::":
+        return False
+    return not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+
+
 class Transports:
     """Every listener sipguard has, and the one send() the core's Send actions go through."""
 
@@ -308,6 +319,7 @@ class Transports:
             bound = Address("udp", address.host, port)
             endpoint = cast(UdpEndpoint, transport.get_protocol())
             endpoint.local = bound
+            endpoint.takes_ipv4 = _dual_stack(transport.get_extra_info("socket"), address.host)
             self.udp[bound] = endpoint
             return bound
         bound_tcp = [address]  # the factory runs after binding, when the real port is known
@@ -321,6 +333,11 @@ class Transports:
         self._servers.append(server)
         bound_tcp[0] = Address("tcp", address.host, server.sockets[0].getsockname()[1])
         return bound_tcp[0]
+
+    def takes_ipv4(self, address: Address) -> bool:
+        """Whether the listener bound at ``address`` is a dual-stack one (see _dual_stack)."""
+        endpoint = self.udp.get(address)
+        return endpoint is not None and endpoint.takes_ipv4
 
     def send(
         self, data: bytes, destination: Address, local: Address | None, named: Address | None = None

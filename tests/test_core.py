@@ -41,6 +41,7 @@ from sipsim import (
     response,
 )
 
+from proxy.sip.core import Listener
 from proxy.sip.events import (
     Accept,
     Action,
@@ -672,6 +673,22 @@ def test_an_invite_from_the_pbx_that_cannot_be_sent_on_ends_its_call_with_the_re
     assert (end.reason, end.status, end.now) == (EndReason.REJECTED, status, 0.0)
     assert reply_to(actions)[0] == status
     assert sim.core.calls.live == 0
+
+
+@pytest.mark.parametrize("takes_ipv4", [True, False])
+def test_a_dual_stack_listener_reaches_an_ipv4_pbx(takes_ipv4: bool) -> None:
+    """``listen: [udp:[::]:5060]`` in front of an IPv4 PBX: the socket reaches IPv4 peers
+    (the transport says so), so the INVITE goes out through it, where every call got
+    503 No Route To Destination. An IPv6-only socket still cannot."""
+    wildcard = Address("udp", "::", 5060)
+    sim = Sim.make(listeners=(Listener(address=wildcard, advertise="127.0.0.1", takes_ipv4=takes_ipv4),))
+    actions = sim.decide(sim.offer().attempt.attempt_id, Accept())
+    if not takes_ipv4:
+        assert reply_to(actions)[0] == 503
+        return
+    [forwarded] = of_type(actions, Send)
+    assert (forwarded.destination, forwarded.local) == (UPSTREAM, wildcard)
+    assert parse_request(forwarded.data).top_via.host == "127.0.0.1"  # the advertised address
 
 
 def test_an_accepted_call_that_cannot_be_sent_on_gives_its_slots_back_at_once() -> None:

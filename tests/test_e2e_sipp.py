@@ -117,6 +117,26 @@ def test_must_show_plain_sipguard_run_proxies_a_sipp_call(lab: Lab) -> None:
     assert (log.counter("calls_answered"), log.counter("calls_ended_bye")) == (1, 1)
 
 
+def test_a_dual_stack_listener_carries_ipv4_calls(lab: Lab, tmp_path: Path) -> None:
+    """``listen: [udp:[::]:P]`` with ``advertise``, IPv4 caller and PBX: every call got
+    503 No Route To Destination (no IPv4 listener to send to the PBX from). Now the calls
+    connect and end, the ACK and BYE coming back to the advertised address."""
+    if Path("/proc/sys/net/ipv6/bindv6only").read_text().strip() != "0":
+        pytest.fail("[::] sockets are IPv6-only here (net.ipv6.bindv6only=1): no dual stack to test")
+    calls = 3
+    proxy, pbx, caller = free_ports(3)
+    policy = tmp_path / "dual.yaml"
+    policy.write_text(f"proxy:\n  advertise: {LOOPBACK}\n")
+    guard = lab.guard_argv([*guard_command([f"udp:[::]:{proxy}"], udp(pbx)), "--config", str(policy)])
+    uas = lab.uas("uas", pbx, calls=calls)
+    uac = lab.uac("uac", caller, at(proxy), calls=calls, rate=20)
+    log = guard.stop()
+    uas.stop()
+    assert_sipp_passed(uac, calls)
+    assert_guard_clean(log)
+    assert log.counter("calls_answered") == log.counter("calls_ended_bye") == calls
+
+
 def test_basic_calls_record_route_and_bye_through_sipguard(lab: Lab) -> None:
     calls = 5
     proxy, pbx, caller = free_ports(3)

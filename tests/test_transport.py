@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from pathlib import Path
 
 import pytest
 import uvloop
@@ -50,6 +51,43 @@ def test_the_peer_table_is_emptied_when_full(monkeypatch: pytest.MonkeyPatch) ->
         udp.datagram_received(b"x", ("192.0.2.9", port))
         assert len(udp._sources) <= 3
     assert [source.port for _, source, _ in delivered] == list(range(1, 8))
+
+
+def test_a_dual_stack_udp_listener_talks_to_ipv4_peers() -> None:
+    """A UDP listener on [::] (IPV6_V6ONLY off, Linux's default) hears IPv4 peers as
+    ::ffff:a.b.c.d and must answer, and forward, to IPv4 addresses: sendto refused a plain
+    IPv4 address on that socket."""
+    expected = Path("/proc/sys/net/ipv6/bindv6only").read_text().strip() == "0"
+
+    async def round_trip() -> tuple[bool, list[tuple[bytes, Address]], bytes]:
+        delivered: list[tuple[bytes, Address]] = []
+        heard = asyncio.Event()
+
+        def deliver(data: bytes, source: Address, local: Address) -> None:
+            delivered.append((data, source))
+            heard.set()
+
+        transports = Transports(deliver, lambda hop: None)
+        bound = await transports.listen(Address("udp", "::", 0))
+        takes_ipv4 = transports.takes_ipv4(bound)
+        answered = b""
+        if takes_ipv4:
+            loop = asyncio.get_running_loop()
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+                peer.bind(("127.0.0.1", 0))
+                peer.setblocking(False)
+                peer.sendto(b"hello", ("127.0.0.1", bound.port))
+                await asyncio.wait_for(heard.wait(), 5)
+                transports.send(b"back", Address("udp", "127.0.0.1", peer.getsockname()[1]), bound)
+                answered = await asyncio.wait_for(loop.sock_recv(peer, 100), 5)
+        await transports.close()
+        return takes_ipv4, delivered, answered
+
+    takes_ipv4, delivered, answered = uvloop.run(round_trip())
+    assert takes_ipv4 is expected
+    if takes_ipv4:
+        assert delivered[0][1].host == "::ffff:127.0.0.1"
+        assert answered == b"back"
 
 
 # -- TCP --------------------------------------------------------------------------------------------

@@ -94,6 +94,9 @@ class Listener:
 
     address: Address
     advertise: str | None = None  # needed when bound to 0.0.0.0 / ::
+    # A dual-stack socket (UDP bound to ``::``): IPv4 peers reach it, as ::ffff:a.b.c.d, and
+    # it can send to them; the transport says so once bound.
+    takes_ipv4: bool = False
 
     @property
     def host_port(self) -> str:
@@ -1159,15 +1162,22 @@ class ProxyCore:
         return isinstance(uri, SipUri) and uri.user is None and self._is_us(uri) and not request.has("route")
 
     def _listener_for(self, destination: Address) -> Listener | None:
-        """The listener to send from: same transport and address family as the destination."""
+        """The listener to send from: same transport and address family as the destination
+        (for an IPv4 one, a dual-stack IPv6 listener will do when no IPv4 listener is
+        there: ``listen: [udp:[::]:5060]`` in front of an IPv4 PBX)."""
         wants_ipv6 = ":" in destination.host
         fallback = None
+        dual_stack = None
         for listener in self.config.listeners:
             if listener.address.transport != destination.transport:
                 continue
             if (":" in listener.address.host) == wants_ipv6:
                 return listener
             fallback = fallback or listener
+            if listener.takes_ipv4 and not wants_ipv6:
+                dual_stack = dual_stack or listener
+        if dual_stack is not None:
+            return dual_stack
         return fallback if not is_ip(destination.host) else None
 
     def _listener_at(self, address: Address) -> Listener | None:
