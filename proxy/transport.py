@@ -51,6 +51,7 @@ MAX_SOURCES = 100_000  # UDP peers whose Address is reused (UdpEndpoint._sources
 # A name is resolved again this long after it was: a PBX moved by DNS (a failover) is
 # followed within a minute, not at the next restart. A failed connect forgets it at once.
 DNS_CACHE_SECONDS = 60.0
+_FAMILIES = (socket.AF_UNSPEC, socket.AF_INET, socket.AF_INET6)  # what a name is resolved to
 
 
 class UdpEndpoint(asyncio.DatagramProtocol):
@@ -299,10 +300,12 @@ class Transports:
         self.udp: dict[Address, UdpEndpoint] = {}
         self.tcp = TcpPool(deliver, self._unreachable, clock)
         self._servers: list[asyncio.Server] = []
-        self._resolved: dict[str, tuple[str, float]] = {}  # name -> its address, resolved when
+        # (name, address family) -> its address, resolved when
+        self._resolved: dict[tuple[str, int], tuple[str, float]] = {}
 
     def _unreachable(self, next_hop: Address) -> None:
-        self._resolved.pop(next_hop.host, None)  # the name may lead elsewhere by now
+        for family in _FAMILIES:  # the name may lead elsewhere by now
+            self._resolved.pop((next_hop.host, family), None)
         self.unreachable(next_hop)
 
     async def listen(self, address: Address) -> Address:
@@ -365,8 +368,18 @@ class Transports:
                 return endpoint
         return None
 
+    def _sendable_family(self, destination: Address, local: Address | None) -> int:
+        """The address family ``destination`` must resolve to for ``local`` to send there:
+        a UDP socket sends to its own family only (a dual-stack one to either). A name with
+        both A and AAAA records usually resolves to its IPv6 address first (localhost to ::1)."""
+        endpoint = self.udp.get(local) if destination.transport == "udp" and local is not None else None
+        if endpoint is None or endpoint.takes_ipv4:
+            return socket.AF_UNSPEC  # TCP connects over either; without a listener, _udp_for picks
+        return socket.AF_INET6 if ":" in endpoint.local.host else socket.AF_INET
+
     def _send_after_resolving(self, data: bytes, destination: Address, local: Address | None) -> None:
-        cached = self._resolved.get(destination.host)
+        key = (destination.host, self._sendable_family(destination, local))
+        cached = self._resolved.get(key)
         if cached is not None and self.tcp.clock() - cached[1] < DNS_CACHE_SECONDS:
             address = Address(destination.transport, cached[0], destination.port)
             self.send(data, address, local, destination)
@@ -375,14 +388,16 @@ class Transports:
         async def resolve() -> None:
             loop = asyncio.get_running_loop()
             try:
-                infos = await loop.getaddrinfo(destination.host, destination.port, type=socket.SOCK_DGRAM)
+                infos = await loop.getaddrinfo(
+                    destination.host, destination.port, family=key[1], type=socket.SOCK_DGRAM
+                )
             except (OSError, UnicodeError) as error:  # UnicodeError: not a valid name ("a..b")
                 log.warning("dns.failed", host=destination.host, error=str(error))
                 self.unreachable(destination)
                 return
             if len(self._resolved) > 10_000:
                 self._resolved.clear()
-            self._resolved[destination.host] = (str(infos[0][4][0]), self.tcp.clock())
+            self._resolved[key] = (str(infos[0][4][0]), self.tcp.clock())
             self.send(data, destination, local)
 
         task = asyncio.get_running_loop().create_task(resolve())

@@ -223,6 +223,81 @@ def test_a_name_is_resolved_again_after_a_minute() -> None:
     assert lookups == ["localhost", "localhost"]  # the first send, and the one after expiry
 
 
+def resolve_as_dual_stack(loop: asyncio.AbstractEventLoop, addresses: tuple[str, ...]) -> None:
+    """Resolve every name to ``addresses`` in that order, as a resolver does a name with A
+    and AAAA records (localhost, a dual-stack PBX), honouring getaddrinfo's ``family``."""
+
+    async def resolve(host: str, port: int, *, family: int = 0, **kwargs: object) -> list[object]:
+        found = [
+            (socket.AF_INET6, socket.SOCK_DGRAM, 17, "", (address, port, 0, 0))
+            if ":" in address
+            else (socket.AF_INET, socket.SOCK_DGRAM, 17, "", (address, port))
+            for address in addresses
+        ]
+        found = [info for info in found if family in (socket.AF_UNSPEC, info[0])]
+        if not found:
+            raise socket.gaierror(socket.EAI_ADDRFAMILY, "Address family for hostname not supported")
+        return found
+
+    loop.getaddrinfo = resolve  # type: ignore[method-assign, assignment]
+
+
+@pytest.mark.parametrize(
+    ("listener", "resolved"),
+    [("127.0.0.1", ("::1", "127.0.0.1")), ("::1", ("127.0.0.1", "::1"))],
+    ids=["ipv4-listener-aaaa-first", "ipv6-listener-a-first"],
+)
+def test_a_name_with_both_families_is_reached_from_a_one_family_listener(
+    listener: str, resolved: tuple[str, ...]
+) -> None:
+    """``upstream: udp:localhost:5070`` (or a dual-stack PBX's name) with IPv4 listeners
+    only: the name resolved to ::1 first, sendto on the IPv4 socket raised ValueError
+    (socket family mismatch) and nothing reached the PBX, every message an internal error.
+    The name is now resolved to the family of the socket that sends there."""
+    family = socket.AF_INET6 if ":" in listener else socket.AF_INET
+
+    async def send() -> bytes:
+        loop = asyncio.get_running_loop()
+        resolve_as_dual_stack(loop, resolved)
+        with socket.socket(family, socket.SOCK_DGRAM) as pbx:
+            pbx.bind((listener, 0))
+            pbx.setblocking(False)
+            transports = Transports(lambda data, source, local: None, lambda next_hop: None)
+            bound = await transports.listen(Address("udp", listener, 0))
+            by_name = Address("udp", "pbx.example.net", pbx.getsockname()[1])
+            transports.send(b"OPTIONS ...", by_name, bound)
+            received = await asyncio.wait_for(loop.sock_recv(pbx, 100), 5)
+            await transports.close()
+        return received
+
+    assert uvloop.run(send()) == b"OPTIONS ..."
+
+
+def test_a_name_without_an_address_the_listener_can_reach_is_unreachable() -> None:
+    """An IPv4 listener and a name with only an IPv6 address: reported unreachable (its
+    requests get 503 at once) and logged, not a ValueError on every message."""
+    reported: list[Address] = []
+
+    async def send() -> None:
+        resolve_as_dual_stack(asyncio.get_running_loop(), ("::1",))
+        failed = asyncio.Event()
+
+        def unreachable(next_hop: Address) -> None:
+            reported.append(next_hop)
+            failed.set()
+
+        transports = Transports(lambda data, source, local: None, unreachable)
+        bound = await transports.listen(Address("udp", "127.0.0.1", 0))
+        transports.send(b"OPTIONS ...", Address("udp", "pbx.example.net", 5070), bound)
+        await asyncio.wait_for(failed.wait(), 5)
+        await transports.close()
+
+    with capture_logs() as logs:
+        uvloop.run(send())
+    assert reported == [Address("udp", "pbx.example.net", 5070)]
+    assert [entry["event"] for entry in logs if entry["log_level"] == "warning"] == ["dns.failed"]
+
+
 def test_a_failed_connect_forgets_what_the_name_resolved_to() -> None:
     [closed] = free_ports(1)
     by_name = Address("tcp", "localhost", closed)
