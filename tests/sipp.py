@@ -30,12 +30,13 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SCENARIOS = REPO / "sipp-scenarios"
 LOOPBACK = "127.0.0.1"
+LOOPBACK6 = "::1"
 SIPP = shutil.which("sipp")
 SIPP_TRACE_SEPARATOR = "-" * 47
 
 
 def free_ports(count: int) -> list[int]:
-    """Distinct loopback ports that are free for both UDP and TCP right now."""
+    """Distinct ports free for both UDP and TCP right now, on 127.0.0.1 and on ::1."""
     held: list[socket.socket] = []
     ports: list[int] = []
     try:
@@ -44,10 +45,14 @@ def free_ports(count: int) -> list[int]:
             held.append(udp)
             udp.bind((LOOPBACK, 0))
             port = udp.getsockname()[1]
-            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            held.append(tcp)
             try:
-                tcp.bind((LOOPBACK, port))
+                for family, host in ((socket.AF_INET, LOOPBACK), (socket.AF_INET6, LOOPBACK6)):
+                    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                        if (family, kind) == (socket.AF_INET, socket.SOCK_DGRAM):
+                            continue  # that one is ``udp``
+                        other = socket.socket(family, kind)
+                        held.append(other)
+                        other.bind((host, port))
             except OSError:
                 continue
             ports.append(port)
@@ -66,13 +71,18 @@ def wait_until(condition: Any, timeout: float, what: str, interval: float = 0.01
         time.sleep(interval)
 
 
+def _proc_net_host(host: str) -> str:
+    """``host`` as /proc/net/{udp,tcp}[6] spell it: hex, each 32-bit word in host (little-endian) order."""
+    packed = socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    return "".join(packed[i : i + 4][::-1].hex().upper() for i in range(0, len(packed), 4))
+
+
 def socket_bound(port: int, transport: str, host: str = LOOPBACK) -> bool:
-    """True when some process has a UDP socket bound, or a TCP socket listening, on host:port."""
-    table = Path("/proc/net/udp" if transport == "udp" else "/proc/net/tcp")
-    wanted = {
-        f"{socket.inet_aton(host)[::-1].hex().upper()}:{port:04X}",
-        f"00000000:{port:04X}",
-    }
+    """True when some process has a UDP socket bound, or a TCP socket listening, on host:port
+    (an IPv6 host is looked for in /proc/net/udp6 and tcp6)."""
+    table = Path(f"/proc/net/{transport}{'6' if ':' in host else ''}")
+    wildcard = "::" if ":" in host else "0.0.0.0"
+    wanted = {f"{_proc_net_host(address)}:{port:04X}" for address in (host, wildcard)}
     for line in table.read_text().splitlines()[1:]:
         fields = line.split()
         if fields[1] in wanted and (transport == "udp" or fields[3] == "0A"):  # 0A: LISTEN

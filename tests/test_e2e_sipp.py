@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from sipp import (
     LOOPBACK,
+    LOOPBACK6,
     GuardLog,
     Lab,
     SippResult,
@@ -49,8 +50,9 @@ def udp(port: int) -> str:
     return f"udp:{LOOPBACK}:{port}"
 
 
-def at(port: int) -> str:
-    return f"{LOOPBACK}:{port}"
+def at(port: int, host: str = LOOPBACK) -> str:
+    """HOST:PORT as SIP and SIPp write it: an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # -- shared checks ------------------------------------------------------------------------------
@@ -72,15 +74,15 @@ def assert_guard_clean(log: GuardLog, *, per_call_lines: bool = True) -> None:
         assert len(ended) == len(set(ended)) == log.counter("calls_ended"), log.summary()
 
 
-def via_sipguard(message: TracedMessage, port: int, transport: str = "UDP") -> bool:
+def via_sipguard(message: TracedMessage, port: int, transport: str = "UDP", host: str = LOOPBACK) -> bool:
     """The message came from sipguard: its top Via is sipguard's, with sipguard's branch."""
-    ours = rf"SIP/2\.0/{transport} {re.escape(at(port))};branch=z9hG4bK-sg"
+    ours = rf"SIP/2\.0/{transport} {re.escape(at(port, host))};branch=z9hG4bK-sg"
     return re.match(ours, message.top_via) is not None
 
 
-def record_route(port: int, transport: str = "udp") -> str:
+def record_route(port: int, transport: str = "udp", host: str = LOOPBACK) -> str:
     suffix = "" if transport == "udp" else f";transport={transport}"
-    return f"<sip:{at(port)}{suffix};lr>"
+    return f"<sip:{at(port, host)}{suffix};lr>"
 
 
 def branch(via: str) -> str:
@@ -90,11 +92,11 @@ def branch(via: str) -> str:
 
 
 def assert_came_through_sipguard(
-    received: list[TracedMessage], count: int, port: int, transport: str = "UDP"
+    received: list[TracedMessage], count: int, port: int, transport: str = "UDP", host: str = LOOPBACK
 ) -> None:
     assert len(received) == count, [m.first_line for m in received]
     for message in received:
-        assert via_sipguard(message, port, transport), message.text
+        assert via_sipguard(message, port, transport, host), message.text
         assert message.headers("route") == [], f"sipguard left its own Route in:\n{message.text}"
 
 
@@ -199,6 +201,42 @@ def test_basic_calls_over_tcp(lab: Lab, caller_leg: str, pbx_leg: str) -> None:
     assert all(invite.headers("record-route") == faces for invite in invites)
     assert_came_through_sipguard(pbx_side.requests("received", "ACK"), calls, proxy, pbx_leg.upper())
     assert_came_through_sipguard(pbx_side.requests("received", "BYE"), calls, proxy, pbx_leg.upper())
+
+
+@pytest.mark.parametrize(
+    ("caller_host", "pbx_host", "leg"),
+    [(LOOPBACK6, LOOPBACK6, "udp"), (LOOPBACK6, LOOPBACK6, "tcp"), (LOOPBACK, LOOPBACK6, "udp"),
+     (LOOPBACK6, LOOPBACK, "tcp")],
+    ids=["ipv6-udp", "ipv6-tcp", "ipv4-caller-ipv6-pbx", "ipv6-caller-ipv4-pbx-tcp"],
+)  # fmt: skip
+def test_calls_over_ipv6_and_across_address_families(
+    lab: Lab, caller_host: str, pbx_host: str, leg: str
+) -> None:
+    """Whole calls with IPv6 on one leg or both, sipguard listening on each family a leg
+    uses: the PBX hangs up, its BYE following the Record-Route back through sipguard.
+    Where the families differ sipguard Record-Routes both faces, each in brackets when
+    IPv6, the one the PBX reaches on top."""
+    calls = 3
+    proxy, pbx, caller = free_ports(3)
+    faces = [at(proxy, host) for host in dict.fromkeys((pbx_host, caller_host))]
+    guard = lab.guard([f"{leg}:{face}" for face in faces], f"{leg}:{at(pbx, pbx_host)}")
+    uas = lab.uas("uas_callee_bye.xml", pbx, calls=calls, transport=LEGS[leg], host=pbx_host)
+
+    remote = at(proxy, caller_host)
+    uac = lab.uac("uac_callee_bye.xml", caller, remote, calls=calls, transport=LEGS[leg], host=caller_host)
+
+    pbx_side = uas.wait()
+    log = guard.stop()
+    assert_sipp_passed(uac, calls)
+    assert_sipp_passed(pbx_side, calls)
+    assert_guard_clean(log)
+    assert log.counter("calls_answered") == log.counter("calls_ended_bye") == calls
+    invites = pbx_side.requests("received", "INVITE")
+    assert_came_through_sipguard(invites, calls, proxy, leg.upper(), pbx_host)
+    record_routes = [record_route(proxy, leg, host) for host in dict.fromkeys((pbx_host, caller_host))]
+    assert all(invite.headers("record-route") == record_routes for invite in invites)
+    assert_came_through_sipguard(pbx_side.requests("received", "ACK"), calls, proxy, leg.upper(), pbx_host)
+    assert_came_through_sipguard(uac.requests("received", "BYE"), calls, proxy, leg.upper(), caller_host)
 
 
 # -- other ways a call goes -------------------------------------------------------------------------
