@@ -46,7 +46,7 @@ import re
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
-from .sip.hosts import in_networks, normal_host
+from .sip.hosts import in_networks, normal_host, unmapped
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -228,6 +228,9 @@ class FloodGuard:
         """May this message from ``host`` be processed? False: drop it without a reply."""
         if not self._enabled:
             return True
+        # An IPv4 peer is one source, counted and banned once, whether a [::] socket heard
+        # it (as ::ffff:192.0.2.7: UDP) or a 0.0.0.0 one did (TCP beside it)
+        host = unmapped(host)
         ban = self._bans.get(host)
         if ban is not None:
             if now < ban.until:
@@ -322,8 +325,8 @@ class FloodGuard:
         """Lift the ban on ``address`` (any spelling of the IP, an IPv4 address also as the
         IPv4-mapped one a socket bound to ``[::]`` saw); None if it was not banned. Its
         offences are forgotten and its rate starts afresh."""
-        host = next((host for host in _spellings(address) if host in self._bans), None)
-        if host is None:
+        host = unmapped(normal_host(address))  # as admit keys it
+        if host not in self._bans:
             return None
         self._offences.pop(host, None)
         self._sources.pop(host, None)
@@ -408,16 +411,3 @@ class FloodGuard:
         self._ban_list_full = False
         self.events.append(Unbanned(host=host, by=by, reason=ban.reason, dropped=ban.dropped))
         return ban
-
-
-def _spellings(address: str) -> tuple[str, ...]:
-    """The hosts a source at ``address`` may have been seen as: a socket bound to ``[::]``
-    sees an IPv4 peer as ``::ffff:192.0.2.7``, which ``normal_host`` spells
-    ``::ffff:c000:207``."""
-    host = normal_host(address)
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return (host,)
-    ipv4 = ip if isinstance(ip, ipaddress.IPv4Address) else ip.ipv4_mapped
-    return (host,) if ipv4 is None else (str(ipv4), f"::ffff:{ipv4}")

@@ -456,7 +456,25 @@ def test_unban_takes_an_ipv4_address_in_either_form(seen_as: str, typed: str) ->
     flood = guard()
     assert flood.admit(seen_as, request("friendly-scanner"), 0.0) is False
     lifted = flood.unban(typed)
-    assert lifted is not None and lifted.host == seen_as and flood.bans == []
+    assert lifted is not None and lifted.host == "192.0.2.66" and flood.bans == []
+
+
+def test_an_ipv4_peer_is_one_source_whichever_listener_heard_it() -> None:
+    """``listen: [udp:[::]:5060, tcp:0.0.0.0:5060]``: the UDP socket hears an IPv4 peer as
+    ::ffff:192.0.2.66, the TCP one as 192.0.2.66. Those were two sources: each with its
+    own burst, a ban on one leaving the other admitted, ``unban`` lifting only one of two
+    bans. Now it is one source, listed (and logged) by its IPv4 address."""
+    flood = guard()
+    half = BURST // 2
+    assert send(flood, half, host="::ffff:192.0.2.66") == [True] * half
+    assert send(flood, half, host=SCANNER) == [True] * half
+    assert flood.admit("::ffff:192.0.2.66", PLAIN, 0.0) is False  # one burst between them
+    banned = only_event(flood)
+    assert isinstance(banned, Banned) and (banned.host, banned.messages) == (SCANNER, BURST + 1)
+    assert flood.admit(SCANNER, PLAIN, 1.0) is False  # banned over TCP too
+    assert [ban.host for ban in flood.bans] == [SCANNER]
+    assert flood.unban("::ffff:192.0.2.66") is not None
+    assert flood.admit(SCANNER, PLAIN, 2.0) is True and flood.admit("::ffff:192.0.2.66", PLAIN, 2.0) is True
 
 
 def test_reconfigure_keeps_bans_and_applies_new_settings_and_exemptions() -> None:
