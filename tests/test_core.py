@@ -913,6 +913,22 @@ def test_a_late_response_routed_back_to_sipguard_itself_is_dropped() -> None:
     assert sim.pbx(ok) == [Discarded(reason="Via points back at sipguard", source=UPSTREAM)]
 
 
+def test_a_late_response_routed_back_to_a_dual_stack_sipguard_is_dropped() -> None:
+    """The same behind ``listen: [udp:[::]:5060]`` advertising 127.0.0.1: a spoofed source
+    of sipguard's own IPv4 address reaches that socket as ::ffff:127.0.0.1; the late 2xx
+    went to that spelling, which did not compare equal to 127.0.0.1, and sipguard sent it
+    to itself."""
+    wildcard = Address("udp", "::", 5060)
+    sim = Sim.make(listeners=(Listener(address=wildcard, advertise="127.0.0.1", takes_ipv4=True),))
+    ourselves = Address("udp", "::ffff:127.0.0.1", 5060)
+    spoofed = invite(vias=("SIP/2.0/UDP 127.0.0.1:5060;rport;branch=z9hG4bKspoofed",))
+    forwarded = sim.forward(spoofed, source=ourselves, local=wildcard)
+    ok = response(forwarded.data, 200, contact=CALLEE_CONTACT)
+    sim.answer(forwarded.data)
+    sim.run_until(40.0)
+    assert sim.pbx(ok) == [Discarded(reason="Via points back at sipguard", source=UPSTREAM)]
+
+
 @pytest.mark.parametrize("param", ["received=a..b", "received=pbx.example.com", "maddr=a%00b"])
 def test_a_response_is_never_routed_to_a_via_address_that_is_no_address(param: str) -> None:
     """received must be an IP address and maddr a host (RFC 3261 §20.42): any text was

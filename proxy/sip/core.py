@@ -233,6 +233,10 @@ class ProxyCore:
         self._our_host_ports |= {
             _normal_host_port(lst.advertise, lst.address.port) for lst in config.listeners if lst.advertise
         }
+        for host, port in list(self._our_host_ports):
+            mapped = ipv4_mapped(host)
+            if mapped is not None:  # our IPv4 address as a listener bound to [::] spells it
+                self._our_host_ports.add((mapped, port))
         self.accepting = True
         # messages by method: a plain dict increment per message (a Counter's costs 3 times more)
         self.requests_in, self.responses_in = _by_method(), _by_method()  # a response's CSeq method
