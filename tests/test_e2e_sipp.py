@@ -26,7 +26,9 @@ from sipp import (
     LOOPBACK,
     LOOPBACK6,
     GuardLog,
+    GuardProcess,
     Lab,
+    Sipp,
     SippResult,
     TracedMessage,
     free_ports,
@@ -72,6 +74,17 @@ def assert_guard_clean(log: GuardLog, *, per_call_lines: bool = True) -> None:
     if per_call_lines:
         ended = [entry["call_id"] for entry in log.named("call.ended")]
         assert len(ended) == len(set(ended)) == log.counter("calls_ended"), log.summary()
+
+
+def finish_pair(uac: SippResult, uas: Sipp, guard: GuardProcess, calls: int) -> tuple[SippResult, GuardLog]:
+    """A scenario pair played out: the PBX side's SIPp ends, sipguard stops; both SIPps
+    passed every call and sipguard stopped clean. Returns the PBX side's result and the log."""
+    pbx_side = uas.wait()
+    log = guard.stop()
+    assert_sipp_passed(uac, calls)
+    assert_sipp_passed(pbx_side, calls)
+    assert_guard_clean(log)
+    return pbx_side, log
 
 
 def via_sipguard(message: TracedMessage, port: int, transport: str = "UDP", host: str = LOOPBACK) -> bool:
@@ -225,11 +238,7 @@ def test_calls_over_ipv6_and_across_address_families(
     remote = at(proxy, caller_host)
     uac = lab.uac("uac_callee_bye.xml", caller, remote, calls=calls, transport=LEGS[leg], host=caller_host)
 
-    pbx_side = uas.wait()
-    log = guard.stop()
-    assert_sipp_passed(uac, calls)
-    assert_sipp_passed(pbx_side, calls)
-    assert_guard_clean(log)
+    pbx_side, log = finish_pair(uac, uas, guard, calls)
     assert log.counter("calls_answered") == log.counter("calls_ended_bye") == calls
     invites = pbx_side.requests("received", "INVITE")
     assert_came_through_sipguard(invites, calls, proxy, leg.upper(), pbx_host)
@@ -248,11 +257,7 @@ def test_busy_callee_ends_rejected(lab: Lab) -> None:
 
     uac = lab.uac("uac_busy.xml", caller, at(proxy), calls=calls)
 
-    pbx_side = uas.wait()
-    log = guard.stop()
-    assert_sipp_passed(uac, calls)
-    assert_sipp_passed(pbx_side, calls)
-    assert_guard_clean(log)
+    pbx_side, log = finish_pair(uac, uas, guard, calls)
     assert log.counter("calls_answered") == 0
     assert log.counter("calls_ended") == log.counter("calls_ended_rejected") == calls
     assert {(e["reason"], e["status"]) for e in log.named("call.ended")} == {("rejected", 486)}
@@ -272,11 +277,7 @@ def test_cancel_while_ringing_ends_cancelled(lab: Lab, pbx_leg: str) -> None:
 
     uac = lab.uac("uac_cancel.xml", caller, at(proxy), calls=calls)
 
-    pbx_side = uas.wait()
-    log = guard.stop()
-    assert_sipp_passed(uac, calls)
-    assert_sipp_passed(pbx_side, calls)
-    assert_guard_clean(log)
+    pbx_side, log = finish_pair(uac, uas, guard, calls)
     assert log.counter("calls_answered") == 0
     assert log.counter("calls_ended") == log.counter("calls_ended_cancelled") == calls
     assert {(e["reason"], e["status"]) for e in log.named("call.ended")} == {("cancelled", 487)}
@@ -302,11 +303,7 @@ def test_callee_hangs_up(lab: Lab, pbx_leg: str) -> None:
 
     uac = lab.uac("uac_callee_bye.xml", caller, at(proxy), calls=calls)
 
-    pbx_side = uas.wait()
-    log = guard.stop()
-    assert_sipp_passed(uac, calls)
-    assert_sipp_passed(pbx_side, calls)
-    assert_guard_clean(log)
+    pbx_side, log = finish_pair(uac, uas, guard, calls)
     assert log.counter("calls_answered") == log.counter("calls_ended_bye") == calls
     assert log.counter("calls_ended") == calls
     # the PBX addressed its BYE to the caller's Contact, routed through sipguard's PBX-side face
@@ -332,11 +329,7 @@ def test_reinvite_mid_call(lab: Lab) -> None:
 
     uac = lab.uac("uac_reinvite.xml", caller, at(proxy), calls=calls)
 
-    pbx_side = uas.wait()
-    log = guard.stop()
-    assert_sipp_passed(uac, calls)
-    assert_sipp_passed(pbx_side, calls)
-    assert_guard_clean(log)
+    pbx_side, log = finish_pair(uac, uas, guard, calls)
     # a re-INVITE is not a new call: one answered and one ended by BYE per call
     assert log.counter("calls_answered") == log.counter("calls_ended_bye") == calls
     assert log.counter("calls_ended") == calls
