@@ -41,7 +41,7 @@ class CallRateConfig(RuleConfig):
     per_account: RateLimit | None = RateLimit(per_minute=120, burst=20)
     per_source: RateLimit | None = None
     per_destination: RateLimit | None = Field(default=None, description="calls to one number (default off)")
-    count_rejected: bool = Field(default=True, description="attempts refused by other rules count too")
+    count_rejected: bool = Field(default=True, description="attempts other rules or limits refused count too")
 
 
 class CallRatePolicy(Policy[CallRateConfig]):
