@@ -309,15 +309,7 @@ def challenged(engine: PolicyEngine, call: CallAttempt, status: int = 407) -> Ca
     """The PBX challenges ``call`` (RFC 3261 §22.2); returns the retry the caller sends a
     moment later: same Call-ID and From tag, with credentials, a new attempt for the core."""
     end(engine, call, call.now + 0.05, reason=EndReason.REJECTED, status=status)
-    credentials = ("Proxy-Authorization", 'Digest username="acme", realm="pbx"')
-    data = call.request.raw.replace(
-        b"\r\n\r\n", f"\r\n{credentials[0]}: {credentials[1]}\r\n\r\n".encode(), 1
-    )
-    request = parse_message(data)
-    assert isinstance(request, Request)
-    return CallAttempt(
-        attempt_id=f"{call.attempt_id}-retry", request=request, source=call.source, now=call.now + 0.1
-    )
+    return with_credentials(call, "acme")
 
 
 def test_a_challenged_call_and_its_retry_count_as_one_call() -> None:
